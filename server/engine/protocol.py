@@ -1,0 +1,133 @@
+"""The verb API every strategy implements (DESIGN.md section 4).
+
+A strategy is a plain object, not a subclass: anything with these attributes and methods is a
+strategy. The worker thread owns the strategy and is the only caller of ``learn``, ``unlearn`` and
+``load_state_dict``; ``predictor()`` returns an immutable snapshot that gRPC threads may call
+concurrently while the worker keeps training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+#: Called by a strategy as it works: ``progress(fraction_done, message)``; fraction in [0, 1].
+Progress = Callable[[float, str], None]
+
+
+def no_progress(fraction: float, message: str) -> None:
+    """A :data:`Progress` that ignores every report."""
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Samples of one task, already validated and on the CPU.
+
+    Attributes:
+        inputs: float32 ``[n, *input_shape]``, values as the client sent them (UINT8 scaled to [0, 1]).
+        labels: int64 ``[n]`` in ``[0, num_classes)``.
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class LearnOptions:
+    """Per-job training options; the server has already replaced zeros by its defaults."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    seed: int = 0
+
+
+@dataclass
+class Report:
+    """What a learn or unlearn call tells the worker.
+
+    Attributes:
+        metrics: numbers recorded on the Job (e.g. ``train_loss``, ``unlearn_seconds``).
+        retain: data the server should keep for replay on behalf of this task (replaying
+            strategies only); ``None`` keeps nothing. Purged when the task is unlearned.
+    """
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    retain: TaskData | None = None
+
+
+class UnknownTaskError(KeyError):
+    """A predictor was asked for a task it has never learned."""
+
+
+class UnlearnedTaskError(KeyError):
+    """A predictor was asked for an unlearned task without ``allow_unlearned``."""
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """An immutable serving snapshot. Safe to call from many threads at once."""
+
+    version: int
+
+    def predict(self, task: str | None, inputs: torch.Tensor, *, allow_unlearned: bool = False) -> torch.Tensor:
+        """Return logits ``[n, num_classes]`` for float32 ``inputs`` ``[n, *input_shape]``.
+
+        Task-incremental strategies require ``task`` and raise :class:`UnknownTaskError` or
+        :class:`UnlearnedTaskError`; class-incremental ones require ``task is None``.
+        Logits of classes the task never saw are ``-inf`` for task-incremental strategies.
+        """
+        ...
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """A continual learning and unlearning method."""
+
+    name: str
+    #: Predict needs a task name (multi-head / generated per task) when True.
+    task_incremental: bool
+    #: The server keeps ``Report.retain`` data and passes it back as ``replay``.
+    needs_replay: bool
+    supports_temporary: bool
+    #: Accepted ``UnlearnRequest.method`` values; the first one is the default.
+    unlearn_methods: tuple[str, ...]
+    #: Monotonic counter bumped by every successful learn or unlearn.
+    version: int
+
+    def learn(
+        self,
+        task: str,
+        data: TaskData,
+        options: LearnOptions,
+        progress: Progress,
+        replay: Mapping[str, TaskData],
+    ) -> Report:
+        """Learn ``task`` from ``data``; ``replay`` holds retained data of other live tasks."""
+        ...
+
+    def unlearn(self, task: str, method: str, progress: Progress, replay: Mapping[str, TaskData]) -> Report:
+        """Forget ``task``. ``replay`` holds retained data of the *other* live tasks (never the forgotten one's)."""
+        ...
+
+    def predictor(self) -> Predictor:
+        """Return the current immutable serving snapshot."""
+        ...
+
+    def parameter_count(self) -> int:
+        """Number of trainable parameters of the whole model (e.g. hypernetwork + embeddings)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly after a restart (tensors, RNG state, schedules)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        ...
