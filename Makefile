@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/lethe serve $(ARGS)
+	$(BIN)/lethe serve --no-auth $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)

@@ -1,0 +1,300 @@
+"""Python client for the Lethe server: numpy in, numpy out. Needs no torch.
+
+Example::
+
+    from client import LetheClient
+    from client.datasets import load_digits
+
+    with LetheClient("127.0.0.1:50051") as lethe:
+        digits = load_digits().select([0, 1])
+        job = lethe.learn("digits-01", digits.inputs, digits.labels)
+        lethe.wait(job.id)
+        classes = lethe.predict("digits-01", digits.inputs[:5]).classes
+        lethe.wait(lethe.unlearn("digits-01", reason="customer request").id)
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from protos import lethe_pb2 as pb
+from protos import lethe_pb2_grpc as pb_grpc
+from protos.tensors import from_tensor, to_tensor
+
+__all__ = ["JobFailedError", "LetheClient", "Prediction", "pb"]
+
+#: Default bytes of input data per streamed chunk (well under the 16 MiB message limit).
+DEFAULT_CHUNK_BYTES = 1 << 20
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
+
+
+class JobFailedError(RuntimeError):
+    """A waited-for job ended FAILED or CANCELLED."""
+
+    def __init__(self, job: pb.Job) -> None:
+        super().__init__(
+            f"job {job.id} ({pb.JobKind.Name(job.kind)} {job.task}) {pb.JobState.Name(job.state)}: {job.message}"
+        )
+        self.job = job
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predict's answer as numpy arrays."""
+
+    outputs: np.ndarray  # float32 [n, num_classes]: logits, or probabilities when requested
+    classes: np.ndarray  # int64 [n]
+    model_version: int
+
+
+class LetheClient:
+    """A connection to one Lethe server.
+
+    Args:
+        target: ``host:port``.
+        token: bearer token sent as ``authorization`` metadata (omit when the server runs ``--no-auth``).
+        root_certificates: PEM of the CA that signed the server's certificate; enables TLS.
+        certificate_chain, private_key: PEM client certificate and key for mutual TLS.
+        retries: attempts for calls that fail with UNAVAILABLE (Learn and Unlearn reuse one idempotency key,
+            so a retry never creates a second job).
+        timeout: seconds for each unary call.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        retries: int = 5,
+        timeout: float = 60.0,
+        max_message_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if root_certificates is not None or certificate_chain is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.stub = pb_grpc.LetheStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.retries = retries
+        self.timeout = timeout
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+    def __enter__(self) -> LetheClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _retry(self, call: Callable[[], object]) -> object:
+        delay = 0.2
+        for attempt in range(self.retries):
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                if exc.code() not in _RETRYABLE or attempt == self.retries - 1:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------ learning
+    def learn(
+        self,
+        task: str,
+        inputs: np.ndarray,
+        labels: np.ndarray,
+        *,
+        epochs: int = 0,
+        batch_size: int = 0,
+        learning_rate: float = 0.0,
+        holdout_fraction: float = 0.0,
+        temporary: bool = False,
+        metadata: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> pb.Job:
+        """Stream ``inputs`` ``[n, *input_shape]`` and int ``labels`` ``[n]`` as a Learn; return the queued job.
+
+        Zero-valued options take the server's defaults. ``progress(sent_samples, total)`` is called per chunk.
+        A retry after UNAVAILABLE resends the stream with the same idempotency key.
+        """
+        inputs = np.asarray(inputs)
+        labels = np.asarray(labels).astype(np.int64)
+        if inputs.dtype not in (np.uint8, np.float16, np.float32, np.float64):
+            inputs = inputs.astype(np.float32)
+        key = idempotency_key or uuid.uuid4().hex
+        header = pb.LearnHeader(
+            task=task,
+            idempotency_key=key,
+            mode=pb.LearnHeader.TEMPORARY if temporary else pb.LearnHeader.PERMANENT,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            holdout_fraction=holdout_fraction,
+            metadata=metadata or {},
+        )
+        per_sample = max(1, int(inputs[:1].nbytes))
+        rows = max(1, chunk_bytes // per_sample)
+
+        def stream() -> Iterator[pb.LearnRequest]:
+            yield pb.LearnRequest(header=header)
+            for start in range(0, len(labels), rows):
+                stop = min(start + rows, len(labels))
+                chunk = pb.SampleChunk(inputs=to_tensor(inputs[start:stop]), labels=to_tensor(labels[start:stop]))
+                yield pb.LearnRequest(chunk=chunk)
+                if progress is not None:
+                    progress(stop, len(labels))
+
+        return self._retry(lambda: self.stub.Learn(stream(), metadata=self.metadata))  # type: ignore[return-value]
+
+    def unlearn(self, task: str, *, reason: str = "", method: str = "", idempotency_key: str | None = None) -> pb.Job:
+        """Ask the server to forget ``task``; return the unlearn job."""
+        request = pb.UnlearnRequest(
+            task=task, reason=reason, method=method, idempotency_key=idempotency_key or uuid.uuid4().hex
+        )
+        return self._retry(  # type: ignore[return-value]
+            lambda: self.stub.Unlearn(request, metadata=self.metadata, timeout=self.timeout)
+        )
+
+    # ---------------------------------------------------------- prediction
+    def predict(
+        self,
+        task: str | None,
+        inputs: np.ndarray,
+        *,
+        probabilities: bool = False,
+        allow_unlearned: bool = False,
+    ) -> Prediction:
+        """Predict ``inputs`` ``[n, *input_shape]``; ``task`` None for class-incremental strategies."""
+        array = np.asarray(inputs)
+        if array.dtype not in (np.uint8, np.float16, np.float32, np.float64):
+            array = array.astype(np.float32)
+        request = pb.PredictRequest(
+            task=task or "",
+            inputs=to_tensor(array),
+            return_probabilities=probabilities,
+            allow_unlearned=allow_unlearned,
+        )
+        response: pb.PredictResponse = self._retry(  # type: ignore[assignment]
+            lambda: self.stub.Predict(request, metadata=self.metadata, timeout=self.timeout)
+        )
+        return Prediction(
+            from_tensor(response.outputs), np.asarray(response.classes, dtype=np.int64), response.model_version
+        )
+
+    # ---------------------------------------------------------------- jobs
+    def job(self, job_id: str) -> pb.Job:
+        """The job's current state."""
+        request = pb.GetJobRequest(id=job_id)
+        return self._retry(  # type: ignore[return-value]
+            lambda: self.stub.GetJob(request, metadata=self.metadata, timeout=self.timeout)
+        )
+
+    def watch(self, job_id: str) -> Iterator[pb.Job]:
+        """Every state change of a job, ending at its terminal state."""
+        yield from self.stub.WatchJob(pb.GetJobRequest(id=job_id), metadata=self.metadata)
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        progress: Callable[[pb.Job], None] | None = None,
+        check: bool = True,
+    ) -> pb.Job:
+        """Block until the job ends; raise :class:`JobFailedError` if it did not succeed (``check``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = self.job(job_id)
+        while job.state not in _TERMINAL:
+            try:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                for update in self.stub.WatchJob(
+                    pb.GetJobRequest(id=job_id), metadata=self.metadata, timeout=remaining
+                ):
+                    job = update
+                    if progress is not None:
+                        progress(job)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise TimeoutError(f"job {job_id} did not finish within {timeout} s") from None
+                if exc.code() not in _RETRYABLE:
+                    raise
+                time.sleep(0.5)
+                job = self.job(job_id)
+        if check and job.state != pb.SUCCEEDED:
+            raise JobFailedError(job)
+        return job
+
+    def cancel(self, job_id: str) -> pb.Job:
+        """Cancel a queued job."""
+        return self.stub.CancelJob(pb.GetJobRequest(id=job_id), metadata=self.metadata, timeout=self.timeout)
+
+    def jobs(
+        self, *, state: pb.JobState = pb.JOB_STATE_UNSPECIFIED, task: str = "", after_seq: int = 0, limit: int = 0
+    ) -> list[pb.Job]:
+        """A page of jobs in submission order."""
+        request = pb.ListJobsRequest(state=state, task=task, after_seq=after_seq, limit=limit)
+        return list(self.stub.ListJobs(request, metadata=self.metadata, timeout=self.timeout).jobs)
+
+    # ------------------------------------------------------- tasks, model
+    def task(self, name: str) -> pb.Task:
+        """One task."""
+        return self.stub.GetTask(pb.GetTaskRequest(name=name), metadata=self.metadata, timeout=self.timeout)
+
+    def tasks(self, *, state: pb.TaskState = pb.TASK_STATE_UNSPECIFIED) -> list[pb.Task]:
+        """Every task (optionally in one state)."""
+        request = pb.ListTasksRequest(state=state)
+        return list(self.stub.ListTasks(request, metadata=self.metadata, timeout=self.timeout).tasks)
+
+    def model(self) -> pb.ModelInfo:
+        """What the server's model is."""
+        return self.stub.GetModel(pb.GetModelRequest(), metadata=self.metadata, timeout=self.timeout)
+
+    def evaluations(self) -> list[pb.Evaluation]:
+        """The whole accuracy matrix, oldest job first."""
+        rows: list[pb.Evaluation] = []
+        after = 0
+        while True:
+            page = self.stub.ListEvaluations(
+                pb.ListEvaluationsRequest(after_job_seq=after, limit=1000),
+                metadata=self.metadata,
+                timeout=self.timeout,
+            ).evaluations
+            rows.extend(page)
+            if len(page) < 1000:
+                return rows
+            after = page[-1].job_seq
+
+    def audit_events(self, *, task: str = "") -> list[pb.AuditEvent]:
+        """The whole audit trail (optionally of one task), oldest first."""
+        events: list[pb.AuditEvent] = []
+        after = 0
+        while True:
+            page = self.stub.ListAuditEvents(
+                pb.ListAuditEventsRequest(after_seq=after, limit=1000, task=task),
+                metadata=self.metadata,
+                timeout=self.timeout,
+            ).events
+            events.extend(page)
+            if len(page) < 1000:
+                return events
+            after = page[-1].seq

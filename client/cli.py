@@ -1,0 +1,346 @@
+"""The ``lethe`` command.
+
+Client commands talk to a server given by ``--server HOST:PORT`` (env ``LETHE_SERVER``, default
+127.0.0.1:50051) with ``--token`` (env ``LETHE_TOKEN``). ``lethe serve`` and ``lethe db`` run the
+daemon side and need the ``server`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from client import JobFailedError, LetheClient, pb
+from client.audit import verify_chain
+from client.datasets import Dataset, load_dataset, parse_classes
+
+
+def _bar(fraction: float, width: int = 30) -> str:
+    filled = round(fraction * width)
+    return "[" + "#" * filled + "." * (width - filled) + f"] {fraction * 100:5.1f}%"
+
+
+class _Progress:
+    """A one-line progress bar on stderr (only when stderr is a terminal, unless forced)."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label = label
+        self.enabled = enabled
+
+    def update(self, fraction: float, note: str = "") -> None:
+        if self.enabled:
+            print(f"\r{self.label:<9} {_bar(fraction)} {note[:40]:<40}", end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)
+
+
+def _client(args: argparse.Namespace) -> LetheClient:
+    root = Path(args.ca).read_bytes() if args.ca else None
+    certificate = Path(args.cert).read_bytes() if args.cert else None
+    key = Path(args.key).read_bytes() if args.key else None
+    return LetheClient(
+        args.server, token=args.token, root_certificates=root, certificate_chain=certificate, private_key=key
+    )
+
+
+def _load(args: argparse.Namespace) -> Dataset:
+    classes = parse_classes(args.classes) if args.classes else None
+    dataset = load_dataset(args.dataset, classes=classes)
+    if args.permute is not None:
+        dataset = dataset.permute_pixels(args.permute)
+    return dataset
+
+
+def _state(value: int, enum: type) -> str:
+    return enum.Name(value).lower()  # type: ignore[attr-defined]
+
+
+def _pct(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:6.2f}"
+
+
+def _time(ts: object) -> str:
+    seconds = getattr(ts, "seconds", 0)
+    if not seconds:
+        return "-"
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def print_tasks(tasks: Sequence[pb.Task]) -> None:
+    """A table of tasks."""
+    print(f"{'task':<24} {'state':<11} {'samples':>8} {'accuracy':>8} {'relapse':>8} {'version':>8}")
+    for t in tasks:
+        version = t.unlearned_version or t.learned_version
+        print(
+            f"{t.name:<24} {_state(t.state, pb.TaskState):<11} {t.samples:>8} {_pct(t.accuracy):>8} "
+            f"{_pct(t.relapse):>8} {version:>8}"
+        )
+
+
+def print_job(job: pb.Job) -> None:
+    """One job as a line plus its metrics."""
+    print(
+        f"{job.id}  {_state(job.kind, pb.JobKind):<8} {job.task:<24} {_state(job.state, pb.JobState):<10} "
+        f"v{job.model_version}  {job.message}"
+    )
+    for name, value in sorted(job.metrics.items()):
+        print(f"    {name:<24} {value:.4g}")
+
+
+def _wait(client: LetheClient, job: pb.Job, show: bool) -> pb.Job:
+    bar = _Progress("training" if job.kind == pb.LEARN else "unlearning", show)
+
+    def update(j: pb.Job) -> None:
+        bar.update(j.progress, j.message)
+
+    try:
+        return client.wait(job.id, progress=update)
+    finally:
+        bar.done()
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    dataset = _load(args)
+    show = args.progress or sys.stderr.isatty()
+    with _client(args) as client:
+        upload = _Progress("upload", show)
+        job = client.learn(
+            args.task,
+            dataset.inputs,
+            dataset.labels,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            idempotency_key=args.idempotency_key,
+            progress=lambda sent, total: upload.update(sent / total, f"{sent}/{total} samples"),
+        )
+        upload.done()
+        print(f"queued learn job {job.id} for task {args.task} ({len(dataset)} samples)")
+        if args.no_wait:
+            return 0
+        print_job(_wait(client, job, show))
+    return 0
+
+
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.unlearn(args.task, reason=args.reason, method=args.method, idempotency_key=args.idempotency_key)
+        print(f"unlearn job {job.id} for task {args.task}: {_state(job.state, pb.JobState)}")
+        if not args.no_wait:
+            print_job(_wait(client, job, args.progress or sys.stderr.isatty()))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    dataset = _load(args)
+    inputs, labels = dataset.inputs[: args.limit], dataset.labels[: args.limit]
+    with _client(args) as client:
+        prediction = client.predict(args.task or None, inputs, allow_unlearned=args.allow_unlearned)
+    accuracy = float(np.mean(prediction.classes == labels) * 100)
+    print(f"model version {prediction.model_version}: {len(labels)} samples, accuracy {accuracy:.2f}%")
+    if args.show:
+        print("predicted:", " ".join(map(str, prediction.classes[: args.show])))
+        print("labels:   ", " ".join(map(str, labels[: args.show])))
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print_tasks(client.tasks())
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.id:
+            print_job(client.job(args.id))
+            return 0
+        for job in client.jobs(limit=args.limit):
+            print(
+                f"{job.seq:>5} {job.id}  {_state(job.kind, pb.JobKind):<8} {job.task:<24} "
+                f"{_state(job.state, pb.JobState):<10} v{job.model_version:<4} {_time(job.created_at)}"
+            )
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        events = client.audit_events(task=args.task or "")
+    if args.verify:
+        if args.task:
+            print("--verify checks the whole chain; it cannot be combined with --task", file=sys.stderr)
+            return 2
+        problem = verify_chain(events)
+        if problem:
+            print(f"AUDIT CHAIN BROKEN: {problem}", file=sys.stderr)
+            return 1
+        print(
+            f"audit chain intact: {len(events)} events verified" + (f", head {events[-1].hash[:16]}…" if events else "")
+        )
+        return 0
+    for e in events:
+        print(f"{e.seq:>5} {_time(e.at)} {e.principal:<12} {e.action:<18} {e.task:<20} {e.details_json}")
+    return 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.model()
+    print(
+        json.dumps(
+            {
+                "strategy": info.strategy,
+                "backbone": info.backbone,
+                "version": info.version,
+                "input_shape": list(info.input_shape),
+                "num_classes": info.num_classes,
+                "parameters": info.parameters,
+                "task_incremental": info.task_incremental,
+                "unlearn_methods": list(info.unlearn_methods),
+                "device": info.device,
+                "config": dict(info.config),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    import hashlib
+    import secrets
+
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    allowed = ("predict", "learn", "unlearn", "admin")
+    bad = [s for s in scopes if s not in allowed]
+    if not scopes or bad:
+        print(f"--scopes: choose from {', '.join(allowed)}", file=sys.stderr)
+        return 2
+    token = "lethe_" + secrets.token_urlsafe(32)
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    print(f"token (shown once, give it to {args.principal}): {token}")
+    print("add to [auth] tokens in the server config:")
+    print(f'  "{args.principal}:{digest}:{"+".join(scopes)}"')
+    return 0
+
+
+def _server_side(args: argparse.Namespace) -> int:
+    try:
+        from server import main as server_main
+    except ImportError as exc:  # the client-only install
+        print(f"'lethe {args.command}' needs the server extra (pip install 'lethe[server]'): {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return server_main.serve(args)
+    return server_main.db_command(args)
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=os.environ.get("LETHE_SERVER", "127.0.0.1:50051"), help="HOST:PORT")
+    parser.add_argument("--token", default=os.environ.get("LETHE_TOKEN"), help="bearer token (env LETHE_TOKEN)")
+    parser.add_argument("--ca", help="PEM CA certificate of the server (enables TLS)")
+    parser.add_argument("--cert", help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--key", help="PEM client private key (mutual TLS)")
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="digits", help="digits, a .npz file, CIFAR batches or an image folder")
+    parser.add_argument("--classes", help="only these classes, e.g. 0,1 or 0-4")
+    parser.add_argument("--permute", type=int, help="apply the fixed pixel permutation with this seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``lethe`` argument parser."""
+    parser = argparse.ArgumentParser(prog="lethe", description="Lethe: continual learning and unlearning server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    try:
+        from server.main import add_db_arguments, add_serve_arguments
+    except ImportError:
+        add_serve_arguments = add_db_arguments = None  # type: ignore[assignment]
+    serve = sub.add_parser("serve", help="run the daemon")
+    db = sub.add_parser("db", help="database maintenance: upgrade, verify-audit")
+    if add_serve_arguments is not None and add_db_arguments is not None:
+        add_serve_arguments(serve)
+        add_db_arguments(db)
+    serve.set_defaults(func=_server_side)
+    db.set_defaults(func=_server_side)
+
+    learn = sub.add_parser("learn", help="stream a dataset as a new task")
+    learn.add_argument("task")
+    _add_data_options(learn)
+    learn.add_argument("--epochs", type=int, default=0)
+    learn.add_argument("--batch-size", type=int, default=0)
+    learn.add_argument("--lr", type=float, default=0.0)
+    learn.add_argument("--idempotency-key")
+    learn.add_argument("--no-wait", action="store_true", help="return once the job is queued")
+    learn.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
+    learn.set_defaults(func=cmd_learn)
+
+    unlearn = sub.add_parser("unlearn", help="forget a task (right to be forgotten)")
+    unlearn.add_argument("task")
+    unlearn.add_argument("--reason", default="")
+    unlearn.add_argument("--method", default="")
+    unlearn.add_argument("--idempotency-key")
+    unlearn.add_argument("--no-wait", action="store_true")
+    unlearn.add_argument("--progress", action="store_true")
+    unlearn.set_defaults(func=cmd_unlearn)
+
+    predict = sub.add_parser("predict", help="predict a dataset and report accuracy")
+    predict.add_argument("task", nargs="?", default="")
+    _add_data_options(predict)
+    predict.add_argument("--limit", type=int, default=1000)
+    predict.add_argument("--show", type=int, default=0, help="print the first N predictions")
+    predict.add_argument("--allow-unlearned", action="store_true", help="audit an unlearned task (admin)")
+    predict.set_defaults(func=cmd_predict)
+
+    for name, func, help_ in (("tasks", cmd_tasks, "list tasks"), ("model", cmd_model, "describe the model")):
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(func=func)
+    jobs = sub.add_parser("jobs", help="list jobs, or show one")
+    jobs.add_argument("id", nargs="?")
+    jobs.add_argument("--limit", type=int, default=100)
+    jobs.set_defaults(func=cmd_jobs)
+    audit = sub.add_parser("audit", help="show the audit trail; --verify checks its hash chain")
+    audit.add_argument("--verify", action="store_true")
+    audit.add_argument("--task")
+    audit.set_defaults(func=cmd_audit)
+    token = sub.add_parser("token", help="create a bearer token: prints it once and its config line")
+    token.add_argument("action", choices=("create",))
+    token.add_argument("--principal", required=True)
+    token.add_argument("--scopes", required=True, help="comma-separated: predict, learn, unlearn, admin")
+    token.set_defaults(func=cmd_token)
+    for p in (learn, unlearn, predict, jobs, audit, sub.choices["tasks"], sub.choices["model"]):
+        _add_client_options(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lethe`` command."""
+    args = build_parser().parse_args(argv)
+    import grpc
+
+    try:
+        return int(args.func(args))
+    except grpc.RpcError as exc:
+        print(f"lethe: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except JobFailedError as exc:
+        print(f"lethe: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:
+        print(f"lethe: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

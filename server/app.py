@@ -1,0 +1,231 @@
+"""The one place where configuration becomes objects and they are wired together."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2
+from prometheus_client import CollectorRegistry, start_http_server
+from sqlalchemy import Engine
+
+from server.config import Config
+from server.engine.protocol import Strategy
+from server.engine.registry import build_strategy, resolve_device
+from server.jobs import JobEvents, JobService, QueueLimits, ServingState, Worker, WorkerSettings
+from server.rpc import (
+    SERVICE_NAME,
+    AuthInterceptor,
+    LearnDefaults,
+    LetheServicer,
+    ModelDescription,
+    TokenTable,
+    create_server,
+)
+from server.storage import (
+    SchemaError,
+    check_schema,
+    current_revision,
+    make_engine,
+    make_session_factory,
+    mask_url,
+    upgrade,
+)
+from server.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+__version__ = "0.1.0"
+
+#: Learning rates used when neither the Learn header nor training.learning_rate sets one.
+DEFAULT_LEARNING_RATES = {"lure": 0.1}
+FALLBACK_LEARNING_RATE = 1e-3
+
+
+def prepare_database(config: Config) -> Engine:
+    """Open the database, initialize an empty one, and refuse a schema this version does not know.
+
+    Raises:
+        SchemaError: the schema is older (and ``storage.auto_upgrade`` is off) or unknown; the message
+            names the command that upgrades it.
+    """
+    url = config.database_url
+    engine = make_engine(url)
+    if current_revision(engine) is None:
+        log.info("initializing an empty database at %s", mask_url(url))
+        upgrade(url)
+    else:
+        try:
+            check_schema(engine)
+        except SchemaError:
+            if not config.storage.auto_upgrade:
+                raise
+            log.warning("upgrading the database schema at %s (storage.auto_upgrade)", mask_url(url))
+            upgrade(url)
+            check_schema(engine)
+    return engine
+
+
+@dataclass
+class Ports:
+    """Where the server listens."""
+
+    grpc: int
+    metrics: int | None
+
+
+class App:
+    """The Lethe daemon: database, worker, gRPC server and metrics endpoint.
+
+    Args:
+        config: the validated configuration.
+        registry: Prometheus registry (tests pass an isolated one); a fresh one by default.
+    """
+
+    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.data_dir = Path(config.storage.data_dir).resolve()
+        self.engine: Engine | None = None
+        self.server: grpc.Server | None = None
+        self.worker: Worker | None = None
+        self.health = health.HealthServicer()
+        self.ports = Ports(0, None)
+        self._metrics_server: Any = None
+
+    def learning_rate(self) -> float:
+        """The learning rate a Learn gets when its header leaves it at zero."""
+        return (
+            self.config.training.learning_rate
+            or DEFAULT_LEARNING_RATES.get(self.config.model.strategy)
+            or FALLBACK_LEARNING_RATE
+        )
+
+    def build_strategy(self) -> Strategy:
+        """A fresh strategy exactly as configured (also used to restore after a failed job)."""
+        m = self.config.model
+        return build_strategy(
+            m.strategy,
+            backbone=m.backbone,
+            input_shape=tuple(m.input_shape),
+            num_classes=m.num_classes,
+            device=resolve_device(m.device),
+            seed=m.seed,
+            options={"cifar_stem": m.cifar_stem, "width": m.width, **m.options},
+        )
+
+    def start(self) -> Ports:
+        """Open storage, load the model, start serving; return the bound ports."""
+        c = self.config
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if c.model.torch_threads:
+            torch.set_num_threads(c.model.torch_threads)
+        self.engine = prepare_database(c)
+        sessions = make_session_factory(self.engine)
+        telemetry = Telemetry(self.registry, max_task_series=c.telemetry.max_task_series, version=__version__)
+        events, serving = JobEvents(), ServingState()
+        self.worker = Worker(
+            self.build_strategy,
+            sessions,
+            events,
+            serving,
+            telemetry,
+            WorkerSettings(
+                data_dir=self.data_dir,
+                seed=c.model.seed,
+                max_probe_samples=c.training.max_probe_samples,
+                forget_probe_ops=c.training.forget_probe_ops,
+                default_learning_rate=self.learning_rate(),
+            ),
+        )
+        strategy = self.worker.strategy
+        device = str(resolve_device(c.model.device))
+        telemetry.build_info.info(
+            {"version": __version__, "strategy": c.model.strategy, "backbone": c.model.backbone, "device": device}
+        )
+        jobs = JobService(
+            sessions, self.data_dir, events, serving, QueueLimits(c.limits.max_queued_jobs, c.limits.max_tasks)
+        )
+        model = ModelDescription(
+            strategy=c.model.strategy,
+            backbone=c.model.backbone,
+            input_shape=tuple(c.model.input_shape),
+            num_classes=c.model.num_classes,
+            parameters=strategy.parameter_count(),
+            task_incremental=strategy.task_incremental,
+            supports_temporary=strategy.supports_temporary,
+            unlearn_methods=tuple(strategy.unlearn_methods),
+            device=device,
+            config={str(k): str(v) for k, v in c.model.options.items()},
+        )
+        defaults = LearnDefaults(
+            epochs=c.training.epochs,
+            batch_size=c.training.batch_size,
+            learning_rate=self.learning_rate(),
+            holdout_fraction=c.training.holdout_fraction,
+            max_stream_bytes=c.limits.max_stream_bytes,
+            max_stream_samples=c.limits.max_stream_samples,
+            max_predict_samples=c.limits.max_predict_samples,
+        )
+        servicer = LetheServicer(jobs, serving, telemetry, model, defaults)
+        if c.auth.enabled:
+            tokens: TokenTable | None = TokenTable(c.auth.tokens)
+        else:
+            tokens = None
+            log.warning(
+                "AUTHENTICATION IS DISABLED (--no-auth): anyone who can reach the port can learn, unlearn "
+                "and read everything"
+            )
+
+        def denied(method: str, code: str, principal: str) -> None:
+            telemetry.grpc_requests.labels(method, code).inc()
+            jobs.audit(principal or "unauthenticated", "auth.denied", method=method, code=code)
+
+        auth = AuthInterceptor(tokens, on_denied=denied)
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server, port = create_server(
+            servicer,
+            self.health,
+            auth,
+            address=f"{c.server.host}:{c.server.port}",
+            threads=c.server.threads,
+            max_message_bytes=c.server.max_message_bytes,
+        )
+        self.server.start()
+        self.ports.grpc = port
+        if c.server.metrics_port >= 0:
+            self._metrics_server, _thread = start_http_server(
+                c.server.metrics_port, addr=c.server.metrics_host, registry=self.registry
+            )
+            self.ports.metrics = self._metrics_server.server_port
+        self.worker.recover()
+        self.worker.start()
+        jobs.audit("system", "server.started", version=__version__, model_version=strategy.version)
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        log.info("lethe serving on %s:%d (metrics %s)", c.server.host, port, self.ports.metrics)
+        return self.ports
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: readiness NOT_SERVING, refuse new RPCs, finish in-flight ones, stop the worker."""
+        grace = self.config.server.grace_seconds if grace is None else grace
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.server is not None:
+            self.server.stop(grace).wait()
+        if self.worker is not None:
+            self.worker.stop(grace)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        if self.engine is not None:
+            self.engine.dispose()
+        log.info("lethe stopped")
+
+    def wait(self) -> None:
+        """Block until the gRPC server terminates."""
+        if self.server is not None:
+            self.server.wait_for_termination()

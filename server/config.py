@@ -1,0 +1,380 @@
+"""Server configuration: frozen dataclasses filled from defaults, a TOML file, ``LETHE_*`` env and flags.
+
+Precedence, lowest first: defaults, ``--config FILE``, environment, command-line flags and
+``--set section.key=value``. Every value is checked and all problems are reported together.
+
+Environment variables are ``LETHE_<SECTION>_<KEY>`` in upper case, e.g. ``LETHE_SERVER_PORT=0`` or
+``LETHE_STORAGE_DATABASE_URL=postgresql://...``; ``LETHE_DATABASE_URL`` and ``LETHE_DATA_DIR`` are
+accepted as short forms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """One or more configuration values are invalid; ``problems`` lists each one."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    """The gRPC listener."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port and prints it
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464  # 0 picks a free port; -1 disables the Prometheus endpoint
+    threads: int = 16
+    grace_seconds: float = 10.0
+    max_message_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    """Where state lives. An empty ``database_url`` means SQLite at ``<data_dir>/lethe.db``."""
+
+    data_dir: str = "./var"
+    database_url: str = ""
+    #: Upgrade an older schema at start-up instead of refusing to start (an empty database is always initialized).
+    auto_upgrade: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The one live model. ``options`` are passed to the strategy's builder as keyword arguments."""
+
+    strategy: str = "finetune"
+    backbone: str = "mlp"
+    input_shape: tuple[int, ...] = (1, 8, 8)
+    num_classes: int = 10
+    device: str = "auto"
+    seed: int = 0
+    cifar_stem: bool = True
+    width: int = 0
+    #: torch intra-op threads (0 = torch's default, one per core).
+    torch_threads: int = 0
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    """Defaults for a Learn header's zero fields, and data retention."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 0.0  # 0 = the strategy's own default
+    holdout_fraction: float = 0.1
+    max_probe_samples: int = 1000
+    #: Operations after an unlearn for which the forgotten task's probe set is kept to measure relapse.
+    forget_probe_ops: int = 10
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    """Request limits; exceeding one gives RESOURCE_EXHAUSTED."""
+
+    max_stream_bytes: int = 1024 * 1024 * 1024
+    max_stream_samples: int = 2_000_000
+    max_queued_jobs: int = 100
+    max_tasks: int = 10_000
+    max_predict_samples: int = 8192
+
+
+@dataclass(frozen=True)
+class AuthSection:
+    """Bearer tokens. Each entry of ``tokens`` is ``"<principal>:<sha256 hex>:<scope>[+<scope>...]"``."""
+
+    enabled: bool = True
+    tokens: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TelemetrySection:
+    """Metrics and logs."""
+
+    max_task_series: int = 100
+    log_format: str = "json"
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole server configuration."""
+
+    server: ServerSection = field(default_factory=ServerSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    auth: AuthSection = field(default_factory=AuthSection)
+    telemetry: TelemetrySection = field(default_factory=TelemetrySection)
+
+    @property
+    def database_url(self) -> str:
+        """The effective database URL (SQLite in the data directory by default)."""
+        if self.storage.database_url:
+            return self.storage.database_url
+        return f"sqlite:///{Path(self.storage.data_dir).resolve() / 'lethe.db'}"
+
+
+SCOPES = ("predict", "learn", "unlearn", "admin")
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_SHORT_ENV = {"LETHE_DATABASE_URL": "storage.database_url", "LETHE_DATA_DIR": "storage.data_dir"}
+
+
+def _sections() -> dict[str, type]:
+    hints = get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _field_types(section_type: type) -> dict[str, Any]:
+    hints = get_type_hints(section_type)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_type)}
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    """Convert ``value`` (TOML value or string from env/flags) to ``kind``; raise ValueError with a reason."""
+    origin = get_origin(kind)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected an integer, got {value!r}") from None
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin is tuple:
+        item = get_args(kind)[0]
+        items = [s for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v.strip() if isinstance(v, str) else v, item, where) for v in items)
+    if origin in (Mapping, dict) or kind is Mapping:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    if origin in (Union, types.UnionType):
+        raise ValueError(f"{where}: unsupported type {kind}")
+    return value
+
+
+def _parse_literal(text: str) -> Any:
+    """Parse a ``--set`` value as a TOML literal when it is one, else keep the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build a :class:`Config` from a TOML file, the environment and explicit overrides.
+
+    Args:
+        path: optional TOML file with tables named after the sections (``[server]``, ``[model]``, ...).
+        env: environment to read ``LETHE_*`` variables from (defaults to ``os.environ``).
+        overrides: dotted keys to values, e.g. ``{"server.port": 0, "model.options.beta": 0.1}``; strings
+            are parsed like environment values.
+
+    Raises:
+        ConfigError: listing every invalid or unknown setting.
+    """
+    problems: list[str] = []
+    raw: dict[str, dict[str, Any]] = {name: {} for name in _sections()}
+    sections = _sections()
+
+    def put(dotted: str, value: Any, source: str) -> None:
+        parts = dotted.split(".")
+        if len(parts) < 2 or parts[0] not in sections:
+            problems.append(f"{source}: unknown setting {dotted!r} (sections: {', '.join(sections)})")
+            return
+        section, key = parts[0], parts[1]
+        if section == "model" and key == "options" and len(parts) > 2:
+            raw[section].setdefault("options", {})
+            raw[section]["options"][".".join(parts[2:])] = value
+            return
+        if len(parts) != 2 or key not in _field_types(sections[section]):
+            allowed = ", ".join(_field_types(sections[section]))
+            problems.append(f"{source}: unknown setting {dotted!r} (allowed in [{section}]: {allowed})")
+            return
+        raw[section][key] = value
+
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError([f"config file {path} does not exist"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"config file {path}: {exc}"]) from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                problems.append(f"{path}: top-level key {section!r} must be a table like [{section}]")
+                continue
+            for key, value in table.items():
+                if section == "model" and key == "options" and isinstance(value, dict):
+                    for opt, opt_value in value.items():
+                        put(f"model.options.{opt}", opt_value, str(path))
+                else:
+                    put(f"{section}.{key}", value, str(path))
+
+    environ = os.environ if env is None else env
+    for name, value in sorted(environ.items()):
+        if not name.startswith("LETHE_"):
+            continue
+        if name in _SHORT_ENV:
+            put(_SHORT_ENV[name], value, name)
+            continue
+        rest = name[len("LETHE_") :].lower()
+        for section in sections:
+            if rest.startswith(section + "_"):
+                put(f"{section}.{rest[len(section) + 1 :]}", value, name)
+                break
+        # Other LETHE_* variables (LETHE_SERVER, LETHE_TOKEN, LETHE_TEST_*) belong to the client or tests.
+
+    for dotted, value in (overrides or {}).items():
+        if isinstance(value, str) and dotted.startswith("model.options."):
+            value = _parse_literal(value)
+        put(dotted, value, f"--set {dotted}")
+
+    built: dict[str, Any] = {}
+    for section, section_type in sections.items():
+        kwargs: dict[str, Any] = {}
+        types_ = _field_types(section_type)
+        for key, value in raw[section].items():
+            if section == "model" and key == "options":
+                kwargs[key] = dict(value)
+                continue
+            try:
+                kwargs[key] = _coerce(value, types_[key], f"{section}.{key}")
+            except ValueError as exc:
+                problems.append(str(exc))
+        built[section] = section_type(**kwargs)
+    config = Config(**built)
+    problems.extend(validate(config))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def validate(config: Config) -> list[str]:
+    """Return a message for every value out of its allowed range (empty when all is well)."""
+    p: list[str] = []
+    s, m, t, lim = config.server, config.model, config.training, config.limits
+    for name, port in (("server.port", s.port), ("server.metrics_port", s.metrics_port)):
+        if not (-1 if name.endswith("metrics_port") else 0) <= port <= 65535:
+            p.append(f"{name}: must be in 0..65535 (0 picks a free port), got {port}")
+    if s.threads < 1:
+        p.append(f"server.threads: must be >= 1, got {s.threads}")
+    if s.grace_seconds < 0:
+        p.append(f"server.grace_seconds: must be >= 0, got {s.grace_seconds}")
+    if s.max_message_bytes < 1024:
+        p.append(f"server.max_message_bytes: must be >= 1024, got {s.max_message_bytes}")
+    url = config.storage.database_url
+    if url and not url.startswith(("sqlite:", "postgresql", "postgres:")):
+        p.append(f"storage.database_url: must start with sqlite:// or postgresql://, got {url.split(':')[0]}://...")
+    if not m.input_shape or any(d <= 0 for d in m.input_shape) or len(m.input_shape) > 4:
+        p.append(f"model.input_shape: 1 to 4 positive dimensions like 1,8,8, got {m.input_shape}")
+    if not 2 <= m.num_classes <= 100_000:
+        p.append(f"model.num_classes: must be in 2..100000, got {m.num_classes}")
+    if m.device != "auto" and m.device != "cpu" and not m.device.startswith("cuda"):
+        p.append(f"model.device: auto, cpu, cuda or cuda:N, got {m.device!r}")
+    if t.epochs < 1 or t.batch_size < 1:
+        p.append(f"training.epochs and training.batch_size: must be >= 1, got {t.epochs} and {t.batch_size}")
+    if t.learning_rate < 0:
+        p.append(f"training.learning_rate: must be >= 0 (0 = strategy default), got {t.learning_rate}")
+    if not 0 < t.holdout_fraction < 1:
+        p.append(f"training.holdout_fraction: must be in (0, 1), got {t.holdout_fraction}")
+    if t.max_probe_samples < 1:
+        p.append(f"training.max_probe_samples: must be >= 1, got {t.max_probe_samples}")
+    if t.forget_probe_ops < 0:
+        p.append(f"training.forget_probe_ops: must be >= 0, got {t.forget_probe_ops}")
+    for name in ("max_stream_bytes", "max_stream_samples", "max_queued_jobs", "max_tasks", "max_predict_samples"):
+        if getattr(lim, name) < 1:
+            p.append(f"limits.{name}: must be >= 1, got {getattr(lim, name)}")
+    for i, entry in enumerate(config.auth.tokens):
+        problem = token_entry_problem(entry)
+        if problem:
+            p.append(f"auth.tokens[{i}]: {problem}")
+    if config.telemetry.max_task_series < 0:
+        p.append(f"telemetry.max_task_series: must be >= 0, got {config.telemetry.max_task_series}")
+    if config.telemetry.log_format not in LOG_FORMATS:
+        p.append(f"telemetry.log_format: one of {', '.join(LOG_FORMATS)}, got {config.telemetry.log_format!r}")
+    if config.telemetry.log_level.upper() not in LOG_LEVELS:
+        p.append(f"telemetry.log_level: one of {', '.join(LOG_LEVELS)}, got {config.telemetry.log_level!r}")
+    return p
+
+
+def token_entry_problem(entry: str) -> str | None:
+    """Why a ``principal:sha256:scopes`` token entry is malformed, or None when it is fine."""
+    parts = entry.split(":")
+    if len(parts) != 3 or not parts[0]:
+        return "expected 'principal:<sha256 hex>:scope+scope'"
+    digest, scopes = parts[1], parts[2].split("+")
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        return "the middle part must be a SHA-256 hex digest (64 lowercase hex characters), never the token itself"
+    unknown = [sc for sc in scopes if sc not in SCOPES]
+    if unknown:
+        return f"unknown scope(s) {', '.join(unknown)}; allowed: {', '.join(SCOPES)}"
+    return None
+
+
+def to_toml(config: Config) -> str:
+    """Render the effective configuration as TOML (``lethe serve --print-config``)."""
+    lines: list[str] = []
+    for section in _sections():
+        value = getattr(config, section)
+        lines.append(f"[{section}]")
+        options: Mapping[str, Any] = {}
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            if section == "model" and f.name == "options":
+                options = item
+                continue
+            lines.append(f"{f.name} = {_toml_value(item)}")
+        if options:
+            lines.append("")
+            lines.append("[model.options]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in sorted(options.items()))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

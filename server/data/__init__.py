@@ -1,0 +1,16 @@
+"""Files the server keeps under its data directory: spools, probe sets, retained data, purges."""
+
+from server.data.files import FileRecord, fsync_dir, load_arrays, purge, save_arrays, sha256_file, write_atomic
+from server.data.spool import SpoolWriter, read_spool
+
+__all__ = [
+    "FileRecord",
+    "SpoolWriter",
+    "fsync_dir",
+    "load_arrays",
+    "purge",
+    "read_spool",
+    "save_arrays",
+    "sha256_file",
+    "write_atomic",
+]

@@ -1,0 +1,108 @@
+"""Spool files: each accepted Learn stream, durably on disk before the RPC returns.
+
+Layout: a sequence of ``.npy`` records, three per chunk (inputs float32 ``[n, *shape]``, labels int64
+``[n]``, sample ids as a fixed-width unicode array ``[n]`` or ``[0]``). ``np.save``/``np.load`` write
+and read them without pickling. The file is written as ``<name>.partial`` and renamed to its final
+name only after fsync, so a spool file that exists is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+import numpy as np
+
+from server.data.files import FileRecord, fsync_dir
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what passes through."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.digest = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.digest.update(data)
+        self.bytes += len(data)
+        return self._f.write(data)
+
+
+class SpoolWriter:
+    """Appends validated chunks to a new spool file; :meth:`commit` makes it durable.
+
+    Use as a context manager: leaving the block without :meth:`commit` deletes the partial file.
+    """
+
+    def __init__(self, root: Path, relative: str) -> None:
+        self.root = root
+        self.relative = relative
+        self.path = root / relative
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._partial = self.path.with_name(self.path.name + ".partial")
+        self._file: BinaryIO = self._partial.open("wb")
+        self._writer = _HashingWriter(self._file)
+        self.samples = 0
+        self._committed = False
+
+    def append(self, inputs: np.ndarray, labels: np.ndarray, sample_ids: list[str]) -> None:
+        """Append one chunk: float32 inputs ``[n, ...]``, int64 labels ``[n]``, ``n`` or zero sample ids."""
+        np.save(self._writer, np.ascontiguousarray(inputs, dtype=np.float32), allow_pickle=False)
+        np.save(self._writer, np.ascontiguousarray(labels, dtype=np.int64), allow_pickle=False)
+        ids = np.asarray(sample_ids, dtype=np.str_) if sample_ids else np.zeros((0,), dtype="<U1")
+        np.save(self._writer, ids, allow_pickle=False)
+        self.samples += int(labels.shape[0])
+
+    @property
+    def bytes(self) -> int:
+        """Bytes written so far."""
+        return self._writer.bytes
+
+    def commit(self) -> FileRecord:
+        """fsync the file, rename it to its final name, fsync the directory; return its record."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._partial, self.path)
+        fsync_dir(self.path.parent)
+        self._committed = True
+        return FileRecord(self.relative, self._writer.bytes, self._writer.digest.hexdigest())
+
+    def abort(self) -> None:
+        """Close and delete the partial file."""
+        if not self._file.closed:
+            self._file.close()
+        self._partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> SpoolWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._committed:
+            self.abort()
+
+
+def read_spool(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Read a whole spool file back: ``(inputs, labels, sample_ids)`` with chunks concatenated."""
+    inputs: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    ids: list[str] = []
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        while f.tell() < size:
+            x = np.load(f, allow_pickle=False)
+            y = np.load(f, allow_pickle=False)
+            s = np.load(f, allow_pickle=False)
+            inputs.append(x)
+            labels.append(y)
+            ids.extend(str(v) for v in s)
+    if not inputs:
+        raise ValueError(f"spool file {path} is empty")
+    return np.concatenate(inputs), np.concatenate(labels), ids

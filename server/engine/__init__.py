@@ -1,0 +1,44 @@
+"""Pure-ML engine: strategies, backbones and metrics (DESIGN.md sections 4 and 5).
+
+Imports torch, torchvision, numpy and scikit-learn only; never grpc, sqlalchemy or prometheus.
+"""
+
+from server.engine import metrics
+from server.engine.backbones import BACKBONES, build_backbone, detach_head, head_name_of
+from server.engine.finetune import FinetunePredictor, FinetuneStrategy, build_finetune
+from server.engine.protocol import (
+    LearnOptions,
+    Predictor,
+    Progress,
+    Report,
+    Strategy,
+    TaskData,
+    UnknownTaskError,
+    UnlearnedTaskError,
+    no_progress,
+)
+from server.engine.registry import STRATEGIES, build_strategy, resolve_device, strategy_options
+
+__all__ = [
+    "BACKBONES",
+    "STRATEGIES",
+    "FinetunePredictor",
+    "FinetuneStrategy",
+    "LearnOptions",
+    "Predictor",
+    "Progress",
+    "Report",
+    "Strategy",
+    "TaskData",
+    "UnknownTaskError",
+    "UnlearnedTaskError",
+    "build_backbone",
+    "build_finetune",
+    "build_strategy",
+    "detach_head",
+    "head_name_of",
+    "metrics",
+    "no_progress",
+    "resolve_device",
+    "strategy_options",
+]

@@ -1,0 +1,584 @@
+"""Strategy ``lure``: Learn, Unlearn and Relearn over a stream of mega-batches (class-incremental).
+
+Each Learn call is one mega-batch of the ALMA stream (Caccia et al., 2021); the task name is the
+mega-batch's name. Before training every mega-batch but the first, the weights least important
+for the new data are re-initialized (the LURE paper's unlearn step), then the network is trained
+on the new mega-batch plus the replayed ones (the relearn step). Unlearning a mega-batch (the right
+to be forgotten) is either ``exact`` -- roll back to the model taken before it was first learned and
+replay the learning of the later ones, which reproduces training without it bit for bit -- or
+``approximate`` -- re-initialize the weights most salient for it and relearn on the retained data.
+
+Reproducibility is what makes ``exact`` exact: every random draw of a mega-batch's learning (split,
+importance subset, fresh initialization, shuffles, augmentation) comes from a seed derived from
+the strategy seed, the mega-batch's name and its learn options, never from the model version, so
+replaying it without a removed predecessor draws exactly what a strategy that never saw that
+predecessor would draw.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from server.engine.backbones import build_backbone
+from server.engine.lure.config import LureConfig, ReplaySpec
+from server.engine.lure.data import concat, crop_padding, reservoir_sample, sample_fraction, split_train_val
+from server.engine.lure.importance import importance_scores, top_fraction_masks
+from server.engine.lure.loop import TrainSettings, infer, step_milestones, train
+from server.engine.lure.predictor import LurePredictor
+from server.engine.lure.resets import apply_reset, reinit_where
+from server.engine.metrics import accuracy, expected_calibration_error
+from server.engine.protocol import LearnOptions, Progress, Report, TaskData, UnknownTaskError
+from server.engine.training import check_learn_inputs, derive_seed, module_state_cpu, seeded_generator, seeded_rng
+
+_STATE_FORMAT = "lethe.lure/1"
+#: Share of a learn call's progress spent on the reset before training (when there is one).
+_RESET_SHARE = 0.05
+#: Share of a learn call's progress spent on training; the rest is evaluation.
+_TRAIN_END = 0.95
+
+
+@dataclass(frozen=True)
+class MegaBatch:
+    """One live mega-batch of the stream, in learning order.
+
+    Attributes:
+        name: the task name it was learned under.
+        options: its learn options, with the server's zeros already replaced by defaults.
+        before: CPU ``state_dict`` of the model just before it was learned (before the reset);
+            kept only with ``replay=full`` (the one mode in which exact unlearning is possible) and
+            only every ``snapshot_every`` positions of the live stream.
+        exact: whether ``before`` equals what learning the live mega-batches that precede this one,
+            from the initial model, produces -- False when an ``approximate`` unlearning left traces in it.
+    """
+
+    name: str
+    options: LearnOptions
+    before: dict[str, torch.Tensor] | None
+    exact: bool
+
+
+class LureStrategy:
+    """LURE over a mega-batch stream, with exact and approximate unlearning of a mega-batch.
+
+    Built by :func:`server.engine.lure.build_lure`. The worker thread is the only caller of every
+    method except the predictors it hands out. Every learn and unlearn works on a copy of the model
+    and commits at the end, so an exception (for example raised by ``progress`` to cancel) leaves the
+    strategy exactly as it was.
+
+    Retention goes through the server: ``learn`` returns in ``Report.retain`` what the server must keep
+    for replay (the whole mega-batch with ``replay=full``, a reservoir sample of N samples with
+    ``buffer:N``, nothing with ``none``) and the server passes it back as ``replay``.
+    """
+
+    name: str = "lure"
+    task_incremental: bool = False
+    supports_temporary: bool = False
+    unlearn_methods: tuple[str, ...] = ("exact", "approximate")
+
+    def __init__(self, config: LureConfig, device: torch.device) -> None:
+        """Build the initial network of ``config`` on ``device`` (seeded by ``config.seed``)."""
+        self.config = config
+        self.needs_replay: bool = config.replay.mode != "none"
+        self.version = 0
+        self._device = torch.device(device)
+        self._model: nn.Module = self._fresh_network(derive_seed(config.seed, "lure-init")).to(self._device)
+        self._stream: list[MegaBatch] = []
+        #: The model equals learning the live stream from the initial model (no approximate traces).
+        self._model_exact = True
+        #: After an approximate unlearning of the last mega-batch: the exact model before it, which is
+        #: the exact "before" of the next mega-batch.
+        self._pending_before: dict[str, torch.Tensor] | None = None
+        self._published: LurePredictor | None = None
+
+    # ------------------------------------------------------------------ verbs
+
+    def learn(
+        self,
+        task: str,
+        data: TaskData,
+        options: LearnOptions,
+        progress: Progress,
+        replay: Mapping[str, TaskData],
+    ) -> Report:
+        """Learn mega-batch ``task``: reset (from the second mega-batch on), then train.
+
+        Args:
+            task: the mega-batch's name; must not be live already.
+            data: its samples (CPU).
+            options: epochs, batch size, learning rate, seed; zeros mean the builder's defaults.
+            progress: called as the work advances; may raise to cancel (nothing is changed then).
+            replay: retained data of the live mega-batches (``full``: whole mega-batches;
+                ``buffer:N``: samples); used in learning order, ignored with ``replay=none``.
+
+        Returns:
+            Metrics ``train_accuracy``, ``val_accuracy`` (percent, the mega-batch's 90/10 split),
+            ``generalization_gap`` (percentage points), ``ece`` (validation, fraction), ``train_loss``,
+            ``train_seconds``, ``importance_seconds`` and ``reset_seconds`` (0 without a reset),
+            ``reinitialized_fraction``, ``train_samples``, ``replayed_megabatches``, ``learn_seconds``;
+            and ``retain``, the data the server keeps for replay.
+
+        Raises:
+            ValueError: if ``task`` is already live, or for bad data or options.
+        """
+        if any(m.name == task for m in self._stream):
+            raise ValueError(f"mega-batch {task!r} is already learned; unlearn it before learning it again")
+        opts = self._resolve(options)
+        check_learn_inputs(data, opts, self.config.input_shape, self.config.num_classes)
+        started = time.perf_counter()
+        mode = self.config.replay.mode
+        model = copy.deepcopy(self._model)
+        before: dict[str, torch.Tensor] | None = None
+        if self._keeps_snapshot(len(self._stream)):
+            before = self._pending_before if self._pending_before is not None else module_state_cpu(model)
+        exact = self._pending_before is not None or self._model_exact
+        previous = [] if mode == "none" else [replay[m.name] for m in self._stream if m.name in replay]
+        missing = mode == "full" and len(previous) < len(self._stream)
+        metrics = self._learn_megabatch(
+            model,
+            task,
+            data,
+            opts,
+            previous,
+            has_previous=bool(self._stream) or not self._model_exact,
+            progress=progress,
+        )
+        retain = self._retained(task, data, opts)
+        progress(1.0, f"learned mega-batch {task!r}")  # the last chance to cancel: commit below
+
+        self._model = model
+        self._stream.append(MegaBatch(task, opts, before, exact))
+        self._pending_before = None
+        if missing:  # trained without some live data: replaying this step would not reproduce it
+            self._model_exact = False
+        self._commit()
+        metrics["replayed_megabatches"] = float(len(previous))
+        metrics["learn_seconds"] = time.perf_counter() - started
+        return Report(metrics=metrics, retain=retain)
+
+    def unlearn(self, task: str, method: str, progress: Progress, replay: Mapping[str, TaskData]) -> Report:
+        """Forget mega-batch ``task``.
+
+        * ``exact`` (default): roll back to the model taken before ``task`` was first learned (or to
+          the latest earlier snapshot free of approximate-unlearning traces) and replay the learning of
+          the later live mega-batches in their original order with their original options and seeds.
+          The result equals, bit for bit under deterministic settings, a strategy that never learned
+          ``task``. Needs ``replay=full``: the later mega-batches' full data comes from ``replay``; with
+          ``buffer:N`` or ``none`` the server does not have it and a ``ValueError`` is raised.
+        * ``approximate``: SNIP saliency of the forget data, re-initialize the ``unlearn_fraction``
+          most salient weights, relearn ``relearn_epochs`` epochs on the retained data. Needs the
+          forgotten mega-batch's own data as ``replay[task]`` -- the server's retained data of it,
+          passed before it is purged.
+
+        Args:
+            task: a live mega-batch.
+            method: ``exact``, ``approximate`` or ``""`` (the default, ``exact``).
+            progress: called as the work advances; may raise to cancel (nothing is changed then).
+            replay: retained data of the other live mega-batches (and, for ``approximate``, of ``task``).
+
+        Returns:
+            Metrics ``unlearn_seconds`` and ``replayed_megabatches``; ``approximate`` adds
+            ``importance_seconds``, ``reinitialized_fraction`` and ``relearn_samples``.
+
+        Raises:
+            ValueError: for an unknown method, or when the method's data requirements are not met.
+            UnknownTaskError: if ``task`` is not a live mega-batch.
+        """
+        method = method or self.unlearn_methods[0]
+        if method not in self.unlearn_methods:
+            raise ValueError(
+                f"unlearn method must be one of {', '.join(self.unlearn_methods)} for lure, got {method!r}"
+            )
+        index = next((i for i, m in enumerate(self._stream) if m.name == task), None)
+        if index is None:
+            raise UnknownTaskError(f"mega-batch {task!r} is not a live mega-batch of this lure model")
+        if method == "exact":
+            return self._unlearn_exact(index, progress, replay)
+        return self._unlearn_approximate(index, progress, replay)
+
+    def predictor(self) -> LurePredictor:
+        """The immutable serving snapshot of the current version (an eval-mode deep copy)."""
+        if self._published is None or self._published.version != self.version:
+            self._published = LurePredictor(
+                self._model,
+                self.version,
+                input_shape=self.config.input_shape,
+                num_classes=self.config.num_classes,
+                device=self._device,
+            )
+        return self._published
+
+    def parameter_count(self) -> int:
+        """Trainable parameters of the network (snapshots are not counted)."""
+        return sum(p.numel() for p in self._model.parameters() if p.requires_grad)
+
+    @property
+    def megabatches(self) -> tuple[str, ...]:
+        """Names of the live mega-batches, in learning order."""
+        return tuple(m.name for m in self._stream)
+
+    @property
+    def model(self) -> nn.Module:
+        """The training network (for inspection; do not modify it)."""
+        return self._model
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly after a restart.
+
+        Weights, the live stream (names, options, the model before each mega-batch, exactness flags),
+        the pending snapshot, the version and the seed. All tensors are CPU tensors not shared with
+        the live model; the value is made of dicts, lists, strings, numbers, booleans, ``None`` and
+        tensors (loadable with ``weights_only=True``). There is no RNG state or optimizer state to
+        save: every random draw is derived from (seed, mega-batch name, options), and every mega-batch
+        starts a new SGD optimizer and schedule.
+        """
+        return {
+            "format": _STATE_FORMAT,
+            "architecture": self.config.architecture(),
+            "seed": self.config.seed,
+            "replay": str(self.config.replay),
+            "version": self.version,
+            "model": module_state_cpu(self._model),
+            "model_exact": self._model_exact,
+            "pending_before": self._pending_before,
+            "stream": [
+                {
+                    "name": m.name,
+                    "options": {
+                        "epochs": m.options.epochs,
+                        "batch_size": m.options.batch_size,
+                        "learning_rate": m.options.learning_rate,
+                        "seed": m.options.seed,
+                    },
+                    "before": m.before,
+                    "exact": m.exact,
+                }
+                for m in self._stream
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; on error nothing is changed.
+
+        The saved seed replaces the configured one, so replays after a restart draw what the original
+        steps drew.
+
+        Raises:
+            ValueError: if the state is not a lure state or was saved by a different architecture.
+        """
+        if state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"not a lure state (format {state.get('format')!r}, expected {_STATE_FORMAT!r})")
+        configured = self.config.architecture()
+        saved = state["architecture"]
+        if saved != configured:
+            differences = ", ".join(
+                f"{key}: saved {saved.get(key)!r}, configured {value!r}"
+                for key, value in configured.items()
+                if saved.get(key) != value
+            )
+            raise ValueError(f"lure state was saved with a different model configuration ({differences})")
+        model = copy.deepcopy(self._model)
+        model.load_state_dict(state["model"])
+        stream = [
+            MegaBatch(
+                name=str(entry["name"]),
+                options=LearnOptions(**entry["options"]),
+                before=_cpu_copy(entry["before"]),
+                exact=bool(entry["exact"]),
+            )
+            for entry in state["stream"]
+        ]
+        if len({m.name for m in stream}) != len(stream):
+            raise ValueError("lure state is inconsistent: a mega-batch appears twice in the stream")
+
+        self.config = replace(self.config, seed=int(state["seed"]))
+        self._model = model
+        self._stream = stream
+        self._model_exact = bool(state["model_exact"])
+        self._pending_before = _cpu_copy(state["pending_before"])
+        self.version = int(state["version"])
+        self._published = None
+
+    # ------------------------------------------------------------------ learning
+
+    def _resolve(self, options: LearnOptions) -> LearnOptions:
+        """Replace zeros by the builder's defaults."""
+        return LearnOptions(
+            epochs=options.epochs or self.config.epochs,
+            batch_size=options.batch_size or self.config.batch_size,
+            learning_rate=options.learning_rate or self.config.lr,
+            seed=options.seed,
+        )
+
+    def _megabatch_seed(self, name: str, options: LearnOptions) -> int:
+        """The root seed of learning ``name`` with ``options``: independent of the rest of the stream."""
+        return derive_seed(
+            self.config.seed,
+            "lure-megabatch",
+            name,
+            options.epochs,
+            options.batch_size,
+            repr(float(options.learning_rate)),
+            options.seed,
+        )
+
+    def _fresh_network(self, seed: int) -> nn.Module:
+        """The backbone built again with its own initializer, on the CPU."""
+        cfg = self.config
+        with seeded_rng(seed):
+            return build_backbone(
+                cfg.backbone, cfg.input_shape, cfg.num_classes, cifar_stem=cfg.cifar_stem, width=cfg.width
+            )
+
+    def _settings(self, epochs: int, batch_size: int, lr: float) -> TrainSettings:
+        cfg = self.config
+        return TrainSettings(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            milestones=step_milestones(epochs, cfg.lr_milestones),
+            gamma=cfg.lr_gamma,
+            crop_padding=crop_padding(cfg.input_shape) if cfg.augments else 0,
+        )
+
+    def _learn_megabatch(
+        self,
+        model: nn.Module,
+        name: str,
+        data: TaskData,
+        options: LearnOptions,
+        previous: list[TaskData],
+        *,
+        has_previous: bool,
+        progress: Progress,
+    ) -> dict[str, float]:
+        """Reset (when ``has_previous``) and train ``model`` in place on one mega-batch; evaluate it.
+
+        Everything random is drawn from :meth:`_megabatch_seed`, so the same inputs give the same
+        model, whenever this runs.
+        """
+        cfg = self.config
+        seed = self._megabatch_seed(name, options)
+        train_part, val_part = split_train_val(data, cfg.val_fraction, seeded_generator(seed, "split"))
+        metrics: dict[str, float] = {"importance_seconds": 0.0, "reset_seconds": 0.0, "reinitialized_fraction": 0.0}
+        start = 0.0
+        if has_previous and cfg.reset != "warm-start":
+            progress(0.0, f"{cfg.reset} reset before mega-batch {name!r}")
+            metrics.update(self._reset(model, train_part, seed, options.batch_size))
+            start = _RESET_SHARE
+        train_set = concat([train_part, *previous])
+        settings = self._settings(options.epochs, options.batch_size, options.learning_rate)
+
+        def on_step(fraction: float, message: str) -> None:
+            progress(start + (_TRAIN_END - start) * fraction, message)
+
+        started = time.perf_counter()
+        with seeded_rng(derive_seed(seed, "global-rng")):  # dropout, should a backbone have any
+            loss = train(
+                model, train_set, settings, device=self._device, rng=seeded_generator(seed, "train"), progress=on_step
+            )
+        metrics["train_seconds"] = time.perf_counter() - started
+        progress(_TRAIN_END, "evaluating")
+        classes = cfg.num_classes
+        train_logits = infer(model, train_part.inputs, num_classes=classes, device=self._device)
+        val_logits = infer(model, val_part.inputs, num_classes=classes, device=self._device)
+        train_acc = accuracy(train_logits, train_part.labels)
+        val_acc = accuracy(val_logits, val_part.labels)
+        metrics.update(
+            train_loss=loss,
+            train_accuracy=train_acc,
+            val_accuracy=val_acc,
+            generalization_gap=train_acc - val_acc,
+            ece=expected_calibration_error(torch.softmax(val_logits, dim=1), val_part.labels),
+            train_samples=float(len(train_set)),
+        )
+        return {key: value for key, value in metrics.items() if not math.isnan(value)}
+
+    def _reset(self, model: nn.Module, train_part: TaskData, seed: int, batch_size: int) -> dict[str, float]:
+        """Apply the configured reset to ``model`` in place; return its timings and size."""
+        cfg = self.config
+        started = time.perf_counter()
+        fresh = self._fresh_network(derive_seed(seed, "fresh-init"))
+        subset = sample_fraction(train_part, cfg.importance_fraction, seeded_generator(seed, "importance-subset"))
+        with seeded_rng(derive_seed(seed, "importance-rng")):
+            outcome = apply_reset(
+                cfg.reset,
+                model,
+                fresh,
+                subset,
+                importance=cfg.importance,
+                keep_fraction=cfg.keep_fraction,
+                keep_scope=cfg.keep_scope,
+                shrink=cfg.shrink,
+                perturb=cfg.perturb,
+                batch_size=batch_size,
+                device=self._device,
+                rng=seeded_generator(seed, "random-importance"),
+            )
+        return {
+            "importance_seconds": outcome.importance_seconds,
+            "reset_seconds": time.perf_counter() - started,
+            "reinitialized_fraction": outcome.reinitialized / outcome.total,
+        }
+
+    def _retained(self, name: str, data: TaskData, options: LearnOptions) -> TaskData | None:
+        replay: ReplaySpec = self.config.replay
+        if replay.mode == "full":
+            return data
+        if replay.mode == "buffer":
+            rng = seeded_generator(self._megabatch_seed(name, options), "reservoir")
+            return reservoir_sample(data, replay.buffer_size, rng)
+        return None
+
+    def _keeps_snapshot(self, position: int) -> bool:
+        """Whether the model before the mega-batch at ``position`` of the live stream is kept."""
+        return self.config.replay.mode == "full" and position % self.config.snapshot_every == 0
+
+    def _commit(self) -> None:
+        self.version += 1
+        self._published = None
+
+    # ------------------------------------------------------------------ unlearning
+
+    def _unlearn_exact(self, index: int, progress: Progress, replay: Mapping[str, TaskData]) -> Report:
+        cfg = self.config
+        task = self._stream[index].name
+        if cfg.replay.mode != "full":
+            raise ValueError(
+                f"exact unlearning needs replay=full (configured replay={cfg.replay}): replaying the later "
+                "mega-batches needs their full data, which the server keeps only with replay=full; "
+                "use method 'approximate'"
+            )
+        clean = [i for i in range(index + 1) if self._stream[i].exact and self._stream[i].before is not None]
+        if not clean:  # cannot happen with replay=full from the start; a checkpoint of another mode might
+            raise ValueError(f"exact unlearning of {task!r} is impossible: no clean snapshot was kept before it")
+        start = clean[-1]
+        before = self._stream[start].before
+        assert before is not None
+        live = [m for m in self._stream if m.name != task]
+        missing = [m.name for m in live if m.name not in replay]
+        if missing:
+            raise ValueError(
+                f"exact unlearning of {task!r} needs the retained data of every other live mega-batch as replay; "
+                f"missing: {', '.join(repr(name) for name in missing)}"
+            )
+        started = time.perf_counter()
+        model = copy.deepcopy(self._model)
+        model.load_state_dict(before)
+        rebuilt = list(self._stream[:start])
+        to_replay = [m for m in self._stream[start:] if m.name != task]
+        progress(0.0, f"rolled back to before {self._stream[start].name!r}; replaying {len(to_replay)} mega-batches")
+        for k, megabatch in enumerate(to_replay):
+            snapshot = module_state_cpu(model) if self._keeps_snapshot(len(rebuilt)) else None
+            self._learn_megabatch(
+                model,
+                megabatch.name,
+                replay[megabatch.name],
+                megabatch.options,
+                [replay[m.name] for m in rebuilt],
+                has_previous=bool(rebuilt),
+                progress=_scaled(progress, k, len(to_replay), f"replaying {megabatch.name!r}"),
+            )
+            rebuilt.append(MegaBatch(megabatch.name, megabatch.options, snapshot, exact=True))
+        progress(1.0, f"unlearned mega-batch {task!r} exactly")
+
+        self._model = model
+        self._stream = rebuilt
+        self._model_exact = True
+        self._pending_before = None
+        self._commit()
+        return Report(
+            metrics={
+                "unlearn_seconds": time.perf_counter() - started,
+                "replayed_megabatches": float(len(to_replay)),
+            }
+        )
+
+    def _unlearn_approximate(self, index: int, progress: Progress, replay: Mapping[str, TaskData]) -> Report:
+        cfg = self.config
+        task = self._stream[index].name
+        forget = replay.get(task)
+        if forget is None or len(forget) == 0:
+            raise ValueError(
+                f"approximate unlearning of mega-batch {task!r} needs its own data: pass the server's retained "
+                f"data of {task!r} as replay[{task!r}] (before it is purged)"
+            )
+        started = time.perf_counter()
+        seed = derive_seed(cfg.seed, "lure-approximate", task)
+        model = copy.deepcopy(self._model)
+        progress(0.0, f"scoring the weights most salient for {task!r}")
+        with seeded_rng(derive_seed(seed, "importance-rng")):
+            scores = importance_scores(
+                model, "snip", forget, batch_size=cfg.batch_size, device=self._device, rng=seeded_generator(seed, "rng")
+            )
+        salient = top_fraction_masks(scores, cfg.unlearn_fraction, cfg.keep_scope)
+        importance_seconds = time.perf_counter() - started
+        count = reinit_where(model, self._fresh_network(derive_seed(seed, "fresh-init")), salient)
+        retained = [replay[m.name] for m in self._stream if m.name != task and m.name in replay]
+        relearn = concat(retained) if retained else None
+        if relearn is not None and cfg.relearn_epochs > 0:
+            settings = self._settings(cfg.relearn_epochs, cfg.batch_size, cfg.lr)
+            with seeded_rng(derive_seed(seed, "global-rng")):
+                train(
+                    model,
+                    relearn,
+                    settings,
+                    device=self._device,
+                    rng=seeded_generator(seed, "relearn"),
+                    progress=_scaled(progress, 0, 1, "relearning on the retained data"),
+                )
+
+        # Bookkeeping for later exact unlearning: the snapshot taken before `task` is the exact
+        # "before" of its successor; the snapshots after that one carry its traces.
+        stream = list(self._stream)
+        removed = stream.pop(index)
+        pending = None
+        if index < len(stream):
+            stream[index] = replace(stream[index], before=removed.before, exact=removed.exact)
+            for i in range(index + 1, len(stream)):
+                stream[i] = replace(stream[i], exact=False)
+        elif removed.exact:
+            pending = removed.before
+
+        progress(1.0, f"unlearned mega-batch {task!r} approximately")
+
+        self._model = model
+        self._stream = stream
+        self._model_exact = False
+        self._pending_before = pending
+        self._commit()
+        return Report(
+            metrics={
+                "unlearn_seconds": time.perf_counter() - started,
+                "importance_seconds": importance_seconds,
+                "reinitialized_fraction": count / sum(p.numel() for p in model.parameters()),
+                "relearn_samples": float(len(relearn) if relearn is not None and cfg.relearn_epochs > 0 else 0),
+                "replayed_megabatches": 0.0,
+            }
+        )
+
+
+def _scaled(progress: Progress, done: int, parts: int, prefix: str) -> Progress:
+    """Map part ``done`` of ``parts`` of a job onto the job's ``[0, 1]`` progress."""
+
+    def report(fraction: float, message: str) -> None:
+        progress(min(1.0, (done + fraction) / parts), f"{prefix}: {message}")
+
+    return report
+
+
+def _cpu_copy(state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    if state is None:
+        return None
+    return {key: value.detach().to("cpu", copy=True) for key, value in state.items()}

@@ -1,0 +1,146 @@
+"""Validated configuration of the UnCLE strategy.
+
+The builder (:func:`server.engine.uncle.build_uncle`) takes flat keyword arguments; they are checked
+once here and frozen, so the rest of the package never re-validates them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: Unlearning methods; the first is the default (see :mod:`server.engine.uncle.strategy`).
+UNLEARN_METHODS: tuple[str, ...] = ("noise-align", "discard-embedding", "norm-reduce", "fixed-noise", "none")
+#: When chunk embeddings are trained: ``always`` (every learn and unlearn, like the rest of φ) or
+#: ``first-task`` (the paper, appendix B: learned with the first task, then frozen).
+CHUNK_EMBEDDING_TRAINING: tuple[str, ...] = ("always", "first-task")
+
+
+@dataclass(frozen=True)
+class UncleConfig:
+    """Everything that shapes an :class:`~server.engine.uncle.strategy.UncleStrategy`.
+
+    Attributes:
+        backbone: backbone name (``server.engine.backbones.BACKBONES``).
+        input_shape: shape of one sample, e.g. ``(1, 8, 8)``.
+        num_classes: size of the output space shared by all tasks (logits of a task's unseen
+            classes are masked).
+        seed: root of every random draw (initialization, shuffles, task subsets, noise).
+        cifar_stem: 3x3 stride-1 first convolution without max-pool for ResNets on small images.
+        width: backbone width override; 0 keeps the backbone's default.
+        beta: weight of the output regularizer while learning (paper: 0.1 PMNIST/CIFAR-100,
+            0.01 Tiny-ImageNet, 0.001 5-Tasks).
+        gamma: weight of the forgetting term while unlearning (paper: 0.01).
+        unlearn_regularization: weight of the output regularizer while unlearning (paper, eq. 3: 1).
+        burn_in: unlearning steps of the first unlearn (paper: 100).
+        burn_in_decay: factor applied to the burn-in after each unlearn that used it (paper: 0.9).
+        burn_in_min: the burn-in never anneals below this (paper: 20).
+        noise_samples: n, the noise draws averaged per ``noise-align`` step (paper: 10).
+        max_regularized_tasks: K, the most other tasks regularized per step (a random subset).
+        relapse_guard: also regularize unlearned tasks toward their generated parameters of the
+            previous operation, so later learning cannot revive them.
+        embedding_dim: task embedding size (paper: 32).
+        chunk_embedding_dim: chunk embedding size (paper: 32).
+        hidden: trunk widths of the hypernetwork (paper: 128, 256, 512).
+        chunk_size: raw values generated per chunk; 0 chooses a size that minimizes the
+            hypernetwork (``hypernetwork.auto_chunk_size``).
+        chunk_embedding_training: see :data:`CHUNK_EMBEDDING_TRAINING`.
+        grad_clip: maximal global gradient norm per step; 0 disables clipping.
+        unlearn_learning_rate: Adam learning rate of the burn-in (paper: 0.001).
+        lr_milestones: fractions of a learn's steps after which the learning rate is multiplied
+            by ``lr_gamma`` (a step schedule).
+        lr_gamma: see ``lr_milestones``.
+        norm_scale: standard deviation of generated normalization gains and shifts at init.
+        target_cache_mb: regularization targets H(e_t', φ*) of one operation are computed once
+            and kept while they fit in this many MiB; beyond it they are recomputed every step.
+    """
+
+    backbone: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    seed: int
+    cifar_stem: bool = True
+    width: int = 0
+    beta: float = 0.01
+    gamma: float = 0.01
+    unlearn_regularization: float = 1.0
+    burn_in: int = 100
+    burn_in_decay: float = 0.9
+    burn_in_min: int = 20
+    noise_samples: int = 10
+    max_regularized_tasks: int = 32
+    relapse_guard: bool = True
+    embedding_dim: int = 32
+    chunk_embedding_dim: int = 32
+    hidden: tuple[int, ...] = (128, 256, 512)
+    chunk_size: int = 0
+    chunk_embedding_training: str = "always"
+    grad_clip: float = 1.0
+    unlearn_learning_rate: float = 1e-3
+    lr_milestones: tuple[float, ...] = field(default=(0.6, 0.85))
+    lr_gamma: float = 0.3
+    norm_scale: float = 0.1
+    target_cache_mb: float = 256.0
+
+    def __post_init__(self) -> None:
+        errors: list[str] = []
+
+        def need(condition: bool, message: str) -> None:
+            if not condition:
+                errors.append(message)
+
+        def finite(value: float) -> bool:
+            return isinstance(value, int | float) and math.isfinite(value)
+
+        need(finite(self.beta) and self.beta >= 0, f"beta must be >= 0, got {self.beta!r}")
+        need(finite(self.gamma) and self.gamma > 0, f"gamma must be > 0, got {self.gamma!r}")
+        need(
+            finite(self.unlearn_regularization) and self.unlearn_regularization >= 0,
+            f"unlearn_regularization must be >= 0, got {self.unlearn_regularization!r}",
+        )
+        need(self.burn_in >= 1, f"burn_in must be >= 1, got {self.burn_in!r}")
+        need(
+            finite(self.burn_in_decay) and 0 < self.burn_in_decay <= 1,
+            f"burn_in_decay must be in (0, 1], got {self.burn_in_decay!r}",
+        )
+        need(
+            1 <= self.burn_in_min <= self.burn_in,
+            f"burn_in_min must be in [1, burn_in={self.burn_in}], got {self.burn_in_min!r}",
+        )
+        need(self.noise_samples >= 1, f"noise_samples must be >= 1, got {self.noise_samples!r}")
+        need(self.max_regularized_tasks >= 1, f"max_regularized_tasks must be >= 1, got {self.max_regularized_tasks!r}")
+        need(self.embedding_dim >= 1, f"embedding_dim must be >= 1, got {self.embedding_dim!r}")
+        need(self.chunk_embedding_dim >= 1, f"chunk_embedding_dim must be >= 1, got {self.chunk_embedding_dim!r}")
+        need(
+            len(self.hidden) >= 1 and all(isinstance(w, int) and w >= 1 for w in self.hidden),
+            f"hidden must list at least one positive width, got {self.hidden!r}",
+        )
+        need(self.chunk_size >= 0, f"chunk_size must be >= 0 (0 = automatic), got {self.chunk_size!r}")
+        need(
+            self.chunk_embedding_training in CHUNK_EMBEDDING_TRAINING,
+            f"chunk_embedding_training must be one of {', '.join(CHUNK_EMBEDDING_TRAINING)}, "
+            f"got {self.chunk_embedding_training!r}",
+        )
+        need(finite(self.grad_clip) and self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip!r}")
+        need(
+            finite(self.unlearn_learning_rate) and self.unlearn_learning_rate > 0,
+            f"unlearn_learning_rate must be > 0, got {self.unlearn_learning_rate!r}",
+        )
+        need(
+            all(finite(m) and 0 < m < 1 for m in self.lr_milestones)
+            and list(self.lr_milestones) == sorted(self.lr_milestones),
+            f"lr_milestones must be increasing fractions in (0, 1), got {self.lr_milestones!r}",
+        )
+        need(finite(self.lr_gamma) and 0 < self.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {self.lr_gamma!r}")
+        need(finite(self.norm_scale) and self.norm_scale > 0, f"norm_scale must be > 0, got {self.norm_scale!r}")
+        need(
+            finite(self.target_cache_mb) and self.target_cache_mb >= 0,
+            f"target_cache_mb must be >= 0, got {self.target_cache_mb!r}",
+        )
+        if errors:
+            raise ValueError("invalid uncle configuration: " + "; ".join(errors))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values (tuples as lists) for a state dict or ``ModelInfo.config``."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}

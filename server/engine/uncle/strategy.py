@@ -1,0 +1,603 @@
+"""Strategy ``uncle``: continual learning and data-free unlearning with a chunked hypernetwork.
+
+UnCLE (see ``shared/seeds/uncle-unlearning-framework-for-cl.md``): a hypernetwork H(e_t; φ) generates
+the whole backbone for task t from a learned task embedding e_t; predictions go through
+``torch.func.functional_call(backbone, {**H(e_t; φ), **bn_stats_t}, (x,))``.
+
+* **Learn** (Algorithm 1, eq. 2) optimizes φ and e_t with Adam on
+  ``CE + β · (1/|S|) Σ_{t'∈S} ‖H(e_t'; φ*) − H(e_t'; φ)‖²``, where φ* is the hypernetwork as the
+  previous operation (learn or unlearn) left it and S is a random subset of at most K other
+  tasks, drawn anew every step, so a step costs the same with 5 or 500 tasks.
+* **Unlearn** (Algorithm 1, eq. 3) is data-free: ``burn_in`` steps of Adam on
+  ``γ · (1/n) Σ_i ‖H(e_f; φ) − z_i‖² + λ_u · L_reg`` over φ only (the task embeddings stay fixed),
+  n fresh z_i ~ N(0, I) per step; the burn-in anneals ×0.9 per unlearn down to a minimum.
+  Comparison methods: ``discard-embedding``, ``norm-reduce``, ``fixed-noise`` and ``none``.
+
+All distances are taken on the hypernetwork's *raw* output, in which N(0, I) is exactly the
+Kaiming initialization of the backbone (see :mod:`server.engine.uncle.hypernetwork`); aligning a
+task with noise therefore returns it to a freshly initialized network of the right scale in every
+layer.
+
+Beyond the paper (and beyond the authors' code): BatchNorm running statistics are kept per task
+(and reset when the task is unlearned: they are computed from its data); predictions run in eval
+mode; chunk embeddings are trained; the regularized tasks are subsampled; and the relapse guard
+keeps regularizing unlearned tasks so later learning cannot revive them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the conventional alias
+from torch import nn
+from torch.func import functional_call
+
+from server.engine.backbones import build_backbone
+from server.engine.protocol import (
+    LearnOptions,
+    Progress,
+    Report,
+    TaskData,
+    UnknownTaskError,
+    UnlearnedTaskError,
+)
+from server.engine.training import (
+    check_learn_inputs,
+    class_mask,
+    derive_seed,
+    mask_logits,
+    minibatches,
+    seeded_generator,
+    seeded_rng,
+)
+from server.engine.uncle.config import UNLEARN_METHODS, UncleConfig
+from server.engine.uncle.hypernetwork import ChunkedHypernetwork, TargetLayout, init_task_embedding
+from server.engine.uncle.predictor import ServedTask, UnclePredictor
+
+_STATE_FORMAT = "lethe.uncle/1"
+#: Methods that run burn-in steps (and anneal the burn-in).
+_BURN_IN_METHODS: frozenset[str] = frozenset({"noise-align", "norm-reduce", "fixed-noise"})
+
+
+@dataclass
+class _TaskRecord:
+    """One task embedding slot.
+
+    Attributes:
+        name: the task's name. A name that is learned again after being unlearned gets a new
+            slot; the old one stays (unaddressable, still guarded) so the relapse guard holds.
+        classes: the classes the task has seen (the others are masked).
+        samples: training samples seen.
+        unlearned: the task was unlearned.
+        method: the unlearn method used, or "".
+    """
+
+    name: str
+    classes: tuple[int, ...]
+    samples: int
+    unlearned: bool = False
+    method: str = ""
+
+
+class _TargetBank:
+    """Regularization targets H(e_t'; φ*) of one operation: computed once if they fit, else per step.
+
+    Args:
+        anchor: φ*, the hypernetwork as the previous operation left it (not trained here).
+        embeddings: embeddings of the regularizable slots, ``[P, E]``.
+        slots: slot number of each row of ``embeddings``.
+        budget_bytes: the most memory the precomputed targets may take.
+    """
+
+    _BATCH = 32
+
+    def __init__(
+        self, anchor: ChunkedHypernetwork, embeddings: torch.Tensor, slots: list[int], budget_bytes: float
+    ) -> None:
+        self.slots = slots
+        self._anchor = anchor
+        self._embeddings = embeddings
+        self._rows = {slot: row for row, slot in enumerate(slots)}
+        self._cache: torch.Tensor | None = None
+        if slots and len(slots) * anchor.layout.numel * 4 <= budget_bytes:
+            with torch.no_grad():
+                self._cache = torch.cat([anchor(part) for part in torch.split(embeddings, self._BATCH)])
+
+    def embeddings(self, slots: list[int]) -> torch.Tensor:
+        """Embeddings ``[len(slots), E]`` of ``slots``."""
+        return self._embeddings[[self._rows[slot] for slot in slots]]
+
+    def targets(self, slots: list[int]) -> torch.Tensor:
+        """Targets ``[len(slots), numel]`` of ``slots``."""
+        rows = [self._rows[slot] for slot in slots]
+        if self._cache is not None:
+            return self._cache[rows]
+        with torch.no_grad():
+            return self._anchor(self._embeddings[rows])
+
+
+class UncleStrategy:
+    """UnCLE: a hypernetwork generates each task's backbone; unlearning aligns it with noise.
+
+    Built by :func:`server.engine.uncle.build_uncle`. The worker thread is the only caller of every
+    method except the predictors it hands out. Every operation trains copies (of φ, the task
+    embedding and its BatchNorm statistics) and commits them only when it has finished, so an
+    exception (for example from ``progress``, to cancel) leaves the strategy exactly as it was.
+    That also makes the committed hypernetwork the snapshot φ* of the next operation.
+
+    Args:
+        config: validated configuration.
+        device: where the hypernetwork lives and trains; data arrives on the CPU.
+    """
+
+    name: str = "uncle"
+    task_incremental: bool = True
+    needs_replay: bool = False
+    supports_temporary: bool = False
+    unlearn_methods: tuple[str, ...] = UNLEARN_METHODS
+
+    def __init__(self, config: UncleConfig, device: torch.device) -> None:
+        self.config = config
+        self.version = 0
+        self._device = torch.device(device)
+        with seeded_rng(derive_seed(config.seed, "backbone")):
+            backbone = build_backbone(
+                config.backbone,
+                config.input_shape,
+                config.num_classes,
+                cifar_stem=config.cifar_stem,
+                width=config.width,
+            )
+        self.layout = TargetLayout.from_module(backbone, norm_scale=config.norm_scale)
+        self._initial_buffers = {name: b.detach().to(self._device, copy=True) for name, b in backbone.named_buffers()}
+        # The backbone only lends its structure: every parameter and buffer is supplied per call.
+        self._skeleton: nn.Module = backbone.to("meta").requires_grad_(False)
+        self._hypernetwork = ChunkedHypernetwork(
+            self.layout,
+            embedding_dim=config.embedding_dim,
+            chunk_embedding_dim=config.chunk_embedding_dim,
+            hidden=config.hidden,
+            chunk_size=config.chunk_size,
+            generator=seeded_generator(config.seed, "hypernetwork"),
+        ).to(self._device)
+        self._hypernetwork.requires_grad_(False)
+        self._embeddings = nn.ParameterList()  # slot -> e_t [embedding_dim], one nn.Parameter per task slot
+        self._buffers: list[dict[str, torch.Tensor]] = []  # slot -> the task's BatchNorm statistics
+        self._records: list[_TaskRecord] = []  # slot -> task
+        self._slots: dict[str, int] = {}  # task name -> its current slot
+        self._burn_in = float(config.burn_in)
+        self._learns = 0
+        self._predictor: UnclePredictor | None = None
+
+    # ------------------------------------------------------------------ learning
+
+    def learn(
+        self,
+        task: str,
+        data: TaskData,
+        options: LearnOptions,
+        progress: Progress,
+        replay: Mapping[str, TaskData],
+    ) -> Report:
+        """Learn ``task`` from ``data`` (Algorithm 1, learning).
+
+        A new task (or a previously unlearned name) gets a new embedding slot; a live task
+        continues from its embedding and BatchNorm statistics with the union of its classes.
+
+        Args:
+            task: task name.
+            data: CPU samples; inputs ``[n, *input_shape]``, labels ``[n]``.
+            options: epochs, batch size, learning rate (Adam) and seed; shuffling and the
+                regularized subsets are seeded by the strategy seed, ``options.seed`` and the
+                model version.
+            progress: called after every step.
+            replay: ignored (UnCLE needs no data of other tasks).
+
+        Returns:
+            Metrics ``train_loss`` (cross-entropy) and ``train_accuracy`` (percent) of the last
+            epoch, ``regularization_loss`` (last epoch, before β), ``regularized_tasks``,
+            ``learn_seconds`` and ``samples``.
+
+        Raises:
+            ValueError: if the data or options do not fit the model.
+        """
+        cfg = self.config
+        check_learn_inputs(data, options, cfg.input_shape, cfg.num_classes)
+        started = time.perf_counter()
+        slot = self._slots.get(task)
+        live = slot is not None and not self._records[slot].unlearned
+        if live:
+            assert slot is not None
+            embedding = nn.Parameter(self._embeddings[slot].detach().clone())
+            buffers = {name: b.clone() for name, b in self._buffers[slot].items()}
+            old_classes: tuple[int, ...] = self._records[slot].classes
+        else:
+            slot = len(self._records)
+            initial = init_task_embedding(cfg.embedding_dim, seeded_generator(cfg.seed, self.version, "embedding"))
+            embedding = nn.Parameter(initial.to(self._device))
+            buffers = {name: b.clone() for name, b in self._initial_buffers.items()}
+            old_classes = ()
+        classes = tuple(sorted(set(data.labels.tolist()) | set(old_classes)))
+        mask = class_mask(classes, cfg.num_classes, self._device)
+
+        hypernetwork = self._trainable_copy(train_chunks=cfg.chunk_embedding_training == "always" or self._learns == 0)
+        bank = self._target_bank(exclude=slot)
+        optimizer = torch.optim.Adam([*_trainable(hypernetwork), embedding], lr=options.learning_rate)
+        n = len(data)
+        batches_per_epoch = len(minibatches(n, options.batch_size, torch.Generator()))
+        total_steps = options.epochs * batches_per_epoch
+        milestones = sorted({max(1, round(m * total_steps)) for m in cfg.lr_milestones})
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.lr_gamma)
+        generator = seeded_generator(cfg.seed, options.seed, self.version, "learn")
+        inputs = data.inputs.to(self._device, torch.float32)
+        labels = data.labels.to(self._device)
+        self._skeleton.train()
+
+        step = 0
+        ce_sum = torch.zeros((), device=self._device)
+        reg_sum = torch.zeros((), device=self._device)
+        correct = torch.zeros((), dtype=torch.long, device=self._device)
+        for epoch in range(options.epochs):
+            ce_sum.zero_()
+            reg_sum.zero_()
+            correct.zero_()
+            for batch, indices in enumerate(minibatches(n, options.batch_size, generator)):
+                indices = indices.to(self._device)
+                x, y = inputs[indices], labels[indices]  # [b, *input_shape], [b]
+                regularized = self._sample(bank, generator)
+                raw = hypernetwork(torch.cat([embedding[None], bank.embeddings(regularized)]))  # [1 + |S|, numel]
+                parameters = self.layout.unflatten(raw[0])
+                logits = mask_logits(functional_call(self._skeleton, {**parameters, **buffers}, (x,)), mask)
+                ce = F.cross_entropy(logits, y)
+                regularization = _mean_square_distance(raw[1:], bank.targets(regularized))
+                loss = ce + cfg.beta * regularization
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self._clip([*_trainable(hypernetwork), embedding])
+                optimizer.step()
+                scheduler.step()
+                with torch.no_grad():
+                    ce_sum += ce.detach() * y.numel()
+                    reg_sum += regularization.detach() * y.numel()
+                    correct += (logits.argmax(dim=1) == y).sum()
+                step += 1
+                progress(
+                    step / total_steps,
+                    f"epoch {epoch + 1}/{options.epochs}, step {batch + 1}/{batches_per_epoch}, loss {float(ce):.4f}",
+                )
+
+        # Commit: nothing above touched the strategy's own state.
+        record = _TaskRecord(name=task, classes=classes, samples=n)
+        if live:
+            record.samples += self._records[slot].samples
+            self._records[slot] = record
+            self._embeddings[slot] = nn.Parameter(embedding.detach(), requires_grad=False)
+            self._buffers[slot] = _detached(buffers)
+        else:
+            self._records.append(record)
+            self._embeddings.append(nn.Parameter(embedding.detach(), requires_grad=False))
+            self._buffers.append(_detached(buffers))
+        self._slots[task] = slot
+        self._commit(hypernetwork)
+        self._learns += 1
+        return Report(
+            metrics={
+                "train_loss": float(ce_sum) / n,
+                "train_accuracy": 100.0 * float(correct) / n,
+                "regularization_loss": float(reg_sum) / n,
+                "regularized_tasks": float(len(bank.slots)),
+                "learn_seconds": time.perf_counter() - started,
+                "samples": float(n),
+            }
+        )
+
+    # ---------------------------------------------------------------- unlearning
+
+    def unlearn(self, task: str, method: str, progress: Progress, replay: Mapping[str, TaskData]) -> Report:
+        """Forget ``task`` without any data (Algorithm 1, unlearning).
+
+        Methods:
+
+        * ``noise-align`` (default, the paper): ``burn_in`` steps minimizing
+          ``γ · (1/n) Σ_i ‖H(e_f) − z_i‖² + λ_u · L_reg`` over φ, n fresh z_i ~ N(0, I) per step.
+          ``(1/n) Σ_i ‖θ − z_i‖² = ‖θ − z̄‖² + c`` with z̄ ~ N(0, I/n) and c independent of θ, so
+          z̄ is drawn directly: the same updates for n times fewer random numbers.
+        * ``norm-reduce``: the same with ``‖H(e_f)‖²`` (appendix E, eq. 6).
+        * ``fixed-noise``: the same with one noise draw z, fixed for the strategy's life
+          (appendix E; weighted by γ as the others, so only the noise differs).
+        * ``discard-embedding``: e_f is replaced by a fresh random embedding; φ is unchanged.
+        * ``none``: the task is only marked unlearned (an ablation for comparison).
+
+        Except for ``none``, the task's BatchNorm statistics are reset: they were computed from
+        its data.
+
+        Args:
+            task: a learned task.
+            method: one of :attr:`unlearn_methods`, or ``""`` for the default.
+            progress: called after every burn-in step.
+            replay: ignored (unlearning is data-free).
+
+        Returns:
+            Metrics ``unlearn_seconds``, ``burn_in_steps``, ``forget_loss`` (the last step's
+            forgetting term, before γ) and ``regularization_loss`` (last step, before λ_u).
+
+        Raises:
+            ValueError: for an unknown method.
+            UnknownTaskError: if the task was never learned.
+            UnlearnedTaskError: if it is already unlearned.
+        """
+        cfg = self.config
+        method = method or self.unlearn_methods[0]
+        if method not in self.unlearn_methods:
+            raise ValueError(
+                f"unknown unlearn method {method!r} for strategy 'uncle'; allowed: {', '.join(self.unlearn_methods)}"
+            )
+        slot = self._slots.get(task)
+        if slot is None:
+            raise UnknownTaskError(f"task {task!r} was never learned")
+        if self._records[slot].unlearned:
+            raise UnlearnedTaskError(f"task {task!r} is already unlearned")
+        started = time.perf_counter()
+        metrics: dict[str, float] = {"burn_in_steps": 0.0}
+        hypernetwork = self._hypernetwork
+        embedding = self._embeddings[slot].detach()
+        burn_in = self._burn_in
+        if method in _BURN_IN_METHODS:
+            steps = round(self._burn_in)
+            hypernetwork, losses = self._burn(slot, method, steps, progress)
+            metrics.update(losses)
+            metrics["burn_in_steps"] = float(steps)
+            burn_in = max(float(cfg.burn_in_min), self._burn_in * cfg.burn_in_decay)
+        elif method == "discard-embedding":
+            generator = seeded_generator(cfg.seed, self.version, "discarded-embedding")
+            embedding = init_task_embedding(cfg.embedding_dim, generator).to(self._device)
+        progress(1.0, f"unlearned with {method}")
+
+        # Commit.
+        record = self._records[slot]
+        record.unlearned = True
+        record.method = method
+        self._embeddings[slot] = nn.Parameter(embedding.clone(), requires_grad=False)
+        if method != "none":
+            self._buffers[slot] = {name: b.clone() for name, b in self._initial_buffers.items()}
+        self._burn_in = burn_in
+        self._commit(hypernetwork)
+        metrics["unlearn_seconds"] = time.perf_counter() - started
+        return Report(metrics=metrics)
+
+    def _burn(
+        self, slot: int, method: str, steps: int, progress: Progress
+    ) -> tuple[ChunkedHypernetwork, dict[str, float]]:
+        """Run ``steps`` burn-in steps of ``method`` on a copy of φ; return it and the last losses."""
+        cfg = self.config
+        hypernetwork = self._trainable_copy(train_chunks=cfg.chunk_embedding_training == "always")
+        bank = self._target_bank(exclude=slot)
+        optimizer = torch.optim.Adam(_trainable(hypernetwork), lr=cfg.unlearn_learning_rate)
+        generator = seeded_generator(cfg.seed, self.version, "unlearn")
+        noise_generator = torch.Generator(device=self._device)
+        noise_generator.manual_seed(derive_seed(cfg.seed, self.version, "noise"))
+        forget_embedding = self._embeddings[slot].detach()[None]  # e_f is not optimized
+        numel = self.layout.numel
+        target = torch.zeros(numel, device=self._device)
+        if method == "fixed-noise":
+            fixed = torch.Generator(device=self._device)
+            fixed.manual_seed(derive_seed(cfg.seed, "fixed-noise"))
+            target = torch.randn(numel, generator=fixed, device=self._device)
+        forget = regularization = torch.zeros((), device=self._device)
+        for step in range(steps):
+            if method == "noise-align":
+                # z̄ = mean of n draws of N(0, I) ~ N(0, I/n).
+                target = torch.randn(numel, generator=noise_generator, device=self._device)
+                target /= math.sqrt(cfg.noise_samples)
+            regularized = self._sample(bank, generator)
+            raw = hypernetwork(torch.cat([forget_embedding, bank.embeddings(regularized)]))
+            forget = (raw[0] - target).square().sum()
+            regularization = _mean_square_distance(raw[1:], bank.targets(regularized))
+            loss = cfg.gamma * forget + cfg.unlearn_regularization * regularization
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self._clip(_trainable(hypernetwork))
+            optimizer.step()
+            progress((step + 1) / (steps + 1), f"{method}: burn-in step {step + 1}/{steps}")
+        return hypernetwork, {"forget_loss": float(forget), "regularization_loss": float(regularization)}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _trainable_copy(self, *, train_chunks: bool) -> ChunkedHypernetwork:
+        """A copy of the committed φ to train; the committed one stays φ*, the regularization anchor."""
+        hypernetwork = copy.deepcopy(self._hypernetwork).requires_grad_(True)
+        hypernetwork.chunk_embeddings.requires_grad_(train_chunks)
+        return hypernetwork
+
+    def _target_bank(self, *, exclude: int) -> _TargetBank:
+        """Targets of every task the operation must preserve: learned ones, and unlearned ones under the guard."""
+        slots = [
+            slot
+            for slot, record in enumerate(self._records)
+            if slot != exclude and (self.config.relapse_guard or not record.unlearned)
+        ]
+        embeddings = (
+            torch.stack([self._embeddings[slot].detach() for slot in slots])
+            if slots
+            else torch.zeros(0, self.config.embedding_dim, device=self._device)
+        )
+        return _TargetBank(self._hypernetwork, embeddings, slots, self.config.target_cache_mb * 2**20)
+
+    def _sample(self, bank: _TargetBank, generator: torch.Generator) -> list[int]:
+        """A random subset of at most K of the bank's slots (all of them when there are at most K)."""
+        slots = bank.slots
+        k = self.config.max_regularized_tasks
+        if len(slots) <= k:
+            return slots
+        chosen = torch.randperm(len(slots), generator=generator)[:k].sort().values
+        return [slots[i] for i in chosen.tolist()]
+
+    def _clip(self, parameters: list[torch.Tensor]) -> None:
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
+
+    def _commit(self, hypernetwork: ChunkedHypernetwork) -> None:
+        """Make ``hypernetwork`` the committed φ (and thereby the next snapshot φ*); bump the version."""
+        self._hypernetwork = hypernetwork.requires_grad_(False)
+        self.version += 1
+        self._predictor = None
+
+    # ------------------------------------------------------------------ serving and state
+
+    def predictor(self) -> UnclePredictor:
+        """The immutable serving snapshot of the current version (the same object until the next operation).
+
+        Committed tensors are never modified in place (operations train copies), so the snapshot
+        shares them instead of copying.
+        """
+        if self._predictor is None:
+            tasks = {
+                name: ServedTask(
+                    embedding=self._embeddings[slot].detach(),
+                    buffers=self._buffers[slot],
+                    mask=class_mask(self._records[slot].classes, self.config.num_classes, self._device),
+                    unlearned=self._records[slot].unlearned,
+                )
+                for name, slot in self._slots.items()
+            }
+            self._predictor = UnclePredictor(
+                version=self.version,
+                hypernetwork=self._hypernetwork,
+                tasks=tasks,
+                skeleton=self._skeleton,
+                input_shape=self.config.input_shape,
+                device=self._device,
+            )
+        return self._predictor
+
+    def parameter_count(self) -> int:
+        """Trainable values of the whole model: φ (trunk, output layer, chunk embeddings) and every task embedding."""
+        return self._hypernetwork.parameter_count() + sum(e.numel() for e in self._embeddings)
+
+    def describe(self) -> dict[str, float]:
+        """Sizes: generated (target) parameters, hypernetwork parameters, their ratio, chunking."""
+        hypernetwork = self._hypernetwork.parameter_count()
+        return {
+            "target_parameters": float(self.layout.numel),
+            "hypernetwork_parameters": float(hypernetwork),
+            "hypernetwork_to_target_ratio": hypernetwork / self.layout.numel,
+            "chunk_size": float(self._hypernetwork.chunk_size),
+            "chunks": float(self._hypernetwork.num_chunks),
+            "burn_in": self._burn_in,
+        }
+
+    def task_slots(self) -> dict[str, int]:
+        """Task name → embedding slot (for diagnostics and tests)."""
+        return dict(self._slots)
+
+    def raw_parameters(self, task: str) -> torch.Tensor:
+        """The committed hypernetwork's raw output ``[numel]`` for ``task`` (for diagnostics and tests)."""
+        slot = self._slots.get(task)
+        if slot is None:
+            raise UnknownTaskError(f"task {task!r} was never learned")
+        with torch.no_grad():
+            return self._hypernetwork(self._embeddings[slot].detach()[None])[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly after a restart.
+
+        φ (which is also the snapshot φ* of the next operation), every task embedding, the
+        per-task BatchNorm statistics, the task registry, the burn-in schedule and the version.
+        Random draws are made by generators derived from (seed, options.seed, version), so the
+        seed and version are the whole RNG state. All tensors are CPU copies; the value is made
+        of dicts, lists, strings, numbers and tensors (loadable with ``weights_only=True``).
+        """
+        return {
+            "format": _STATE_FORMAT,
+            "config": self.config.as_dict(),
+            "version": self.version,
+            "rng": {"seed": self.config.seed, "version": self.version},
+            "hypernetwork": {k: v.detach().to("cpu", copy=True) for k, v in self._hypernetwork.state_dict().items()},
+            "embeddings": [e.detach().to("cpu", copy=True) for e in self._embeddings],
+            "buffers": [{k: v.to("cpu", copy=True) for k, v in b.items()} for b in self._buffers],
+            "tasks": [
+                {
+                    "name": r.name,
+                    "classes": list(r.classes),
+                    "samples": r.samples,
+                    "unlearned": r.unlearned,
+                    "method": r.method,
+                }
+                for r in self._records
+            ],
+            "slots": dict(self._slots),
+            "burn_in": self._burn_in,
+            "learns": self._learns,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; on error nothing is changed.
+
+        Raises:
+            ValueError: if the state is not an uncle state or was saved with a different
+                configuration.
+        """
+        if state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"not an uncle state (format {state.get('format')!r}, expected {_STATE_FORMAT!r})")
+        saved, configured = state["config"], self.config.as_dict()
+        if saved != configured:
+            differences = ", ".join(
+                f"{key}: saved {saved.get(key)!r}, configured {value!r}"
+                for key, value in configured.items()
+                if saved.get(key) != value
+            )
+            raise ValueError(f"uncle state was saved with a different configuration ({differences})")
+        records = [
+            _TaskRecord(
+                name=str(t["name"]),
+                classes=tuple(int(c) for c in t["classes"]),
+                samples=int(t["samples"]),
+                unlearned=bool(t["unlearned"]),
+                method=str(t["method"]),
+            )
+            for t in state["tasks"]
+        ]
+        slots = {str(name): int(slot) for name, slot in state["slots"].items()}
+        if not (len(records) == len(state["embeddings"]) == len(state["buffers"])) or any(
+            not 0 <= slot < len(records) or records[slot].name != name for name, slot in slots.items()
+        ):
+            raise ValueError("uncle state is inconsistent: tasks, embeddings, statistics and names do not match")
+        hypernetwork = copy.deepcopy(self._hypernetwork)  # a new object: predictors keep the old one
+        hypernetwork.load_state_dict(state["hypernetwork"])
+        embeddings = nn.ParameterList(
+            nn.Parameter(e.to(self._device, copy=True), requires_grad=False) for e in state["embeddings"]
+        )
+        buffers = [{k: v.to(self._device, copy=True) for k, v in b.items()} for b in state["buffers"]]
+        if any(set(b) != set(self._initial_buffers) for b in buffers):
+            raise ValueError("uncle state is inconsistent: BatchNorm statistics do not match the backbone")
+
+        self._hypernetwork = hypernetwork.requires_grad_(False)
+        self._embeddings = embeddings
+        self._buffers = buffers
+        self._records = records
+        self._slots = slots
+        self._burn_in = float(state["burn_in"])
+        self._learns = int(state["learns"])
+        self.version = int(state["version"])
+        self._predictor = None
+
+
+def _trainable(module: nn.Module) -> list[torch.Tensor]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _detached(buffers: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: b.detach() for name, b in buffers.items()}
+
+
+def _mean_square_distance(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``(1/|S|) Σ_s ‖outputs_s − targets_s‖²`` for ``[S, numel]`` tensors; 0 when S is empty."""
+    if outputs.shape[0] == 0:
+        return outputs.new_zeros(())
+    return (outputs - targets).square().sum(dim=1).mean()

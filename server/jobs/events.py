@@ -1,0 +1,80 @@
+"""Change notification between the worker, the submitting RPCs and WatchJob streams."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LiveProgress:
+    """In-memory progress of the running job (SQL is updated only now and then)."""
+
+    fraction: float
+    message: str
+
+
+class JobEvents:
+    """A condition variable with a global change counter plus the running job's live progress.
+
+    Watchers remember the counter they last saw and wait until it moves; the worker waits on the
+    same condition for new jobs. Cheap enough to notify on every progress report.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._counter = 0
+        self._progress: dict[str, LiveProgress] = {}
+        self._closed = False
+
+    @property
+    def counter(self) -> int:
+        """The current change counter."""
+        with self._cond:
+            return self._counter
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called (the server is stopping)."""
+        return self._closed
+
+    def notify(self) -> None:
+        """Something changed: a job was queued, updated or finished."""
+        with self._cond:
+            self._counter += 1
+            self._cond.notify_all()
+
+    def set_progress(self, job_id: str, fraction: float, message: str) -> None:
+        """Record live progress of a running job and wake watchers."""
+        with self._cond:
+            self._progress[job_id] = LiveProgress(fraction, message)
+            self._counter += 1
+            self._cond.notify_all()
+
+    def clear_progress(self, job_id: str) -> None:
+        """Forget live progress of a job that is no longer running."""
+        with self._cond:
+            self._progress.pop(job_id, None)
+
+    def progress(self, job_id: str) -> LiveProgress | None:
+        """Live progress of ``job_id`` if it is running."""
+        with self._cond:
+            return self._progress.get(job_id)
+
+    def wait(self, seen: int, timeout: float) -> int:
+        """Block until the counter differs from ``seen``, ``timeout`` passes, or close; return the counter."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._counter == seen and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return self._counter
+
+    def close(self) -> None:
+        """Wake every waiter for shutdown."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

@@ -1,0 +1,404 @@
+"""The job queue's front door: submissions, cancellation and queries, each in one SQL transaction.
+
+Every method opens its own session and commits it, so the RPC layer never sees a half-written
+state: a request either fully happens (job row, task row, data-file rows and audit events) or
+raises a domain error and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.data import FileRecord, SpoolWriter, purge
+from server.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError
+from server.jobs.events import JobEvents
+from server.jobs.serving import ServingState
+from server.storage import (
+    AuditEvent,
+    AuditLog,
+    DataFile,
+    DataFileKind,
+    DataFileRepository,
+    EvaluationRepository,
+    EvaluationRow,
+    Job,
+    JobKind,
+    JobRepository,
+    JobState,
+    Task,
+    TaskRepository,
+    TaskState,
+    utc_now,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LearnSubmission:
+    """A validated Learn header with server defaults already applied."""
+
+    task: str
+    idempotency_key: str
+    temporary: bool
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    holdout_fraction: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UnlearnSubmission:
+    """A validated Unlearn request."""
+
+    task: str
+    reason: str
+    idempotency_key: str
+    method: str
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """Limits enforced at submission."""
+
+    max_queued_jobs: int
+    max_tasks: int
+
+
+class JobService:
+    """Submits, cancels and reads jobs, tasks, evaluations and audit events."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        data_dir: Path,
+        events: JobEvents,
+        serving: ServingState,
+        limits: QueueLimits,
+    ) -> None:
+        self.sessions = sessions
+        self.data_dir = data_dir
+        self.events = events
+        self.serving = serving
+        self.limits = limits
+        self.audit_log = AuditLog()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on any exception."""
+        with self.sessions() as session, session.begin():
+            yield session
+
+    # ----------------------------------------------------------------- learn
+    def new_spool(self) -> tuple[str, SpoolWriter]:
+        """Allocate a job id and a spool file for a Learn stream."""
+        job_id = uuid.uuid4().hex
+        return job_id, SpoolWriter(self.data_dir, f"spool/{job_id}.spool")
+
+    def existing_job(self, idempotency_key: str, kind: JobKind, task: str) -> Job | None:
+        """The job an earlier request with this idempotency key created, if any.
+
+        Raises:
+            FailedPreconditionError: the key was used for a different kind of request or task.
+        """
+        if not idempotency_key:
+            return None
+        with self.sessions() as session:
+            job = JobRepository(session).by_idempotency_key(idempotency_key)
+        if job is not None and (job.kind != kind or job.task != task):
+            raise FailedPreconditionError(
+                f"idempotency_key {idempotency_key!r} was already used for a {job.kind.value} of task "
+                f"{job.task!r} (job {job.id}); use a new key for a different request"
+            )
+        return job
+
+    def check_learn(self, submission: LearnSubmission) -> None:
+        """Fail fast, before the stream is read, when the Learn cannot be accepted."""
+        with self.sessions() as session:
+            self._check_learn(session, submission.task)
+
+    def _check_learn(self, session: Session, task_name: str) -> None:
+        tasks, jobs = TaskRepository(session), JobRepository(session)
+        task = tasks.get(task_name)
+        if task is not None:
+            if task.state in (TaskState.UNLEARNING, TaskState.UNLEARNED):
+                raise FailedPreconditionError(
+                    f"task {task_name!r} is {task.state.value}; task names are never reused, choose a new name"
+                )
+            raise FailedPreconditionError(f"task {task_name!r} is already {task.state.value}")
+        if tasks.count() >= self.limits.max_tasks:
+            raise ResourceExhaustedError(f"the server holds its maximum of {self.limits.max_tasks} tasks")
+        if jobs.count_queued() >= self.limits.max_queued_jobs:
+            raise ResourceExhaustedError(
+                f"the job queue is full ({self.limits.max_queued_jobs} queued jobs); retry later"
+            )
+
+    def submit_learn(
+        self,
+        job_id: str,
+        submission: LearnSubmission,
+        spool: FileRecord,
+        samples: int,
+        classes: Sequence[int],
+        principal: str,
+    ) -> Job:
+        """Record a durably spooled Learn stream as a QUEUED job, in one transaction.
+
+        On any failure the spool file is deleted, so nothing accepted-but-unrecorded lingers.
+        """
+        try:
+            with self.transaction() as session:
+                self._check_learn(session, submission.task)
+                now = utc_now()
+                task = Task(name=submission.task, state=TaskState.LEARNING, samples=samples, created_at=now)
+                task.classes = list(classes)
+                TaskRepository(session).add(task)
+                job = Job(
+                    id=job_id,
+                    kind=JobKind.LEARN,
+                    state=JobState.QUEUED,
+                    task=submission.task,
+                    idempotency_key=submission.idempotency_key or None,
+                    principal=principal,
+                    samples=samples,
+                    bytes=spool.bytes,
+                    created_at=now,
+                )
+                job.options = {
+                    "epochs": submission.epochs,
+                    "batch_size": submission.batch_size,
+                    "learning_rate": submission.learning_rate,
+                    "holdout_fraction": submission.holdout_fraction,
+                    "temporary": submission.temporary,
+                    "metadata": submission.metadata,
+                }
+                JobRepository(session).add(job)
+                DataFileRepository(session).add(
+                    DataFile(
+                        kind=DataFileKind.SPOOL,
+                        task=submission.task,
+                        job_id=job_id,
+                        path=spool.path,
+                        bytes=spool.bytes,
+                        sha256=spool.sha256,
+                    )
+                )
+                self.audit_log.append(
+                    session,
+                    principal=principal,
+                    action="learn.requested",
+                    task=submission.task,
+                    job_id=job_id,
+                    details={
+                        "samples": samples,
+                        "bytes": spool.bytes,
+                        "sha256": spool.sha256,
+                        "classes": sorted(int(c) for c in classes),
+                        "metadata": submission.metadata,
+                    },
+                )
+        except IntegrityError:
+            purge(self.data_dir, spool.path)
+            # Two requests with one idempotency key raced: the other one won; answer with its job.
+            existing = self.existing_job(submission.idempotency_key, JobKind.LEARN, submission.task)
+            if existing is not None:
+                return existing
+            raise FailedPreconditionError(f"task {submission.task!r} was created concurrently") from None
+        except BaseException:
+            purge(self.data_dir, spool.path)
+            raise
+        self.serving.set_task_state(submission.task, TaskState.LEARNING)
+        self.events.notify()
+        return job
+
+    # --------------------------------------------------------------- unlearn
+    def submit_unlearn(self, submission: UnlearnSubmission, principal: str) -> Job:
+        """Queue an unlearn, or forget at once a task whose data never reached the model.
+
+        A task whose Learn job is still QUEUED has its job cancelled and its spool purged: the data
+        never reaches the model and the returned unlearn job is already SUCCEEDED.
+        """
+        existing = self.existing_job(submission.idempotency_key, JobKind.UNLEARN, submission.task)
+        if existing is not None:
+            return existing
+        purged: list[str] = []
+        try:
+            with self.transaction() as session:
+                tasks, jobs = TaskRepository(session), JobRepository(session)
+                task = tasks.get_for_update(submission.task)
+                if task is None:
+                    raise NotFoundError(f"task {submission.task!r} does not exist")
+                if task.state in (TaskState.UNLEARNING, TaskState.UNLEARNED):
+                    raise FailedPreconditionError(f"task {submission.task!r} is already {task.state.value}")
+                now = utc_now()
+                job = Job(
+                    id=uuid.uuid4().hex,
+                    kind=JobKind.UNLEARN,
+                    state=JobState.QUEUED,
+                    task=submission.task,
+                    method=submission.method,
+                    idempotency_key=submission.idempotency_key or None,
+                    principal=principal,
+                    created_at=now,
+                )
+                job.options = {"reason": submission.reason}
+                queued_learn = [
+                    j for j in jobs.list(task=submission.task) if j.kind == JobKind.LEARN and j.state == JobState.QUEUED
+                ]
+                self.audit_log.append(
+                    session,
+                    principal=principal,
+                    action="unlearn.requested",
+                    task=submission.task,
+                    job_id=job.id,
+                    details={"reason": submission.reason, "method": submission.method},
+                )
+                if task.learned_version is None and queued_learn:
+                    # The data never reached the model: cancel the learn, purge its spool, done.
+                    for learn in queued_learn:
+                        self._cancel(session, learn, principal, "cancelled by an unlearn of its task")
+                    purged = self._mark_task_data_purged(session, submission.task, principal, job.id)
+                    task.state, task.unlearned_at, task.updated_at = TaskState.UNLEARNED, now, now
+                    job.state, job.started_at, job.finished_at, job.progress = JobState.SUCCEEDED, now, now, 1.0
+                    job.model_version = self.serving.predictor.version if self.serving.predictor else 0
+                    job.message = "the task's data never reached the model; its learn job was cancelled"
+                else:
+                    if jobs.count_queued() >= self.limits.max_queued_jobs:
+                        raise ResourceExhaustedError(
+                            f"the job queue is full ({self.limits.max_queued_jobs} queued jobs); retry later"
+                        )
+                    task.state, task.updated_at = TaskState.UNLEARNING, now
+                jobs.add(job)
+                state = task.state
+        except IntegrityError:
+            existing = self.existing_job(submission.idempotency_key, JobKind.UNLEARN, submission.task)
+            if existing is not None:
+                return existing
+            raise
+        self._delete_files(purged)
+        self.serving.set_task_state(submission.task, state)
+        self.events.notify()
+        return job
+
+    # ---------------------------------------------------------------- cancel
+    def cancel(self, job_id: str, principal: str) -> Job:
+        """Cancel a QUEUED job; a running or finished job cannot be cancelled."""
+        purged: list[str] = []
+        with self.transaction() as session:
+            job = JobRepository(session).get(job_id)
+            if job is None:
+                raise NotFoundError(f"job {job_id!r} does not exist")
+            if job.state != JobState.QUEUED:
+                raise FailedPreconditionError(f"job {job_id} is {job.state.value}; only queued jobs can be cancelled")
+            self._cancel(session, job, principal, "cancelled on request")
+            task = TaskRepository(session).get_for_update(job.task)
+            new_state: TaskState | None = None
+            if task is not None:
+                if job.kind == JobKind.LEARN and task.state == TaskState.LEARNING:
+                    purged = self._mark_task_data_purged(session, task.name, principal, job.id)
+                    session.delete(task)  # it never reached the model; the name is free again
+                elif job.kind == JobKind.UNLEARN and task.state == TaskState.UNLEARNING:
+                    task.state = TaskState.LEARNED if task.learned_version is not None else TaskState.LEARNING
+                    new_state = task.state
+                else:
+                    new_state = task.state
+        self._delete_files(purged)
+        self.serving.set_task_state(job.task, new_state)
+        self.events.notify()
+        return job
+
+    def _cancel(self, session: Session, job: Job, principal: str, why: str) -> None:
+        now = utc_now()
+        job.state, job.finished_at, job.message = JobState.CANCELLED, now, why
+        self.audit_log.append(
+            session, principal=principal, action="job.cancelled", task=job.task, job_id=job.id, details={"why": why}
+        )
+
+    def _mark_task_data_purged(self, session: Session, task: str, principal: str, job_id: str) -> list[str]:
+        """Mark every live file of ``task`` purged and audit it; return the paths to delete after commit."""
+        files = DataFileRepository(session)
+        records = []
+        for data_file in files.live(task=task):
+            files.mark_purged(data_file.path)
+            records.append(data_file)
+        if records:
+            self.audit_log.append(
+                session,
+                principal=principal,
+                action="data.purged",
+                task=task,
+                job_id=job_id,
+                details={
+                    "files": [
+                        {"path": f.path, "kind": f.kind.value, "bytes": f.bytes, "sha256": f.sha256} for f in records
+                    ],
+                    "bytes": sum(f.bytes for f in records),
+                },
+            )
+        return [f.path for f in records]
+
+    def _delete_files(self, paths: Sequence[str]) -> None:
+        for path in paths:
+            purge(self.data_dir, path)
+
+    # --------------------------------------------------------------- queries
+    def get_job(self, job_id: str) -> Job:
+        """A job by id, with live progress if it is running."""
+        with self.sessions() as session:
+            job = JobRepository(session).get(job_id)
+        if job is None:
+            raise NotFoundError(f"job {job_id!r} does not exist")
+        live = self.events.progress(job.id)
+        if live is not None and job.state == JobState.RUNNING:
+            job.progress, job.message = live.fraction, live.message
+        return job
+
+    def list_jobs(self, state: JobState | None, task: str | None, after_seq: int, limit: int) -> list[Job]:
+        """Jobs in ``seq`` order after ``after_seq``."""
+        with self.sessions() as session:
+            return JobRepository(session).list(state=state, task=task, after_seq=after_seq, limit=limit)
+
+    def get_task(self, name: str) -> Task:
+        """A task by name."""
+        with self.sessions() as session:
+            task = TaskRepository(session).get(name)
+        if task is None:
+            raise NotFoundError(f"task {name!r} does not exist")
+        return task
+
+    def list_tasks(self, state: TaskState | None) -> list[Task]:
+        """Every task, optionally only those in ``state``."""
+        with self.sessions() as session:
+            return TaskRepository(session).list(state=state)
+
+    def list_evaluations(self, after_job_seq: int, limit: int) -> list[EvaluationRow]:
+        """Rows of the accuracy matrix, oldest first."""
+        with self.sessions() as session:
+            return EvaluationRepository(session).matrix(after_job_seq=after_job_seq, limit=limit)
+
+    def list_audit(self, after_seq: int, limit: int, task: str | None) -> list[AuditEvent]:
+        """Audit events in chain order after ``after_seq``."""
+        with self.sessions() as session:
+            return self.audit_log.list(session, after_seq=after_seq, limit=limit, task=task)
+
+    def audit(self, principal: str, action: str, task: str = "", job_id: str = "", **details: object) -> None:
+        """Append one audit event in its own transaction."""
+        with self.transaction() as session:
+            self.audit_log.append(
+                session, principal=principal, action=action, task=task, job_id=job_id, details=details
+            )
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """None for NaN/None, else the value."""
+    return None if value is None or math.isnan(value) else value

@@ -1,0 +1,149 @@
+"""``lethe serve`` and ``lethe db``: the daemon's command line (``python -m server`` == ``lethe serve``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from server.config import Config, ConfigError, load_config, to_toml
+from server.logs import configure_logging
+
+log = logging.getLogger("server")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``lethe serve`` (DESIGN.md command line)."""
+    parser.add_argument("--config", help="TOML configuration file")
+    parser.add_argument("--host", help="address to listen on (server.host)")
+    parser.add_argument("--port", type=int, help="gRPC port; 0 picks a free one and prints it (server.port)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus port; -1 disables (server.metrics_port)")
+    parser.add_argument("--data-dir", help="data directory (storage.data_dir)")
+    parser.add_argument("--database-url", help="sqlite:///... or postgresql://... (storage.database_url)")
+    parser.add_argument("--strategy", help="finetune, uncle or lure (model.strategy)")
+    parser.add_argument("--backbone", help="mlp, cnn, resnet18 or resnet50 (model.backbone)")
+    parser.add_argument("--input-shape", help="shape of one sample, e.g. 1,8,8 (model.input_shape)")
+    parser.add_argument("--num-classes", type=int, help="number of classes (model.num_classes)")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (model.device)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, e.g. model.options.beta=0.1"
+    )
+    parser.add_argument("--no-auth", action="store_true", help="disable authentication (loudly logged)")
+    parser.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+
+
+_FLAG_KEYS = {
+    "host": "server.host",
+    "port": "server.port",
+    "metrics_port": "server.metrics_port",
+    "data_dir": "storage.data_dir",
+    "database_url": "storage.database_url",
+    "strategy": "model.strategy",
+    "backbone": "model.backbone",
+    "input_shape": "model.input_shape",
+    "num_classes": "model.num_classes",
+    "device": "model.device",
+}
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Build the configuration from parsed ``serve`` flags (raises ConfigError listing every problem)."""
+    overrides: dict[str, Any] = {}
+    problems = []
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            problems.append(f"--set {item!r}: expected KEY=VALUE")
+            continue
+        overrides[key.strip()] = value.strip()
+    if problems:
+        raise ConfigError(problems)
+    for attr, key in _FLAG_KEYS.items():
+        value = getattr(args, attr)
+        if value is not None:
+            overrides[key] = value
+    if args.no_auth:
+        overrides["auth.enabled"] = False
+    return load_config(args.config, overrides=overrides)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the daemon until SIGTERM or SIGINT; return the exit code."""
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_toml(config), end="")
+        return 0
+    configure_logging(config.telemetry.log_format, config.telemetry.log_level)
+    from server.app import App  # heavy imports (torch) only when serving
+    from server.storage import SchemaError
+
+    app = App(config)
+    try:
+        ports = app.start()
+    except (SchemaError, ValueError) as exc:
+        print(f"lethe: {exc}", file=sys.stderr)
+        app.stop(0)
+        return 2
+    print(f"lethe listening on {config.server.host}:{ports.grpc}", flush=True)
+    if ports.metrics is not None:
+        print(f"metrics on http://{config.server.metrics_host}:{ports.metrics}/metrics", flush=True)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received signal %d: shutting down", signum)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    app.stop()
+    return 0
+
+
+def db_command(args: argparse.Namespace) -> int:
+    """``lethe db upgrade`` / ``lethe db verify-audit``."""
+    from server.storage import AuditLog, make_engine, make_session_factory, mask_url, upgrade
+
+    try:
+        config = load_config(
+            args.config, overrides={"storage.database_url": args.database_url} if args.database_url else {}
+        )
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    url = config.database_url
+    if args.db_command == "upgrade":
+        upgrade(url)
+        print(f"database {mask_url(url)} is at the newest schema")
+        return 0
+    sessions = make_session_factory(make_engine(url))
+    with sessions() as session:
+        result = AuditLog().verify(session)
+    if result.ok:
+        print(f"audit chain intact: {result.checked} events verified")
+        return 0
+    print(f"AUDIT CHAIN BROKEN at seq {result.first_bad_seq}: {result.reason}", file=sys.stderr)
+    return 1
+
+
+def add_db_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``lethe db``."""
+    parser.add_argument("db_command", choices=("upgrade", "verify-audit"))
+    parser.add_argument("--config", help="TOML configuration file")
+    parser.add_argument("--database-url", help="database URL (default: the configuration's)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m server [serve flags]``."""
+    parser = argparse.ArgumentParser(prog="python -m server", description="Run the Lethe daemon.")
+    add_serve_arguments(parser)
+    return serve(parser.parse_args(argv))

@@ -1,0 +1,41 @@
+"""The one table that maps domain exceptions to gRPC status codes."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from server.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    LetheError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: dict[type[LetheError], grpc.StatusCode] = {
+    InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
+    FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    UnavailableError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Status code and client-facing message for an exception.
+
+    Unexpected exceptions become INTERNAL with a generic message (details go to the log only).
+    """
+    for kind, code in STATUS_OF.items():
+        if isinstance(exc, kind):
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, "internal error; see the server log"

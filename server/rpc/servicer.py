@@ -1,0 +1,374 @@
+"""The ``lethe.v1.Lethe`` servicer: proto <-> domain only.
+
+Each method validates its request, calls the job service or the published model snapshot, and
+converts the result. Domain errors become status codes through :mod:`server.rpc.errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import torch
+
+from protos import lethe_pb2 as pb
+from protos import lethe_pb2_grpc as pb_grpc
+from protos.tensors import to_tensor
+from server.engine.protocol import UnknownTaskError, UnlearnedTaskError
+from server.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from server.jobs import JobService, LearnSubmission, ServingState, UnlearnSubmission
+from server.rpc import validation as v
+from server.rpc.auth import current_principal
+from server.rpc.convert import audit_message, evaluation_message, job_message, task_message
+from server.rpc.errors import status_for
+from server.storage import JobKind, JobState, TaskState
+from server.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+E = TypeVar("E", bound=Enum)
+
+#: Page size when a list request leaves ``limit`` at 0, and the largest allowed.
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+#: Seconds between WatchJob updates while a job reports progress on every batch.
+_WATCH_MIN_INTERVAL = 0.1
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """Static facts about the live model, for GetModel and request validation."""
+
+    strategy: str
+    backbone: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    parameters: int
+    task_incremental: bool
+    supports_temporary: bool
+    unlearn_methods: tuple[str, ...]
+    device: str
+    config: dict[str, str]
+
+
+@dataclass(frozen=True)
+class LearnDefaults:
+    """Server defaults for a Learn header's zero fields, and stream limits."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    holdout_fraction: float
+    max_stream_bytes: int
+    max_stream_samples: int
+    max_predict_samples: int
+
+
+class LetheServicer(pb_grpc.LetheServicer):
+    """Thin gRPC servicer over :class:`JobService` and :class:`ServingState`."""
+
+    def __init__(
+        self,
+        jobs: JobService,
+        serving: ServingState,
+        telemetry: Telemetry,
+        model: ModelDescription,
+        defaults: LearnDefaults,
+    ) -> None:
+        self.jobs = jobs
+        self.serving = serving
+        self.telemetry = telemetry
+        self.model = model
+        self.defaults = defaults
+        self.samples = v.SampleLimits(model.input_shape, model.num_classes)
+
+    @contextmanager
+    def _call(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+        """Count the call and turn domain errors into status codes (never an unhandled exception)."""
+        code = "OK"
+        try:
+            yield
+        except grpc.RpcError:
+            code = "CANCELLED"
+            raise
+        except Exception as exc:
+            status, message = status_for(exc)
+            code = status.name
+            if status == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method)
+            context.abort(status, message)
+        finally:
+            self.telemetry.grpc_requests.labels(method, code).inc()
+
+    # ------------------------------------------------------------------ Learn
+    def Learn(self, request_iterator: Iterator[pb.LearnRequest], context: grpc.ServicerContext) -> pb.Job:
+        with self._call("Learn", context):
+            return self._learn(request_iterator)
+        raise AssertionError("unreachable")  # context.abort raised
+
+    def _learn(self, requests: Iterator[pb.LearnRequest]) -> pb.Job:
+        first = next(requests, None)
+        if first is None:
+            raise InvalidArgumentError("header", "the stream is empty; the first message must carry the header")
+        if first.WhichOneof("payload") != "header":
+            raise InvalidArgumentError("header", "the first message must carry the header, not a chunk")
+        submission = self._submission(first.header)
+        existing = self.jobs.existing_job(submission.idempotency_key, JobKind.LEARN, submission.task)
+        if existing is not None:
+            return job_message(existing)
+        self.jobs.check_learn(submission)
+        job_id, spool = self.jobs.new_spool()
+        wire_bytes = 0
+        classes: set[int] = set()
+        with spool:
+            for index, message in enumerate(requests, start=1):
+                if message.WhichOneof("payload") != "chunk":
+                    raise InvalidArgumentError("header", f"message {index} repeats the header; send it only once")
+                chunk = message.chunk
+                wire_bytes += chunk.ByteSize()
+                if wire_bytes > self.defaults.max_stream_bytes:
+                    raise ResourceExhaustedError(
+                        f"chunk: the stream exceeds limits.max_stream_bytes ({self.defaults.max_stream_bytes} bytes)"
+                    )
+                room = self.defaults.max_stream_samples - spool.samples
+                inputs = v.inputs_tensor(chunk.inputs, self.samples, f"chunk[{index}].inputs", max(room, 0) or 0)
+                labels = v.labels_tensor(chunk.labels, len(inputs), self.samples.num_classes, f"chunk[{index}].labels")
+                ids = v.sample_ids(list(chunk.sample_ids), len(inputs), f"chunk[{index}].sample_ids")
+                spool.append(inputs, labels, ids)
+                classes.update(int(c) for c in np.unique(labels))
+            if spool.samples < 2:
+                raise InvalidArgumentError(
+                    "chunk", f"the stream must carry at least 2 samples (a probe set is held out), got {spool.samples}"
+                )
+            record = spool.commit()
+        job = self.jobs.submit_learn(
+            job_id, submission, record, spool.samples, sorted(classes), current_principal().name
+        )
+        self.telemetry.ingest_bytes.inc(wire_bytes)
+        self.telemetry.ingest_samples.inc(spool.samples)
+        return job_message(job)
+
+    def _submission(self, header: pb.LearnHeader) -> LearnSubmission:
+        task = v.task_name(header.task, "header.task")
+        key = v.idempotency_key(header.idempotency_key, "header.idempotency_key")
+        v.learn_numbers(header)
+        temporary = header.mode == pb.LearnHeader.TEMPORARY
+        if temporary and not self.model.supports_temporary:
+            raise FailedPreconditionError(
+                f"header.mode: TEMPORARY learning is not supported by strategy {self.model.strategy!r}"
+            )
+        d = self.defaults
+        return LearnSubmission(
+            task=task,
+            idempotency_key=key,
+            temporary=temporary,
+            epochs=header.epochs or d.epochs,
+            batch_size=header.batch_size or d.batch_size,
+            learning_rate=header.learning_rate or d.learning_rate,
+            holdout_fraction=header.holdout_fraction or d.holdout_fraction,
+            metadata=dict(header.metadata),
+        )
+
+    # ---------------------------------------------------------------- Unlearn
+    def Unlearn(self, request: pb.UnlearnRequest, context: grpc.ServicerContext) -> pb.Job:
+        with self._call("Unlearn", context):
+            task = v.task_name(request.task)
+            method = request.method
+            if method and method not in self.model.unlearn_methods:
+                raise InvalidArgumentError(
+                    "method",
+                    f"strategy {self.model.strategy!r} supports {', '.join(self.model.unlearn_methods)} "
+                    f"(empty = {self.model.unlearn_methods[0]}), got {method[:40]!r}",
+                )
+            submission = UnlearnSubmission(
+                task=task,
+                reason=v.reason(request.reason),
+                idempotency_key=v.idempotency_key(request.idempotency_key, "idempotency_key"),
+                method=method,
+            )
+            return job_message(self.jobs.submit_unlearn(submission, current_principal().name))
+        raise AssertionError("unreachable")
+
+    # ---------------------------------------------------------------- Predict
+    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
+        with self._call("Predict", context):
+            return self._predict(request)
+        raise AssertionError("unreachable")
+
+    def PredictStream(
+        self, request_iterator: Iterator[pb.PredictRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.PredictResponse]:
+        with self._call("PredictStream", context):
+            for request in request_iterator:
+                yield self._predict(request)
+
+    def _predict(self, request: pb.PredictRequest) -> pb.PredictResponse:
+        started = time.perf_counter()
+        predictor = self.serving.predictor
+        if predictor is None:
+            raise UnavailableError("the model is still loading; retry shortly")
+        task: str | None = None
+        if self.model.task_incremental:
+            task = v.task_name(request.task)
+            state = self.serving.task_state(task)
+            if state is None:
+                raise NotFoundError(f"task {task!r} does not exist")
+            if state == TaskState.LEARNING:
+                raise FailedPreconditionError(f"task {task!r} is still being learned; wait for its learn job")
+            if state in (TaskState.UNLEARNING, TaskState.UNLEARNED):
+                if not request.allow_unlearned:
+                    raise FailedPreconditionError(
+                        f"task {task!r} is {state.value}; predictions are refused (an admin may audit it with "
+                        "allow_unlearned)"
+                    )
+                principal = current_principal()
+                if not principal.has("admin"):
+                    raise PermissionDeniedError("allow_unlearned needs the 'admin' scope")
+                self.jobs.audit(
+                    principal.name,
+                    "predict.unlearned",
+                    task=task,
+                    samples=int(request.inputs.shape[0]) if request.inputs.shape else 0,
+                )
+        else:
+            if request.task:
+                raise InvalidArgumentError(
+                    "task", f"must be empty: strategy {self.model.strategy!r} is class-incremental (one output space)"
+                )
+            if request.allow_unlearned:
+                raise InvalidArgumentError("allow_unlearned", "applies only to task-incremental strategies")
+        inputs = v.inputs_tensor(request.inputs, self.samples, "inputs", self.defaults.max_predict_samples)
+        try:
+            logits = predictor.predict(task, torch.from_numpy(inputs), allow_unlearned=request.allow_unlearned)
+        except UnknownTaskError:
+            raise NotFoundError(f"task {task!r} is not in the published model") from None
+        except UnlearnedTaskError:
+            raise FailedPreconditionError(f"task {task!r} is unlearned; predictions are refused") from None
+        classes = logits.argmax(dim=1).numpy().astype(np.int64)
+        outputs = torch.softmax(logits, dim=1) if request.return_probabilities else logits
+        response = pb.PredictResponse(
+            outputs=to_tensor(outputs.numpy().astype(np.float32)),
+            classes=classes.tolist(),
+            model_version=predictor.version,
+        )
+        self.telemetry.predict_latency.observe(time.perf_counter() - started)
+        return response
+
+    # ------------------------------------------------------------------- Jobs
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        with self._call("GetJob", context):
+            return job_message(self.jobs.get_job(v.job_id(request.id)))
+        raise AssertionError("unreachable")
+
+    def WatchJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> Iterator[pb.Job]:
+        with self._call("WatchJob", context):
+            job_id = v.job_id(request.id)
+            last: pb.Job | None = None
+            events = self.jobs.events
+            seen = events.counter
+            while context.is_active():
+                job = self.jobs.get_job(job_id)
+                message = job_message(job)
+                if message != last:
+                    yield message
+                    last = message
+                if job.state.terminal:
+                    return
+                if events.closed:
+                    raise UnavailableError("the server is shutting down; watch again after it restarts")
+                time.sleep(_WATCH_MIN_INTERVAL)
+                seen = events.wait(seen, timeout=5.0)
+
+    def CancelJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        with self._call("CancelJob", context):
+            job_id = v.job_id(request.id)
+            principal = current_principal()
+            if self.jobs.get_job(job_id).kind == JobKind.UNLEARN and not principal.has("admin"):
+                raise PermissionDeniedError("cancelling an unlearn job needs the 'admin' scope")
+            return job_message(self.jobs.cancel(job_id, principal.name))
+        raise AssertionError("unreachable")
+
+    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:
+        with self._call("ListJobs", context):
+            state = _enum_or_none(JobState, pb.JobState, request.state, "state")
+            task = v.task_name(request.task) if request.task else None
+            jobs = self.jobs.list_jobs(state, task, max(request.after_seq, 0), _limit(request.limit))
+            return pb.ListJobsResponse(jobs=[job_message(j) for j in jobs])
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------ Tasks
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        with self._call("GetTask", context):
+            return task_message(self.jobs.get_task(v.task_name(request.name, "name")))
+        raise AssertionError("unreachable")
+
+    def ListTasks(self, request: pb.ListTasksRequest, context: grpc.ServicerContext) -> pb.ListTasksResponse:
+        with self._call("ListTasks", context):
+            state = _enum_or_none(TaskState, pb.TaskState, request.state, "state")
+            return pb.ListTasksResponse(tasks=[task_message(t) for t in self.jobs.list_tasks(state)])
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------- Audit, model, evals
+    def ListAuditEvents(
+        self, request: pb.ListAuditEventsRequest, context: grpc.ServicerContext
+    ) -> pb.ListAuditEventsResponse:
+        with self._call("ListAuditEvents", context):
+            task = v.task_name(request.task) if request.task else None
+            events = self.jobs.list_audit(max(request.after_seq, 0), _limit(request.limit), task)
+            return pb.ListAuditEventsResponse(events=[audit_message(e) for e in events])
+        raise AssertionError("unreachable")
+
+    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        with self._call("GetModel", context):
+            m = self.model
+            predictor = self.serving.predictor
+            return pb.ModelInfo(
+                strategy=m.strategy,
+                backbone=m.backbone,
+                version=predictor.version if predictor is not None else 0,
+                input_shape=list(m.input_shape),
+                num_classes=m.num_classes,
+                parameters=m.parameters,
+                config=m.config,
+                task_incremental=m.task_incremental,
+                unlearn_methods=list(m.unlearn_methods),
+                device=m.device,
+            )
+        raise AssertionError("unreachable")
+
+    def ListEvaluations(
+        self, request: pb.ListEvaluationsRequest, context: grpc.ServicerContext
+    ) -> pb.ListEvaluationsResponse:
+        with self._call("ListEvaluations", context):
+            rows = self.jobs.list_evaluations(max(request.after_job_seq, 0), _limit(request.limit))
+            return pb.ListEvaluationsResponse(evaluations=[evaluation_message(r) for r in rows])
+        raise AssertionError("unreachable")
+
+
+def _limit(requested: int) -> int:
+    if requested > MAX_PAGE:
+        raise InvalidArgumentError("limit", f"must be 0 (default {DEFAULT_PAGE}) to {MAX_PAGE}, got {requested}")
+    return requested or DEFAULT_PAGE
+
+
+def _enum_or_none(domain: type[E], proto_enum: Any, value: int, field: str) -> E | None:
+    """Map a proto enum value to the domain enum; 0 (unspecified) means no filter."""
+    if value == 0:
+        return None
+    try:
+        name = proto_enum.Name(value)
+    except ValueError:
+        raise InvalidArgumentError(field, f"unknown value {value}") from None
+    return domain[name]

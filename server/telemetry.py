@@ -1,0 +1,120 @@
+"""Every Prometheus metric the server exports, in one place, on an injected registry.
+
+Names follow DESIGN.md section 5: prefix ``lethe_``, base units (seconds, bytes), ratios in 0..1.
+Per-task series are capped by ``max_task_series`` so a tenant-per-task deployment cannot explode
+cardinality: tasks beyond the cap are not given their own series.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_RATIO_BUCKETS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+TASK_STATES = ("learning", "learned", "temporary", "unlearning", "unlearned")
+JOB_KINDS = ("learn", "unlearn", "commit")
+
+
+class Telemetry:
+    """The server's metrics. Create one per server with its own registry (tests use isolated ones)."""
+
+    def __init__(self, registry: CollectorRegistry, *, max_task_series: int = 100, version: str = "0") -> None:
+        self.registry = registry
+        self.max_task_series = max_task_series
+        self._task_series: set[str] = set()
+        self._lock = threading.Lock()
+        r = registry
+        self.build_info = Info("lethe_build", "Lethe build and model configuration", registry=r)
+        self.build_info.info({"version": version})
+        self.model_version = Gauge("lethe_model_version", "Version of the published model", registry=r)
+        self.tasks = Gauge("lethe_tasks", "Tasks by state", ["state"], registry=r)
+        self.jobs_total = Counter("lethe_jobs", "Finished jobs by kind and outcome", ["kind", "outcome"], registry=r)
+        self.job_duration = Histogram(
+            "lethe_job_duration_seconds", "Job run time", ["kind"], buckets=_DURATION_BUCKETS, registry=r
+        )
+        self.job_queue_wait = Histogram(
+            "lethe_job_queue_wait_seconds",
+            "Time from queued to running",
+            ["kind"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.job_queue_depth = Gauge("lethe_job_queue_depth", "Jobs waiting in the queue", registry=r)
+        self.task_accuracy = Gauge("lethe_task_accuracy_ratio", "Latest probe accuracy per task", ["task"], registry=r)
+        self.retain_accuracy = Gauge("lethe_retain_accuracy_ratio", "Mean accuracy over learned tasks", registry=r)
+        self.forget_accuracy = Gauge("lethe_forget_accuracy_ratio", "Mean accuracy over unlearned tasks", registry=r)
+        self.unlearn_spill = Histogram(
+            "lethe_unlearn_spill_ratio", "Spill of each unlearn", buckets=_RATIO_BUCKETS, registry=r
+        )
+        self.last_unlearn_spill = Gauge("lethe_last_unlearn_spill_ratio", "Spill of the latest unlearn", registry=r)
+        self.task_relapse = Gauge("lethe_task_relapse_ratio", "Relapse per unlearned task", ["task"], registry=r)
+        self.max_relapse = Gauge("lethe_max_relapse_ratio", "Largest relapse over unlearned tasks", registry=r)
+        self.unlearn_mia = Gauge(
+            "lethe_unlearn_mia_ratio", "Membership-inference accuracy of the latest unlearn", registry=r
+        )
+        self.predict_latency = Histogram(
+            "lethe_predict_latency_seconds", "Predict latency", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.grpc_requests = Counter(
+            "lethe_grpc_requests", "gRPC requests by method and status code", ["method", "code"], registry=r
+        )
+        self.ingest_bytes = Counter("lethe_ingest_bytes", "Bytes accepted by Learn", registry=r)
+        self.ingest_samples = Counter("lethe_ingest_samples", "Samples accepted by Learn", registry=r)
+        self.retained_bytes = Gauge("lethe_retained_data_bytes", "Bytes of task data kept on disk", registry=r)
+        self.purged_bytes = Counter("lethe_purged_data_bytes", "Bytes of task data purged", registry=r)
+        self.audit_events = Counter("lethe_audit_events", "Audit events by action", ["action"], registry=r)
+        for state in TASK_STATES:
+            self.tasks.labels(state).set(0)
+        for kind in JOB_KINDS:
+            self.job_duration.labels(kind)
+            self.job_queue_wait.labels(kind)
+            for outcome in ("succeeded", "failed", "cancelled"):
+                self.jobs_total.labels(kind, outcome)
+        for gauge in (self.retain_accuracy, self.forget_accuracy, self.last_unlearn_spill, self.unlearn_mia):
+            gauge.set(math.nan)
+        self.max_relapse.set(0)
+
+    def _tracked(self, task: str) -> bool:
+        with self._lock:
+            if task in self._task_series:
+                return True
+            if len(self._task_series) >= self.max_task_series:
+                return False
+            self._task_series.add(task)
+            return True
+
+    def set_task_states(self, counts: Mapping[str, int]) -> None:
+        """Set ``lethe_tasks{state}`` for every state (missing states are 0)."""
+        for state in TASK_STATES:
+            self.tasks.labels(state).set(counts.get(state, 0))
+
+    def record_accuracies(
+        self, accuracies: Mapping[str, float], learned: Iterable[str], unlearned: Iterable[str]
+    ) -> None:
+        """Publish per-task accuracy (percent in, ratio out), RA and FA after a job."""
+        for task, acc in accuracies.items():
+            if self._tracked(task):
+                self.task_accuracy.labels(task).set(acc / 100.0)
+        learned_acc = [accuracies[t] for t in learned if t in accuracies]
+        forgot_acc = [accuracies[t] for t in unlearned if t in accuracies]
+        self.retain_accuracy.set(sum(learned_acc) / len(learned_acc) / 100.0 if learned_acc else math.nan)
+        self.forget_accuracy.set(sum(forgot_acc) / len(forgot_acc) / 100.0 if forgot_acc else math.nan)
+
+    def record_relapse(self, relapses: Mapping[str, float]) -> None:
+        """Publish relapse per unlearned task (points in, ratio out) and the maximum."""
+        for task, value in relapses.items():
+            if self._tracked(task):
+                self.task_relapse.labels(task).set(value / 100.0)
+        finite = [v for v in relapses.values() if not math.isnan(v)]
+        self.max_relapse.set(max(finite) / 100.0 if finite else 0.0)
+
+    def forget_task_series(self, task: str) -> None:
+        """Drop a purged task's accuracy series (its relapse series stays while it is measured)."""
+        with self._lock:
+            if task in self._task_series:
+                self.task_accuracy.remove(task)

@@ -1,0 +1,343 @@
+"""Strategy conformance suite: the properties every strategy must have (DESIGN.md section 8).
+
+Use it by subclassing :class:`StrategyConformance` in a ``test_*.py`` module, in a class whose name
+starts with ``Test``, and implementing :meth:`StrategyConformance.make_strategy`::
+
+    class TestFinetuneConformance(StrategyConformance):
+        def make_strategy(self, seed: int) -> Strategy:
+            return build_finetune(backbone="mlp", input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES,
+                                  device=torch.device("cpu"), seed=seed)
+
+The class attributes (options, tolerances) can be overridden per strategy. The data is real:
+sklearn's bundled digits scaled to [0, 1], shape ``[n, 1, 8, 8]``, split into two-class tasks with a
+held-out probe set each. Task-incremental strategies are asked with the task name, class-incremental
+ones with ``task=None``. Replaying strategies get their retained data back as ``replay``, as the
+server would pass it.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from server.engine import metrics
+from server.engine.protocol import (
+    LearnOptions,
+    Predictor,
+    Report,
+    Strategy,
+    TaskData,
+    UnknownTaskError,
+    UnlearnedTaskError,
+    no_progress,
+)
+
+INPUT_SHAPE: tuple[int, ...] = (1, 8, 8)
+NUM_CLASSES = 10
+#: Task name → its classes. Names contain a dot on purpose: task names are client-chosen strings.
+TASK_CLASSES: dict[str, tuple[int, ...]] = {"digits.01": (0, 1), "digits.23": (2, 3), "digits.45": (4, 5)}
+TASK_A, TASK_B, TASK_C = TASK_CLASSES
+
+
+@dataclass(frozen=True)
+class DigitsTask:
+    """One task of the digits stream: training samples and a held-out probe set."""
+
+    train: TaskData
+    probe: TaskData
+
+
+@functools.cache
+def digits_tasks(probe_fraction: float = 0.25) -> dict[str, DigitsTask]:
+    """Split sklearn's digits into the tasks of :data:`TASK_CLASSES` (deterministic)."""
+    images, labels = load_digits(return_X_y=True)
+    inputs = torch.tensor(images / 16.0, dtype=torch.float32).reshape(-1, *INPUT_SHAPE)
+    targets = torch.tensor(labels, dtype=torch.int64)
+    rng = np.random.default_rng(0)
+    tasks = {}
+    for name, classes in TASK_CLASSES.items():
+        indices = rng.permutation(np.flatnonzero(np.isin(labels, classes)))
+        n_probe = int(len(indices) * probe_fraction)
+        probe, train = torch.from_numpy(indices[:n_probe]), torch.from_numpy(indices[n_probe:])
+        tasks[name] = DigitsTask(
+            train=TaskData(inputs[train], targets[train]), probe=TaskData(inputs[probe], targets[probe])
+        )
+    return tasks
+
+
+@dataclass
+class ProgressRecorder:
+    """A ``Progress`` that records every report and can raise after ``fail_after`` calls."""
+
+    fail_after: int | None = None
+    calls: list[tuple[float, str]] = field(default_factory=list)
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self.calls.append((fraction, message))
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise RuntimeError("cancelled by the test")
+
+
+class Harness:
+    """Drives a strategy the way the worker does: keeps retained data and passes it as replay."""
+
+    def __init__(self, strategy: Strategy, options: LearnOptions) -> None:
+        self.strategy = strategy
+        self.options = options
+        self.retained: dict[str, TaskData] = {}
+
+    def learn(self, task: str, progress: ProgressRecorder | None = None) -> Report:
+        report = self.strategy.learn(
+            task, digits_tasks()[task].train, self.options, progress or no_progress, dict(self.retained)
+        )
+        if report.retain is not None and self.strategy.needs_replay:
+            self.retained[task] = report.retain
+        return report
+
+    def unlearn(self, task: str, method: str | None = None) -> Report:
+        self.retained.pop(task, None)  # the server purges before the strategy ever sees replay again
+        chosen = self.strategy.unlearn_methods[0] if method is None else method
+        return self.strategy.unlearn(task, chosen, no_progress, dict(self.retained))
+
+    def logits(self, task: str, *, allow_unlearned: bool = False, predictor: Predictor | None = None) -> torch.Tensor:
+        """Logits ``[n, C]`` of the task's probe set."""
+        predictor = predictor or self.strategy.predictor()
+        name = task if self.strategy.task_incremental else None
+        return predictor.predict(name, digits_tasks()[task].probe.inputs, allow_unlearned=allow_unlearned)
+
+    def accuracy(self, task: str, *, allow_unlearned: bool = False) -> float:
+        return metrics.accuracy(self.logits(task, allow_unlearned=allow_unlearned), digits_tasks()[task].probe.labels)
+
+
+def _serialized(state: Mapping[str, object]) -> dict[str, object]:
+    """Round-trip ``state`` through ``torch.save`` / ``torch.load(weights_only=True)``."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+class StrategyConformance:
+    """Tests every strategy must pass. Subclass it (as ``Test...``) and implement :meth:`make_strategy`."""
+
+    #: Training options for every learn (small, for speed).
+    options = LearnOptions(epochs=5, batch_size=32, learning_rate=1e-3, seed=0)
+    #: Seed of the strategies the suite builds.
+    seed = 0
+    #: Probe accuracy (percent) each task must reach right after it is learned.
+    min_accuracy = 90.0
+    #: Unlearning must lower the forgotten task's probe accuracy, as measured with ``allow_unlearned``,
+    #: by at least this (percentage points). ``None``: the strategy only promises that the task can no
+    #: longer be predicted (``UnlearnedTaskError``) and that the ``allow_unlearned`` answer changed.
+    min_forget_drop: float | None = 20.0
+    #: Largest change in the retained task's probe accuracy an unlearn may cause (spill, points).
+    max_spill = 5.0
+    #: Largest change of any finite logit of the retained task an unlearn may cause; None skips the check.
+    max_retained_logit_change: float | None = 1e-5
+    #: Whether a learn that raises (e.g. cancelled through progress) must leave the strategy unchanged.
+    atomic_learn = True
+
+    def make_strategy(self, seed: int) -> Strategy:
+        """Return a fresh strategy for ``INPUT_SHAPE`` and ``NUM_CLASSES`` seeded with ``seed``."""
+        raise NotImplementedError
+
+    def harness(self, seed: int | None = None) -> Harness:
+        return Harness(self.make_strategy(self.seed if seed is None else seed), self.options)
+
+    # -- protocol -------------------------------------------------------------------------------
+
+    def test_satisfies_the_protocol(self) -> None:
+        strategy = self.make_strategy(self.seed)
+        assert isinstance(strategy, Strategy)
+        assert isinstance(strategy.name, str) and strategy.name
+        for flag in (strategy.task_incremental, strategy.needs_replay, strategy.supports_temporary):
+            assert isinstance(flag, bool)
+        assert strategy.unlearn_methods and all(isinstance(m, str) and m for m in strategy.unlearn_methods)
+        assert strategy.version == 0
+        assert strategy.parameter_count() > 0
+        assert isinstance(strategy.predictor(), Predictor)
+
+    # -- learning -------------------------------------------------------------------------------
+
+    def test_learns_real_data(self) -> None:
+        h = self.harness()
+        for expected_version, task in enumerate((TASK_A, TASK_B), start=1):
+            progress = ProgressRecorder()
+            report = h.learn(task, progress)
+            assert h.strategy.version == expected_version
+            accuracy = h.accuracy(task)
+            assert accuracy >= self.min_accuracy, f"{task}: probe accuracy {accuracy:.1f}% after learning"
+            assert all(isinstance(v, float) and math.isfinite(v) for v in report.metrics.values()), report.metrics
+            fractions = [fraction for fraction, _ in progress.calls]
+            assert fractions, "learn never reported progress"
+            assert all(0.0 <= f <= 1.0 for f in fractions) and fractions == sorted(fractions)
+            assert fractions[-1] == pytest.approx(1.0)
+
+    def test_predict_output_contract(self) -> None:
+        h = self.harness()
+        h.learn(TASK_A)
+        predictor = h.strategy.predictor()
+        assert predictor.version == h.strategy.version
+        n = len(digits_tasks()[TASK_A].probe)
+        logits = h.logits(TASK_A, predictor=predictor)
+        assert logits.shape == (n, NUM_CLASSES)
+        assert logits.dtype == torch.float32 and logits.device.type == "cpu"
+        assert not torch.isnan(logits).any()
+        if h.strategy.task_incremental:
+            seen = torch.zeros(NUM_CLASSES, dtype=torch.bool)
+            seen[list(TASK_CLASSES[TASK_A])] = True
+            assert torch.isneginf(logits[:, ~seen]).all(), "unseen classes must have -inf logits"
+            assert torch.isfinite(logits[:, seen]).all()
+        with pytest.raises(ValueError):
+            predictor.predict(TASK_A if h.strategy.task_incremental else None, torch.zeros(2, 3, 8, 8))
+
+    def test_deterministic_under_a_seed(self) -> None:
+        first, second = self.harness(), self.harness()
+        for h in (first, second):
+            h.learn(TASK_A)
+            h.learn(TASK_B)
+        for task in (TASK_A, TASK_B):
+            assert torch.equal(first.logits(task), second.logits(task)), f"{task}: same seed, different predictions"
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def test_state_dict_round_trip_continues_exactly(self) -> None:
+        original = self.harness()
+        original.learn(TASK_A)
+        original.learn(TASK_B)
+        original.unlearn(TASK_A)
+        state = original.strategy.state_dict()
+        expected = {task: original.logits(task, allow_unlearned=True) for task in (TASK_A, TASK_B)}
+        original.learn(TASK_C)  # must not leak into the state taken before
+
+        restored = self.harness(seed=self.seed + 1)  # the state, not the constructor, decides
+        restored.strategy.load_state_dict(_serialized(state))
+        restored.retained = {t: d for t, d in original.retained.items() if t != TASK_C}
+        assert restored.strategy.version == state["version"]
+        for task, logits in expected.items():
+            assert torch.equal(restored.logits(task, allow_unlearned=True), logits), f"{task} changed in round trip"
+
+        # A restart continues exactly: the restored strategy learns C like the original did.
+        restored.learn(TASK_C)
+        assert restored.strategy.version == original.strategy.version
+        for task in (TASK_A, TASK_B, TASK_C):
+            assert torch.equal(
+                restored.logits(task, allow_unlearned=True), original.logits(task, allow_unlearned=True)
+            ), f"{task}: restored strategy diverged from the original"
+
+    def test_failed_learn_changes_nothing(self) -> None:
+        if not self.atomic_learn:
+            pytest.skip("strategy does not promise atomic learn")
+        h = self.harness()
+        h.learn(TASK_A)
+        version, logits = h.strategy.version, h.logits(TASK_A)
+        with pytest.raises(RuntimeError, match="cancelled"):
+            h.learn(TASK_B, ProgressRecorder(fail_after=2))
+        assert h.strategy.version == version
+        assert torch.equal(h.logits(TASK_A), logits)
+        if h.strategy.task_incremental:
+            with pytest.raises(UnknownTaskError):
+                h.logits(TASK_B)
+        h.learn(TASK_B)  # and the strategy still works
+        assert h.accuracy(TASK_B) >= self.min_accuracy
+
+    # -- unlearning -----------------------------------------------------------------------------
+
+    def test_unlearn_forgets_the_task_and_spares_the_others(self) -> None:
+        h = self.harness()
+        h.learn(TASK_A)
+        h.learn(TASK_B)
+        forget_before, retain_before = h.accuracy(TASK_A), h.accuracy(TASK_B)
+        forgotten_logits, retained_logits = h.logits(TASK_A), h.logits(TASK_B)
+        version = h.strategy.version
+
+        report = h.unlearn(TASK_A)
+        assert h.strategy.version == version + 1
+        assert all(isinstance(v, float) and math.isfinite(v) for v in report.metrics.values()), report.metrics
+
+        assert not torch.equal(h.logits(TASK_A, allow_unlearned=True), forgotten_logits)
+        if self.min_forget_drop is not None:
+            forget_after = h.accuracy(TASK_A, allow_unlearned=True)
+            assert forget_after <= forget_before - self.min_forget_drop, (
+                f"forget accuracy {forget_before:.1f}% -> {forget_after:.1f}%"
+            )
+        spill = metrics.spill({TASK_B: retain_before}, {TASK_B: h.accuracy(TASK_B)}, TASK_A, [TASK_A, TASK_B])
+        assert spill <= self.max_spill
+        if self.max_retained_logit_change is not None:
+            after = h.logits(TASK_B)
+            finite = torch.isfinite(retained_logits)
+            assert torch.equal(finite, torch.isfinite(after))
+            change = (after[finite] - retained_logits[finite]).abs().max().item()
+            assert change <= self.max_retained_logit_change
+
+    def test_unknown_and_unlearned_tasks_are_refused(self) -> None:
+        h = self.harness()
+        h.learn(TASK_A)
+        h.learn(TASK_B)
+        with pytest.raises(ValueError):
+            h.strategy.unlearn(TASK_A, "no-such-method", no_progress, {})
+        h.unlearn(TASK_A)
+        if not h.strategy.task_incremental:
+            return
+        predictor = h.strategy.predictor()
+        probe = digits_tasks()[TASK_A].probe.inputs
+        with pytest.raises(UnknownTaskError):
+            predictor.predict("never-learned", probe)
+        with pytest.raises(UnknownTaskError):
+            predictor.predict("never-learned", probe, allow_unlearned=True)
+        with pytest.raises(UnlearnedTaskError):
+            predictor.predict(TASK_A, probe)
+        with pytest.raises(ValueError):
+            predictor.predict(None, probe)
+        with pytest.raises(UnlearnedTaskError):
+            h.strategy.unlearn(TASK_A, h.strategy.unlearn_methods[0], no_progress, {})
+        with pytest.raises(UnknownTaskError):
+            h.strategy.unlearn("never-learned", h.strategy.unlearn_methods[0], no_progress, {})
+
+    # -- concurrency ----------------------------------------------------------------------------
+
+    def test_predictor_is_an_immutable_snapshot_under_concurrent_use(self) -> None:
+        h = self.harness()
+        h.learn(TASK_A)
+        predictor = h.strategy.predictor()
+        expected = h.logits(TASK_A, predictor=predictor)
+        stop = threading.Event()
+        errors: list[BaseException] = []
+        calls = [0] * 8
+
+        def serve(slot: int) -> None:
+            try:
+                while not stop.is_set() or calls[slot] == 0:
+                    if not torch.equal(h.logits(TASK_A, predictor=predictor), expected):
+                        raise AssertionError("a published snapshot changed while the strategy trained")
+                    calls[slot] += 1
+            except BaseException as error:  # reported in the main thread
+                errors.append(error)
+
+        threads = [threading.Thread(target=serve, args=(slot,), daemon=True) for slot in range(len(calls))]
+        for thread in threads:
+            thread.start()
+        try:
+            h.learn(TASK_B)  # the worker keeps training while predictions are served
+            h.unlearn(TASK_A)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=60)
+        assert not errors, errors
+        assert all(calls), calls
+        assert predictor.version < h.strategy.version
+        if h.strategy.task_incremental:
+            with pytest.raises(UnknownTaskError):
+                predictor.predict(TASK_B, digits_tasks()[TASK_B].probe.inputs)
