@@ -33,6 +33,7 @@ from server.storage import (
     make_engine,
     make_session_factory,
     mask_url,
+    on_audit_commit,
     upgrade,
 )
 from server.telemetry import Telemetry
@@ -127,6 +128,7 @@ class App:
         self.engine = prepare_database(c)
         sessions = make_session_factory(self.engine)
         telemetry = Telemetry(self.registry, max_task_series=c.telemetry.max_task_series, version=__version__)
+        on_audit_commit(sessions, lambda action: telemetry.audit_events.labels(action).inc())
         events, serving = JobEvents(), ServingState()
         self.worker = Worker(
             self.build_strategy,
@@ -150,6 +152,7 @@ class App:
         jobs = JobService(
             sessions, self.data_dir, events, serving, QueueLimits(c.limits.max_queued_jobs, c.limits.max_tasks)
         )
+        telemetry.job_queue_depth.set_function(jobs.queue_depth)
         model = ModelDescription(
             strategy=c.model.strategy,
             backbone=c.model.backbone,
@@ -214,10 +217,13 @@ class App:
         """Graceful stop: readiness NOT_SERVING, refuse new RPCs, finish in-flight ones, stop the worker."""
         grace = self.config.server.grace_seconds if grace is None else grace
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.worker is not None:
+            self.worker.request_stop(grace)
         if self.server is not None:
             self.server.stop(grace).wait()
         if self.worker is not None:
-            self.worker.stop(grace)
+            # A training step in progress ends at its next progress report after the deadline.
+            self.worker.join(grace + 60)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

@@ -113,7 +113,12 @@ class Strategy(Protocol):
         ...
 
     def unlearn(self, task: str, method: str, progress: Progress, replay: Mapping[str, TaskData]) -> Report:
-        """Forget ``task``. ``replay`` holds retained data of the *other* live tasks (never the forgotten one's)."""
+        """Forget ``task``.
+
+        ``replay`` holds the retained data of the live tasks, including the forgotten task's own
+        (methods such as LURE's ``approximate`` need it to find what to forget); the server purges
+        the forgotten task's data right after this call returns.
+        """
         ...
 
     def predictor(self) -> Predictor:

@@ -16,11 +16,13 @@ from typing import Any
 import torch
 
 from server.engine.finetune import build_finetune
+from server.engine.lure import build_lure
 from server.engine.protocol import Strategy
 
 #: Every strategy the server can run. To add one, add a line ``"name": build_name,``.
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "finetune": build_finetune,
+    "lure": build_lure,
 }
 
 #: Arguments :func:`build_strategy` passes to every builder; not settable as options.

@@ -386,6 +386,11 @@ class JobService:
         with self.sessions() as session:
             return EvaluationRepository(session).matrix(after_job_seq=after_job_seq, limit=limit)
 
+    def queue_depth(self) -> int:
+        """Number of QUEUED jobs (read by the metrics endpoint at scrape time)."""
+        with self.sessions() as session:
+            return JobRepository(session).count_queued()
+
     def list_audit(self, after_seq: int, limit: int, task: str | None) -> list[AuditEvent]:
         """Audit events in chain order after ``after_seq``."""
         with self.sessions() as session:

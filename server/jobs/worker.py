@@ -145,13 +145,19 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="lethe-worker", daemon=True)
         self._thread.start()
 
-    def stop(self, grace_seconds: float) -> None:
-        """Stop taking jobs; let the running job finish within ``grace_seconds`` or interrupt it."""
+    def request_stop(self, grace_seconds: float) -> None:
+        """Take no new job; the running one may finish within ``grace_seconds``, else it is interrupted.
+
+        An interrupted job goes back to QUEUED with the model restored, and runs again after restart.
+        """
         self._deadline = time.monotonic() + grace_seconds
         self._stopping.set()
         self.events.close()
+
+    def join(self, timeout: float) -> None:
+        """Wait for the worker thread to end (after :meth:`request_stop`)."""
         if self._thread is not None:
-            self._thread.join(grace_seconds + 30)
+            self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
@@ -261,7 +267,7 @@ class Worker:
         job_metrics["probe_samples"] = float(len(probe))
         return job_metrics
 
-    def _replay(self, exclude: str) -> dict[str, TaskData]:
+    def _replay(self, exclude: str | None = None) -> dict[str, TaskData]:
         if not self.strategy.needs_replay:
             return {}
         with self.sessions() as session:
@@ -282,7 +288,7 @@ class Worker:
             return None
         method = job.method or self.strategy.unlearn_methods[0]
         started = time.perf_counter()
-        report = self.strategy.unlearn(job.task, method, self._progress(job), self._replay(exclude=job.task))
+        report = self.strategy.unlearn(job.task, method, self._progress(job), self._replay())
         job_metrics = {k: float(v) for k, v in report.metrics.items()}
         job_metrics.setdefault("unlearn_seconds", time.perf_counter() - started)
         return job_metrics

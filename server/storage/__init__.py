@@ -14,7 +14,7 @@ Imports only SQLAlchemy, Alembic and the standard library.
 """
 
 from protos.audit_chain import GENESIS_HASH, canonical_json, chain_hash, encode_details, format_timestamp
-from server.storage.audit import AUDIT_HEAD_ID, AuditLog, AuditVerification
+from server.storage.audit import AUDIT_HEAD_ID, AuditLog, AuditVerification, on_audit_commit
 from server.storage.column_types import StrEnumType, UTCDateTime, utc_now
 from server.storage.data_files import DataFileRepository, normalize_data_path
 from server.storage.db import (
@@ -83,6 +83,7 @@ __all__ = [
     "migrations_dir",
     "normalize_data_path",
     "normalize_url",
+    "on_audit_commit",
     "upgrade",
     "utc_now",
 ]

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, select
-from sqlalchemy.orm import Session
+from sqlalchemy import event, exists, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from protos.audit_chain import GENESIS_HASH, canonical_json, chain_hash, encode_details
 from server.storage.column_types import utc_now
@@ -44,6 +44,24 @@ class AuditVerification:
     checked: int
     first_bad_seq: int | None
     reason: str
+
+
+#: ``session.info`` key under which :meth:`AuditLog.append` lists the actions of the open transaction.
+PENDING_ACTIONS = "lethe_audit_actions"
+
+
+def on_audit_commit(sessions: sessionmaker[Session], callback: Callable[[str], None]) -> None:
+    """Call ``callback(action)`` for every audit event once its transaction has committed."""
+
+    def committed(session: Session) -> None:
+        for action in session.info.pop(PENDING_ACTIONS, []):
+            callback(action)
+
+    def rolled_back(session: Session) -> None:
+        session.info.pop(PENDING_ACTIONS, None)
+
+    event.listen(sessions, "after_commit", committed)
+    event.listen(sessions, "after_rollback", rolled_back)
 
 
 class AuditLog:
@@ -130,6 +148,8 @@ class AuditLog:
         head.last_seq = seq
         head.last_hash = digest
         session.flush()
+        # Listeners (metrics) read this after the transaction commits; see audit_actions_committed.
+        session.info.setdefault(PENDING_ACTIONS, []).append(action)
         return event
 
     def list(

@@ -27,6 +27,7 @@ keeps regularizing unlearned tasks so later learning cannot revive them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Mapping
@@ -269,7 +270,7 @@ class UncleStrategy:
                 step += 1
                 progress(
                     step / total_steps,
-                    f"epoch {epoch + 1}/{options.epochs}, step {batch + 1}/{batches_per_epoch}, loss {float(ce):.4f}",
+                    f"epoch {epoch + 1}/{options.epochs}, step {batch + 1}/{batches_per_epoch}, loss {ce.item():.4f}",
                 )
 
         # Commit: nothing above touched the strategy's own state.
@@ -541,11 +542,13 @@ class UncleStrategy:
 
         Raises:
             ValueError: if the state is not an uncle state or was saved with a different
-                configuration.
+                configuration (any option but the seed, which is taken from the state).
         """
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"not an uncle state (format {state.get('format')!r}, expected {_STATE_FORMAT!r})")
-        saved, configured = state["config"], self.config.as_dict()
+        # The seed is state, not structure: a restored strategy continues with the saved one.
+        saved = {key: value for key, value in state["config"].items() if key != "seed"}
+        configured = {key: value for key, value in self.config.as_dict().items() if key != "seed"}
         if saved != configured:
             differences = ", ".join(
                 f"{key}: saved {saved.get(key)!r}, configured {value!r}"
@@ -577,6 +580,7 @@ class UncleStrategy:
         if any(set(b) != set(self._initial_buffers) for b in buffers):
             raise ValueError("uncle state is inconsistent: BatchNorm statistics do not match the backbone")
 
+        self.config = dataclasses.replace(self.config, seed=int(state["config"]["seed"]))
         self._hypernetwork = hypernetwork.requires_grad_(False)
         self._embeddings = embeddings
         self._buffers = buffers
