@@ -1,0 +1,43 @@
+"""The class-incremental LURE strategy served end to end: mega-batches in, one output space out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from client import pb
+from client.datasets import load_digits
+from tests.support import make_config, running_app
+
+
+def test_lure_megabatch_stream_and_exact_unlearning(tmp_path: Path) -> None:
+    train, test = load_digits().split(0.8, seed=0)
+    parts = np.array_split(np.random.default_rng(0).permutation(len(train)), 3)
+    config = make_config(
+        tmp_path / "data",
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
+        **{"model.strategy": "lure", "model.options.replay": "full", "training.epochs": 6,
+           "training.learning_rate": 0.05},
+    )
+    with running_app(config) as server:
+        client = server.client
+        for i, part in enumerate(parts):
+            client.wait(client.learn(f"mb{i}", train.inputs[part], train.labels[part]).id)
+        info = client.model()
+        assert info.strategy == "lure" and not info.task_incremental and list(info.unlearn_methods)[0] == "exact"
+        before = client.predict(None, test.inputs)
+        assert np.mean(before.classes == test.labels) > 0.8  # real learning over 10 classes (chance 10%)
+        with pytest.raises(grpc.RpcError) as named:
+            client.predict("mb0", test.inputs[:4])
+        assert named.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "class-incremental" in named.value.details()
+        forget = client.wait(client.unlearn("mb1", reason="source withdrew consent").id)
+        assert forget.metrics["replayed_megabatches"] >= 1 and "spill" in forget.metrics
+        after = client.predict(None, test.inputs)
+        assert after.model_version == before.model_version + 1
+        assert np.mean(after.classes == test.labels) > 0.75  # retrained without mb1, still learned
+        assert client.task("mb1").state == pb.UNLEARNED
+        retained = [f for f in (tmp_path / "data" / "retained").iterdir()]
+        assert len(retained) == 2  # mb1's retained mega-batch was purged
