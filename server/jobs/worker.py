@@ -450,7 +450,9 @@ class Worker:
                 task.unlearned_accuracy = task.accuracy = accuracies[task.name]
             task.unlearned_version = self.strategy.version
         task.state, task.unlearned_at, task.updated_at, task.ops_since_unlearn = TaskState.UNLEARNED, now, now, 0
-        task.relapse = 0.0 if task.unlearned_accuracy is not None else None
+        # Relapse is measured while the probe set is kept; with forget_probe_ops = 0 it is unknown.
+        measurable = task.unlearned_accuracy is not None and self.settings.forget_probe_ops > 0
+        task.relapse = 0.0 if measurable else None
         # Right to be forgotten: every file of the task goes now, except its probe set, kept for
         # forget_probe_ops more operations to measure relapse (0 = purge it now as well).
         doomed = [
