@@ -71,6 +71,19 @@ def prepare_database(config: Config) -> Engine:
     return engine
 
 
+def server_credentials(config: Config) -> grpc.ServerCredentials | None:
+    """TLS (or mutual TLS) credentials from the configured PEM files; None for plaintext."""
+    s = config.server
+    if not s.tls_cert:
+        return None
+    pair = [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())]
+    if s.tls_client_ca:
+        return grpc.ssl_server_credentials(
+            pair, root_certificates=Path(s.tls_client_ca).read_bytes(), require_client_auth=True
+        )
+    return grpc.ssl_server_credentials(pair)
+
+
 @dataclass
 class Ports:
     """Where the server listens."""
@@ -198,6 +211,7 @@ class App:
             address=f"{c.server.host}:{c.server.port}",
             threads=c.server.threads,
             max_message_bytes=c.server.max_message_bytes,
+            credentials=server_credentials(c),
         )
         self.server.start()
         self.ports.grpc = port

@@ -39,6 +39,11 @@ class ServerSection:
     threads: int = 16
     grace_seconds: float = 10.0
     max_message_bytes: int = 16 * 1024 * 1024
+    #: PEM files enabling TLS (both) and mutual TLS (``tls_client_ca`` too: clients must present a
+    #: certificate signed by that CA).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
 
 
 @dataclass(frozen=True)
@@ -300,6 +305,14 @@ def validate(config: Config) -> list[str]:
         p.append(f"server.grace_seconds: must be >= 0, got {s.grace_seconds}")
     if s.max_message_bytes < 1024:
         p.append(f"server.max_message_bytes: must be >= 1024, got {s.max_message_bytes}")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        p.append("server.tls_cert and server.tls_key: set both to enable TLS, or neither")
+    if s.tls_client_ca and not s.tls_cert:
+        p.append("server.tls_client_ca: mutual TLS needs server.tls_cert and server.tls_key too")
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        path = getattr(s, name)
+        if path and not Path(path).is_file():
+            p.append(f"server.{name}: file {path} does not exist")
     url = config.storage.database_url
     if url and not url.startswith(("sqlite:", "postgresql", "postgres:")):
         p.append(f"storage.database_url: must start with sqlite:// or postgresql://, got {url.split(':')[0]}://...")
