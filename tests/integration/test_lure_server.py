@@ -19,15 +19,19 @@ def test_lure_megabatch_stream_and_exact_unlearning(tmp_path: Path) -> None:
     config = make_config(
         tmp_path / "data",
         f"sqlite:///{tmp_path / 'db.sqlite'}",
-        **{"model.strategy": "lure", "model.options.replay": "full", "training.epochs": 6,
-           "training.learning_rate": 0.05},
+        **{
+            "model.strategy": "lure",
+            "model.options.replay": "full",
+            "training.epochs": 6,
+            "training.learning_rate": 0.05,
+        },
     )
     with running_app(config) as server:
         client = server.client
         for i, part in enumerate(parts):
             client.wait(client.learn(f"mb{i}", train.inputs[part], train.labels[part]).id)
         info = client.model()
-        assert info.strategy == "lure" and not info.task_incremental and list(info.unlearn_methods)[0] == "exact"
+        assert info.strategy == "lure" and not info.task_incremental and info.unlearn_methods[0] == "exact"
         before = client.predict(None, test.inputs)
         assert np.mean(before.classes == test.labels) > 0.8  # real learning over 10 classes (chance 10%)
         with pytest.raises(grpc.RpcError) as named:
