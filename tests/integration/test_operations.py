@@ -159,3 +159,19 @@ def test_sigterm_drains_and_interrupted_job_resumes(tmp_path: Path) -> None:
                 client.job("f" * 32)
     finally:
         restarted.terminate()
+
+
+def test_db_upgrade_and_verify_audit_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    assert lethe(["db", "upgrade", "--database-url", url]) == 0
+    assert "newest schema" in capsys.readouterr().out
+    with running_app(make_config(tmp_path / "data", url)) as server:
+        server.client.wait(server.client.learn("a", *digits([0, 1])).id)
+    assert lethe(["db", "verify-audit", "--database-url", url]) == 0
+    assert "audit chain intact" in capsys.readouterr().out
+    engine = make_engine(url)
+    with engine.begin() as connection:  # tamper: someone rewrites who asked for the learn
+        connection.execute(text("UPDATE audit_events SET principal = 'mallory' WHERE action = 'learn.requested'"))
+    engine.dispose()
+    assert lethe(["db", "verify-audit", "--database-url", url]) == 1
+    assert "AUDIT CHAIN BROKEN" in capsys.readouterr().err
