@@ -60,7 +60,7 @@ class StorageSection:
 class ModelSection:
     """The one live model. ``options`` are passed to the strategy's builder as keyword arguments."""
 
-    strategy: str = "finetune"
+    strategy: str = "uncle"
     backbone: str = "mlp"
     input_shape: tuple[int, ...] = (1, 8, 8)
     num_classes: int = 10

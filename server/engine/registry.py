@@ -17,12 +17,14 @@ import torch
 
 from server.engine.finetune import build_finetune
 from server.engine.lure import build_lure
+from server.engine.uncle import build_uncle
 from server.engine.protocol import Strategy
 
 #: Every strategy the server can run. To add one, add a line ``"name": build_name,``.
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "finetune": build_finetune,
     "lure": build_lure,
+    "uncle": build_uncle,
 }
 
 #: Arguments :func:`build_strategy` passes to every builder; not settable as options.

@@ -43,6 +43,8 @@ E = TypeVar("E", bound=Enum)
 
 #: Page size when a list request leaves ``limit`` at 0, and the largest allowed.
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
+#: Sequence numbers are 32-bit in SQL; a paging cursor beyond that means "after everything".
+MAX_SEQ = 2**31 - 1
 #: Seconds between WatchJob updates while a job reports progress on every batch.
 _WATCH_MIN_INTERVAL = 0.1
 
@@ -115,10 +117,10 @@ class LetheServicer(pb_grpc.LetheServicer):
     # ------------------------------------------------------------------ Learn
     def Learn(self, request_iterator: Iterator[pb.LearnRequest], context: grpc.ServicerContext) -> pb.Job:
         with self._call("Learn", context):
-            return self._learn(request_iterator)
+            return self._learn(request_iterator, context)
         raise AssertionError("unreachable")  # context.abort raised
 
-    def _learn(self, requests: Iterator[pb.LearnRequest]) -> pb.Job:
+    def _learn(self, requests: Iterator[pb.LearnRequest], context: grpc.ServicerContext) -> pb.Job:
         first = next(requests, None)
         if first is None:
             raise InvalidArgumentError("header", "the stream is empty; the first message must carry the header")
@@ -134,16 +136,27 @@ class LetheServicer(pb_grpc.LetheServicer):
         classes: set[int] = set()
         with spool:
             for index, message in enumerate(requests, start=1):
-                if message.WhichOneof("payload") != "chunk":
+                payload = message.WhichOneof("payload")
+                if payload == "header":
                     raise InvalidArgumentError("header", f"message {index} repeats the header; send it only once")
+                if payload is None:
+                    raise InvalidArgumentError(
+                        "chunk", f"message {index} is empty; every message after the header must carry a chunk"
+                    )
                 chunk = message.chunk
                 wire_bytes += chunk.ByteSize()
                 if wire_bytes > self.defaults.max_stream_bytes:
                     raise ResourceExhaustedError(
                         f"chunk: the stream exceeds limits.max_stream_bytes ({self.defaults.max_stream_bytes} bytes)"
                     )
-                room = self.defaults.max_stream_samples - spool.samples
-                inputs = v.inputs_tensor(chunk.inputs, self.samples, f"chunk[{index}].inputs", max(room, 0) or 0)
+                limit = self.defaults.max_stream_samples
+                inputs = v.inputs_tensor(
+                    chunk.inputs,
+                    self.samples,
+                    f"chunk[{index}].inputs",
+                    max(limit - spool.samples, 0),
+                    f"limits.max_stream_samples ({limit} per Learn stream, {spool.samples} already received)",
+                )
                 labels = v.labels_tensor(chunk.labels, len(inputs), self.samples.num_classes, f"chunk[{index}].labels")
                 ids = v.sample_ids(list(chunk.sample_ids), len(inputs), f"chunk[{index}].sample_ids")
                 spool.append(inputs, labels, ids)
@@ -153,6 +166,9 @@ class LetheServicer(pb_grpc.LetheServicer):
                     "chunk", f"the stream must carry at least 2 samples (a probe set is held out), got {spool.samples}"
                 )
             record = spool.commit()
+            if _ended_early(context):
+                spool.path.unlink(missing_ok=True)
+                raise UnavailableError("the Learn stream was cancelled before it ended; nothing was recorded")
         job = self.jobs.submit_learn(
             job_id, submission, record, spool.samples, sorted(classes), current_principal().name
         )
@@ -220,6 +236,7 @@ class LetheServicer(pb_grpc.LetheServicer):
         if predictor is None:
             raise UnavailableError("the model is still loading; retry shortly")
         task: str | None = None
+        audit_as: str | None = None  # who evaluates an unlearned task; audited once the request is valid
         if self.model.task_incremental:
             task = v.task_name(request.task)
             state = self.serving.task_state(task)
@@ -236,12 +253,7 @@ class LetheServicer(pb_grpc.LetheServicer):
                 principal = current_principal()
                 if not principal.has("admin"):
                     raise PermissionDeniedError("allow_unlearned needs the 'admin' scope")
-                self.jobs.audit(
-                    principal.name,
-                    "predict.unlearned",
-                    task=task,
-                    samples=int(request.inputs.shape[0]) if request.inputs.shape else 0,
-                )
+                audit_as = principal.name
         else:
             if request.task:
                 raise InvalidArgumentError(
@@ -250,6 +262,8 @@ class LetheServicer(pb_grpc.LetheServicer):
             if request.allow_unlearned:
                 raise InvalidArgumentError("allow_unlearned", "applies only to task-incremental strategies")
         inputs = v.inputs_tensor(request.inputs, self.samples, "inputs", self.defaults.max_predict_samples)
+        if audit_as is not None:
+            self.jobs.audit(audit_as, "predict.unlearned", task=task or "", samples=len(inputs))
         try:
             logits = predictor.predict(task, torch.from_numpy(inputs), allow_unlearned=request.allow_unlearned)
         except UnknownTaskError:
@@ -304,7 +318,7 @@ class LetheServicer(pb_grpc.LetheServicer):
         with self._call("ListJobs", context):
             state = _enum_or_none(JobState, pb.JobState, request.state, "state")
             task = v.task_name(request.task) if request.task else None
-            jobs = self.jobs.list_jobs(state, task, max(request.after_seq, 0), _limit(request.limit))
+            jobs = self.jobs.list_jobs(state, task, _cursor(request.after_seq), _limit(request.limit))
             return pb.ListJobsResponse(jobs=[job_message(j) for j in jobs])
         raise AssertionError("unreachable")
 
@@ -326,7 +340,7 @@ class LetheServicer(pb_grpc.LetheServicer):
     ) -> pb.ListAuditEventsResponse:
         with self._call("ListAuditEvents", context):
             task = v.task_name(request.task) if request.task else None
-            events = self.jobs.list_audit(max(request.after_seq, 0), _limit(request.limit), task)
+            events = self.jobs.list_audit(_cursor(request.after_seq), _limit(request.limit), task)
             return pb.ListAuditEventsResponse(events=[audit_message(e) for e in events])
         raise AssertionError("unreachable")
 
@@ -352,9 +366,24 @@ class LetheServicer(pb_grpc.LetheServicer):
         self, request: pb.ListEvaluationsRequest, context: grpc.ServicerContext
     ) -> pb.ListEvaluationsResponse:
         with self._call("ListEvaluations", context):
-            rows = self.jobs.list_evaluations(max(request.after_job_seq, 0), _limit(request.limit))
+            rows = self.jobs.list_evaluations(_cursor(request.after_job_seq), _limit(request.limit))
             return pb.ListEvaluationsResponse(evaluations=[evaluation_message(r) for r in rows])
         raise AssertionError("unreachable")
+
+
+def _ended_early(context: grpc.ServicerContext) -> bool:
+    """Whether the client cancelled the call or its deadline passed.
+
+    A client stream that is cancelled half-way can end the request iterator exactly like a complete
+    one (grpc/grpc#33038); the cancellation itself is delivered moments later. Asked after the spool's
+    fsync, this tells the two apart, so a truncated stream is never recorded as a job.
+    """
+    return not context.is_active() or context.time_remaining() <= 0
+
+
+def _cursor(after: int) -> int:
+    """A paging cursor (int64 on the wire) within the range of SQL sequence numbers."""
+    return min(max(after, 0), MAX_SEQ)
 
 
 def _limit(requested: int) -> int:

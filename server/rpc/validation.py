@@ -17,8 +17,9 @@ from protos.tensors import TensorFormatError, from_tensor
 from server.errors import InvalidArgumentError, ResourceExhaustedError
 
 #: Task names are path-safe and printable: they appear in file names, logs and metric labels.
-TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+#: Used with ``fullmatch``: ``$`` would also accept a trailing newline.
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+JOB_ID = re.compile(r"[0-9a-f]{32}")
 MAX_KEY_LENGTH = 256
 MAX_REASON_LENGTH = 4096
 MAX_METADATA_ENTRIES = 64
@@ -33,7 +34,7 @@ def task_name(value: str, field: str = "task") -> str:
     """Check a task name: 1–128 characters of letters, digits, ``.``, ``_``, ``-``, starting alphanumeric."""
     if not value:
         raise InvalidArgumentError(field, "is required")
-    if not TASK_NAME.match(value):
+    if not TASK_NAME.fullmatch(value):
         raise InvalidArgumentError(
             field,
             f"must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit; "
@@ -44,7 +45,7 @@ def task_name(value: str, field: str = "task") -> str:
 
 def job_id(value: str, field: str = "id") -> str:
     """Check a job id: 32 lowercase hex characters."""
-    if not JOB_ID.match(value):
+    if not JOB_ID.fullmatch(value):
         raise InvalidArgumentError(field, f"must be a job id of 32 lowercase hex characters, got {value[:40]!r}")
     return value
 
@@ -64,10 +65,17 @@ class SampleLimits:
     num_classes: int
 
 
-def inputs_tensor(tensor: pb.Tensor, limits: SampleLimits, field: str, max_samples: int) -> np.ndarray:
+def inputs_tensor(
+    tensor: pb.Tensor,
+    limits: SampleLimits,
+    field: str,
+    max_samples: int,
+    limit: str | None = None,
+) -> np.ndarray:
     """Decode and check an inputs tensor: ``[n, *input_shape]``, float or uint8, finite; return float32.
 
-    UINT8 values are scaled to [0, 1].
+    UINT8 values are scaled to [0, 1]. More than ``max_samples`` samples is RESOURCE_EXHAUSTED; ``limit``
+    names the setting in the message (default: ``limits.max_predict_samples``).
     """
     if tensor.dtype not in FLOAT_INPUTS:
         allowed = ", ".join(pb.DataType.Name(d) for d in FLOAT_INPUTS)
@@ -81,14 +89,16 @@ def inputs_tensor(tensor: pb.Tensor, limits: SampleLimits, field: str, max_sampl
     if shape[0] == 0:
         raise InvalidArgumentError(f"{field}.shape", "must hold at least one sample")
     if shape[0] > max_samples:
-        raise ResourceExhaustedError(f"{field}.shape: at most {max_samples} samples per message, got {shape[0]}")
+        limit = limit or f"limits.max_predict_samples ({max_samples} per request)"
+        raise ResourceExhaustedError(f"{field}.shape: {shape[0]} samples exceed {limit}")
     try:
         array = from_tensor(tensor)
     except TensorFormatError as exc:
         raise InvalidArgumentError(field, str(exc)) from None
     if tensor.dtype == pb.UINT8:
         return array.astype(np.float32) / np.float32(255.0)
-    out = array.astype(np.float32)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused just below
+        out = array.astype(np.float32)
     if not np.isfinite(out).all():
         raise InvalidArgumentError(
             f"{field}.data", "must be finite (no NaN or infinity, also after float32 conversion)"

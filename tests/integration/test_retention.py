@@ -13,8 +13,11 @@ from tests.support import digits, make_config, running_app
 
 @pytest.mark.parametrize("ops", [0, 2])
 def test_forget_probe_is_purged_after_the_configured_operations(tmp_path: Path, ops: int) -> None:
-    config = make_config(tmp_path / "data", f"sqlite:///{tmp_path / 'db.sqlite'}",
-                         **{"training.forget_probe_ops": ops, "training.epochs": 3})
+    config = make_config(
+        tmp_path / "data",
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
+        **{"training.forget_probe_ops": ops, "training.epochs": 3},
+    )
     with running_app(config) as server:
         c = server.client
         for name, classes in (("a", [0, 1]), ("b", [2, 3])):

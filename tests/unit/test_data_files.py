@@ -67,6 +67,8 @@ def test_checkpoint_refuses_arbitrary_pickles(tmp_path: Path) -> None:
         def __reduce__(self) -> tuple[object, tuple[str]]:
             return (print, ("pwned",))
 
-    torch.save({"meta": {"version": 9, "last_job_id": "x", "last_job_metrics": {}}, "strategy": Evil()},
-               tmp_path / "checkpoints/ckpt-0000000009.pt")
+    torch.save(
+        {"meta": {"version": 9, "last_job_id": "x", "last_job_metrics": {}}, "strategy": Evil()},
+        tmp_path / "checkpoints/ckpt-0000000009.pt",
+    )
     assert store.load_latest() is None  # weights_only loading refuses it; nothing runs

@@ -20,12 +20,14 @@ which scrambled the per-layer initialization).
 ``Var(θ) = Var(W) · d_k · E[h²]``; hyperfan-in picks ``Var(W) = 2 / (d_j · d_k · E[h²])`` so that
 ``Var(θ) = 2 / d_j`` (Kaiming). A single output layer is shared by all chunks, and chunks of
 different layers need different variances, so the per-layer factor ``√(2 / d_j)`` is the fixed
-``scale`` of :class:`TargetLayout` and the output layer itself is initialized so that the raw output
-has zero mean and unit variance: ``Var(W) = 1 / E‖h − h̄‖²`` with the bias set to ``−W h̄``, where
-``h̄`` is the mean trunk feature over all chunks and a few task embeddings drawn from the
-embeddings' init distribution. (Centering removes the component that all chunks share because
-ReLU features have a positive mean; without it neighbouring chunks start strongly correlated.)
-The product is exactly the hyperfan-in variance.
+``scale`` of :class:`TargetLayout`, and the output layer produces raw values of zero mean and unit
+variance: its effective weight is ``gain · W`` with ``W ~ N(0, 1)`` and ``gain² = 1 / E‖h − h̄‖²``,
+its bias ``−gain · W h̄``, where ``h̄`` is the mean trunk feature over all chunks and a few task
+embeddings drawn from the embeddings' init distribution. The product is exactly the hyperfan-in
+variance. Centering removes the component all chunks share (ReLU features have a positive mean),
+which would otherwise start neighbouring chunks strongly correlated. Keeping ``W`` at unit scale
+with a constant ``gain`` (an equalized learning rate) matters for Adam, see
+:class:`ChunkedHypernetwork`.
 
 A consequence used by the strategy: in raw space the standard normal N(0, I) *is* the Kaiming
 initialization, so the paper's "align the forget task's parameters with N(0, I)" returns the task

@@ -32,6 +32,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -202,7 +203,8 @@ class UncleStrategy:
 
         Returns:
             Metrics ``train_loss`` (cross-entropy) and ``train_accuracy`` (percent) of the last
-            epoch, ``regularization_loss`` (last epoch, before β), ``regularized_tasks``,
+            epoch, ``regularization_loss`` (last epoch, before β), ``regularized_tasks`` (the
+            tasks held in place), ``regularized_per_step`` (how many of them each step samples),
             ``learn_seconds`` and ``samples``.
 
         Raises:
@@ -293,6 +295,7 @@ class UncleStrategy:
                 "train_accuracy": 100.0 * float(correct) / n,
                 "regularization_loss": float(reg_sum) / n,
                 "regularized_tasks": float(len(bank.slots)),
+                "regularized_per_step": float(min(len(bank.slots), cfg.max_regularized_tasks)),
                 "learn_seconds": time.perf_counter() - started,
                 "samples": float(n),
             }
@@ -406,7 +409,7 @@ class UncleStrategy:
             self._clip(_trainable(hypernetwork))
             optimizer.step()
             progress((step + 1) / (steps + 1), f"{method}: burn-in step {step + 1}/{steps}")
-        return hypernetwork, {"forget_loss": float(forget), "regularization_loss": float(regularization)}
+        return hypernetwork, {"forget_loss": forget.item(), "regularization_loss": regularization.item()}
 
     # ------------------------------------------------------------------ helpers
 
@@ -461,7 +464,7 @@ class UncleStrategy:
             tasks = {
                 name: ServedTask(
                     embedding=self._embeddings[slot].detach(),
-                    buffers=self._buffers[slot],
+                    buffers=MappingProxyType(self._buffers[slot]),
                     mask=class_mask(self._records[slot].classes, self.config.num_classes, self._device),
                     unlearned=self._records[slot].unlearned,
                 )

@@ -1,0 +1,159 @@
+"""kill -9 at chosen and random points of learn and unlearn jobs, restart, and check that nothing was lost.
+
+Each test drives real ``python -m server`` processes (SQLite and PostgreSQL) on one data directory and
+database through :class:`tests.crash_harness.CrashHarness`, which records every job the server
+acknowledged and checks, after each restart: every acknowledged job ended exactly once and nothing
+else was created; the jobs running at the kill succeeded; learned tasks are LEARNED and predictable;
+GetModel's version is the highest version of a successful job; the audit chain verifies; unlearned
+tasks are never predictable (also while the server restarts) and their purged files are gone; no spool,
+``.partial`` or ``.tmp`` file is left; the newest checkpoint is the model's version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client import pb
+from client.audit import verify_chain
+from tests.crash_harness import CrashHarness, learn_chunk, learn_header, random_delay
+from tests.support import digits, make_config, running_app
+
+ALL_DIGITS = list(range(10))
+
+
+@pytest.fixture
+def harness(tmp_path: Path, database_url: str) -> Iterator[CrashHarness]:
+    h = CrashHarness(tmp_path / "data", database_url)
+    try:
+        yield h
+    finally:
+        print(f"starts took {[round(s, 1) for s in h.start_seconds]} s")
+        h.stop()
+
+
+def test_kill_during_learn_job_completes_after_restart(harness: CrashHarness) -> None:
+    """Issue #2: kill -9 during a learn job, restart: the job completes; tasks, audit chain and version are intact."""
+    client = harness.start()
+    first = harness.learn("first", [0, 1])
+    assert client.wait(first.id).model_version == 1
+    second = harness.learn("second", ALL_DIGITS)
+    harness.wait_state(second.id, (pb.RUNNING,), min_progress=0.3)
+    harness.kill()
+    assert second.id in harness.running_at_kill
+
+    client = harness.start()
+    done = client.wait(second.id, timeout=240)
+    assert done.state == pb.SUCCEEDED and done.model_version == 2
+    assert {t.name: t.state for t in client.tasks()} == {"first": pb.LEARNED, "second": pb.LEARNED}
+    assert client.model().version == 2
+    events = client.audit_events()
+    assert verify_chain(events) is None
+    assert [e.action for e in events if e.job_id == second.id].count("learn.succeeded") == 1
+    assert [j.id for j in client.jobs()] == [first.id, second.id]
+    harness.check()
+    harness.assert_idle_restart_changes_nothing()
+
+
+def test_kill_while_an_unlearn_waits_and_while_it_runs(harness: CrashHarness) -> None:
+    client = harness.start()
+    for task, classes in (("alpha", [0, 1]), ("beta", [2, 3]), ("gamma", [4, 5])):
+        client.wait(harness.learn(task, classes).id)
+    # 1. The unlearn of alpha waits behind a running learn: kill while alpha is UNLEARNING.
+    busy = harness.learn("busy", ALL_DIGITS)
+    harness.wait_state(busy.id, (pb.RUNNING,), min_progress=0.2)
+    forget_alpha = harness.unlearn("alpha")
+    assert client.task("alpha").state == pb.UNLEARNING
+    harness.kill()
+
+    client = harness.start()
+    assert client.wait(forget_alpha.id, timeout=240).state == pb.SUCCEEDED
+    harness.check()
+
+    # 2. Kill the moment the unlearn of beta is seen running (or just after, if it was quicker).
+    forget_beta = harness.unlearn("beta")
+    seen = harness.wait_state(forget_beta.id, (pb.RUNNING, pb.SUCCEEDED))
+    harness.kill()
+
+    client = harness.start()
+    assert client.wait(forget_beta.id, timeout=240).state == pb.SUCCEEDED, pb.JobState.Name(seen.state)
+    jobs = harness.check()
+    assert {t.name: t.state for t in client.tasks()} == {
+        "alpha": pb.UNLEARNED,
+        "beta": pb.UNLEARNED,
+        "gamma": pb.LEARNED,
+        "busy": pb.LEARNED,
+    }
+    unlearns = [j for j in jobs if j.kind == pb.UNLEARN]
+    assert len(unlearns) == 2 and all(j.model_version > 0 for j in unlearns)
+
+
+def _random_trial(harness: CrashHarness, trial: int) -> None:
+    """Queue learns and an unlearn, start a slow upload, and kill at a random moment chosen by ``trial``."""
+    client = harness.start()
+    client.wait(harness.learn("t0", [0, 1]).id)
+    harness.learn("t1", [2, 3, 4, 5])
+    harness.learn("t2", [6, 7])
+    harness.unlearn("t0")
+    harness.learn("t3", ALL_DIGITS, epochs=3)
+
+    # A Learn stream still uploading when the server dies must leave nothing behind.
+    upload_key = f"upload-{uuid.uuid4().hex}"
+    x, y = digits([8, 9])
+
+    def slow_upload() -> None:
+        def stream() -> Iterator[pb.LearnRequest]:
+            yield learn_header("upload", idempotency_key=upload_key)
+            for start in range(0, len(y), 40):
+                time.sleep(0.15)
+                yield learn_chunk(x[start : start + 40], y[start : start + 40])
+
+        with contextlib.suppress(grpc.RpcError):  # killed mid-stream; retried after the restart below
+            client.stub.Learn(stream(), timeout=60)
+
+    uploader = threading.Thread(target=slow_upload)
+    uploader.start()
+    time.sleep(random_delay(trial, 0.0, 4.0))
+    harness.kill()
+    uploader.join(60)
+
+    client = harness.start()
+    # A client retries an unanswered Learn with its idempotency key: the job exists once either way.
+    retried = harness.learn("upload", [8, 9], key=upload_key)
+    assert sum(j.task == "upload" for j in client.jobs(limit=1000)) == 1
+    assert client.wait(retried.id, timeout=240).state == pb.SUCCEEDED
+    harness.check()
+
+
+def test_kill_at_a_random_point(harness: CrashHarness) -> None:
+    _random_trial(harness, trial=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(1, 26))
+def test_kill_at_random_points_many_trials(harness: CrashHarness, trial: int) -> None:
+    _random_trial(harness, trial)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: the worker writes a checkpoint per job but prunes old ones only at start-up (Worker.recover), "
+    "so checkpoints taken before an unlearn keep the forgotten task's weights until the next restart",
+)
+def test_checkpoints_older_than_an_unlearn_are_deleted(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "data", f"sqlite:///{tmp_path / 'lethe.db'}", **{"training.epochs": 2})
+    with running_app(config) as running:
+        client = running.client
+        x, y = digits([0, 1])
+        client.wait(client.learn("kept", x, y).id)
+        client.wait(client.learn("forgotten", *digits([2, 3])).id)
+        version = client.wait(client.unlearn("forgotten").id).model_version
+        checkpoints = sorted(p.name for p in (tmp_path / "data" / "checkpoints").iterdir())
+        assert checkpoints == [f"ckpt-{version:010d}.pt"]

@@ -1,0 +1,102 @@
+"""Smoke test of the benchmarks: every one runs in its ``--quick`` configuration and reports sane numbers.
+
+No timing is asserted (performance goals live in the benchmarks themselves, DESIGN.md section 8):
+only that each benchmark runs end to end against a real server and produces finite, positive values,
+and that the results document is rewritten in place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import run as bench
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    """One ``python -m benchmarks.run --quick`` of every benchmark, into a scratch document."""
+    root = tmp_path_factory.mktemp("bench")
+    doc = root / "benchmarks.md"
+    doc.write_text(
+        "# Benchmarks\n\nIntro kept as is.\n\n## Results\n\n"
+        f"{bench.BEGIN}\n{bench.block('someone-else', 'their block, kept')}\n{bench.END}\n\n## Later\n\nKept too.\n"
+    )
+    report = root / "results.json"
+    status = bench.main(["--quick", "--doc", str(doc), "--json", str(report), "--data-dir", str(root / "data")])
+    assert status == 0
+    return json.loads(report.read_text()), doc.read_text()
+
+
+def _numbers(comparison: dict[str, Any]) -> list[float]:
+    return [comparison[side][key] for side in ("baseline", "lethe", "ratio") for key in ("median", "low", "high")]
+
+
+def test_every_benchmark_reports_finite_positive_numbers(quick_run: tuple[dict[str, Any], str]) -> None:
+    report, _doc = quick_run
+    assert report["quick"] is True
+    results = {r["name"]: r for r in report["results"]}
+    assert set(results) == set(bench.BENCHMARKS)
+    for name, result in results.items():
+        assert result["comparisons"], f"{name} reported no comparison"
+        for comparison in result["comparisons"]:
+            values = _numbers(comparison)
+            assert all(math.isfinite(v) and v > 0 for v in values), (name, comparison["case"], values)
+    goals = [c["goal"] for r in results.values() for c in r["comparisons"] if c["goal"] is not None]
+    assert goals, "the issue's goals must appear in the results"
+
+
+def test_ingest_breakdown_and_predict_variants(quick_run: tuple[dict[str, Any], str]) -> None:
+    report, _doc = quick_run
+    results = {r["name"]: r for r in report["results"]}
+    (heading, _header, rows), *_ = results["ingest"]["tables"]
+    assert "Where the time goes" in heading
+    assert all(math.isfinite(float(row[1])) and float(row[1]) >= 0 for row in rows)
+    cases = [c["case"] for c in results["predict"]["comparisons"]]
+    for variant in ("Predict", "PredictStream"):
+        assert any(case.endswith(f"1 thread(s): {variant}") for case in cases)
+        assert any(case.endswith(f"4 thread(s): {variant}") for case in cases)
+    assert any("mlp" in case for case in cases) and any("cnn" in case for case in cases)
+    echo_table = next(rows for heading, _h, rows in results["predict"]["tables"] if "echo" in heading)
+    assert len(echo_table) == 4  # two models x (1, 4) threads
+    assert all(float(row[2].replace(",", "")) > 0 for row in echo_table)
+
+
+def test_document_results_are_rewritten_in_place(quick_run: tuple[dict[str, Any], str]) -> None:
+    _report, doc = quick_run
+    assert doc.startswith("# Benchmarks\n\nIntro kept as is.")
+    assert doc.rstrip().endswith("## Later\n\nKept too.")
+    assert doc.count(bench.BEGIN) == 1 and doc.count(bench.END) == 1
+    assert "their block, kept" in doc
+    for name in (bench.MACHINE, *bench.BENCHMARKS):
+        assert doc.count(f"<!-- bench:{name}:begin -->") == 1
+    assert "--quick" in doc  # quick numbers are labelled as such
+
+
+def test_update_document_replaces_only_named_blocks() -> None:
+    text = f"# B\n\n{bench.BEGIN}\n{bench.block('a', 'old a')}\n\n{bench.block('b', 'old b')}\n{bench.END}\n"
+    updated = bench.update_document(text, {"a": "new a", "c": "new c"})
+    assert "new a" in updated and "old a" not in updated
+    assert "old b" in updated and "new c" in updated
+    assert updated.index("new a") < updated.index("old b") < updated.index("new c") < updated.index(bench.END)
+    assert bench.update_document(updated, {"a": "new a", "c": "new c"}) == updated
+
+
+def test_update_document_adds_a_section_and_rejects_damaged_markers() -> None:
+    added = bench.update_document("# B\n", {"a": "x"})
+    assert bench.BEGIN in added and bench.END in added and "x" in added
+    with pytest.raises(ValueError, match="markers"):
+        bench.update_document(f"# B\n{bench.END}\n{bench.BEGIN}\n", {"a": "x"})
+
+
+def test_quick_run_writes_no_document_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "BENCHMARKS", {})  # nothing to run: only the document logic is under test
+    monkeypatch.setattr(bench, "DEFAULT_DOC", tmp_path / "benchmarks.md")
+    assert bench.main(["--quick", "--data-dir", str(tmp_path / "data")]) == 0
+    assert not (tmp_path / "benchmarks.md").exists()
+    assert bench.main(["--data-dir", str(tmp_path / "data")]) == 0  # a full run does write it
+    assert (tmp_path / "benchmarks.md").exists()
