@@ -17,8 +17,8 @@ import torch
 
 from server.engine.finetune import build_finetune
 from server.engine.lure import build_lure
-from server.engine.uncle import build_uncle
 from server.engine.protocol import Strategy
+from server.engine.uncle import build_uncle
 
 #: Every strategy the server can run. To add one, add a line ``"name": build_name,``.
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
