@@ -166,6 +166,7 @@ class App:
             sessions, self.data_dir, events, serving, QueueLimits(c.limits.max_queued_jobs, c.limits.max_tasks)
         )
         telemetry.job_queue_depth.set_function(jobs.queue_depth)
+        telemetry.count_tasks_with(serving.counts)
         model = ModelDescription(
             strategy=c.model.strategy,
             backbone=c.model.backbone,

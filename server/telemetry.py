@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -88,10 +88,14 @@ class Telemetry:
             self._task_series.add(task)
             return True
 
-    def set_task_states(self, counts: Mapping[str, int]) -> None:
-        """Set ``lethe_tasks{state}`` for every state (missing states are 0)."""
+    def count_tasks_with(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Read ``lethe_tasks{state}`` from ``counts()`` at every scrape (always current, no bookkeeping)."""
+
+        def reader(state: str) -> Callable[[], float]:
+            return lambda: float(counts().get(state, 0))
+
         for state in TASK_STATES:
-            self.tasks.labels(state).set(counts.get(state, 0))
+            self.tasks.labels(state).set_function(reader(state))
 
     def record_accuracies(
         self, accuracies: Mapping[str, float], learned: Iterable[str], unlearned: Iterable[str]

@@ -548,7 +548,6 @@ class Worker:
         self.serving.load_tasks(states)
         self.serving.publish(self.strategy.predictor())
         self.telemetry.model_version.set(self.strategy.version)
-        self.telemetry.set_task_states(self.serving.counts())
         self.telemetry.retained_bytes.set(retained)
         self.telemetry.record_relapse(relapses)
 
@@ -566,7 +565,6 @@ class Worker:
         t.jobs_total.labels(job.kind.value, "succeeded").inc()
         t.job_duration.labels(job.kind.value).observe(time.monotonic() - started)
         t.model_version.set(self.strategy.version)
-        t.set_task_states(self.serving.counts())
         t.record_accuracies(
             accuracies,
             [n for n, s in states.items() if s == TaskState.LEARNED],
