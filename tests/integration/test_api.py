@@ -124,14 +124,13 @@ def test_unlearn_of_queued_learn_cancels_it_and_data_never_reaches_model(server)
     assert forget.state == pb.SUCCEEDED and "never reached" in forget.message
     assert server.client.job(queued.id).state == pb.CANCELLED
     assert server.client.task("queued").state == pb.UNLEARNED
-    server.client.cancel(slow.id) if server.client.job(slow.id).state == pb.QUEUED else None
-    server.client.wait(slow.id, check=False)
+    assert server.client.job(slow.id).state in (pb.QUEUED, pb.RUNNING)  # interrupted by the fixture's stop
 
 
 def test_cancel_queued_job_and_errors(server) -> None:  # type: ignore[no-untyped-def]
     client = server.client
     x, y = digits(list(range(10)))
-    busy = client.learn("busy", x, y, epochs=100)
+    busy = client.learn("busy", x, y, epochs=30)
     x2, y2 = digits([2, 3])
     waiting = client.learn("waiting", x2, y2)
     cancelled = client.cancel(waiting.id)

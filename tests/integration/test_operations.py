@@ -141,7 +141,7 @@ def test_sigterm_drains_and_interrupted_job_resumes(tmp_path: Path) -> None:
         server.wait_ready()
         with LetheClient(server.target) as client:
             x, y = digits(list(range(10)))
-            job = client.learn("long", x, y, epochs=400)
+            job = client.learn("long", x, y, epochs=150)
             while client.job(job.id).state != pb.RUNNING:
                 time.sleep(0.1)
         assert server.terminate() == 0  # graceful: the running job is re-queued, not lost
