@@ -14,16 +14,19 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import grpc
 from prometheus_client import CollectorRegistry
 
 from client import LetheClient
+from protos import lethe_pb2 as pb
 from server.app import App
 from server.config import Config, load_config
 
@@ -126,14 +129,6 @@ class BenchmarkResult:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
-    def numbers(self) -> list[float]:
-        """Every measured value (medians, ranges, ratios), for sanity checks."""
-        out: list[float] = []
-        for c in self.comparisons:
-            for s in (c.baseline, c.lethe, c.ratio):
-                out += [s.median, s.low, s.high]
-        return out
-
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -170,6 +165,42 @@ def lethe_server(config: Config) -> Iterator[tuple[App, LetheClient]]:
     finally:
         client.close()
         app.stop(grace=5)
+
+
+#: ``lethe.v1.Lethe``: bare servers register their handlers under the real service name, so
+#: :class:`LetheClient` talks to them unchanged.
+SERVICE = pb.DESCRIPTOR.services_by_name["Lethe"].full_name
+
+
+@contextlib.contextmanager
+def bare_server(
+    handlers: Mapping[str, grpc.RpcMethodHandler], *, threads: int, max_message_bytes: int
+) -> Iterator[LetheClient]:
+    """A minimal grpcio server with only ``handlers`` (method name -> handler) of ``lethe.v1.Lethe``.
+
+    Same thread pool, message-size options and concurrency limit as :func:`server.rpc.create_server`,
+    but no interceptor, health, reflection or servicer. Yields a :class:`LetheClient` connected to it.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bare-rpc"),
+        handlers=[grpc.method_handlers_generic_handler(SERVICE, dict(handlers))],
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=threads * 16,
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    if port == 0:
+        raise RuntimeError("cannot listen on 127.0.0.1")
+    server.start()
+    client = LetheClient(f"127.0.0.1:{port}", retries=1, timeout=120, max_message_bytes=max_message_bytes)
+    try:
+        yield client
+    finally:
+        client.close()
+        server.stop(grace=1).wait()
 
 
 def fmt_ratio(comparison: Comparison) -> str:
@@ -214,7 +245,7 @@ def result_markdown(result: BenchmarkResult, machine: str, when: str, quick: boo
                     fmt_goal(c),
                 ]
             )
-        parts += [markdown_table(["case", "baseline", "Lethe", "Lethe / baseline", "goal"], rows), ""]
+        parts += [markdown_table(["case", "baseline", "measured", "measured / baseline", "goal"], rows), ""]
     for heading, header, rows in result.tables:
         parts += [f"**{heading}**", "", markdown_table(header, rows), ""]
     if result.settings:

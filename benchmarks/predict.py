@@ -4,33 +4,51 @@
   ``app.worker.strategy.predictor().predict(task, tensor)`` on a ready-made ``torch.Tensor``:
   exactly the model Predict serves, with none of the serving path;
 - **Predict**: :meth:`LetheClient.predict` (numpy in, numpy out), one unary call per batch;
-- **PredictStream**: one bidirectional stream per client thread, one request per batch.
+- **PredictStream**: one bidirectional stream per client thread, one request per batch;
+- **bare gRPC echo** (reference): the same client call against a minimal grpcio server whose
+  Predict parses the request and returns a ready-made response of the same size, with no model
+  and no validation: the floor any Python gRPC server pays per call on this machine.
 
 Each is measured with 1 and 4 concurrent client threads (one shared channel), for two models:
-the digits MLP (``[1,8,8]``, a model so small that per-call overhead dominates) and a CNN on
-CIFAR-shaped ``[3,32,32]`` inputs (where the forward pass costs milliseconds).
+the digits MLP (``[1,8,8]``, so small that per-call overhead dominates) and a CNN on
+CIFAR-shaped ``[3,32,32]`` inputs (where the forward pass costs tens of milliseconds). The
+variants run interleaved, repetition by repetition.
 """
 
 from __future__ import annotations
 
+import contextlib
+import statistics
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
 
-from benchmarks.common import BenchmarkResult, RunOptions, Stopwatch, bench_config, compare, lethe_server
+from benchmarks.common import (
+    BenchmarkResult,
+    RunOptions,
+    Stopwatch,
+    bare_server,
+    bench_config,
+    compare,
+    lethe_server,
+)
 from client import LetheClient
 from client.datasets import load_digits
 from protos import lethe_pb2 as pb
 from protos.tensors import from_tensor, to_tensor
+from server.config import ServerSection
 
 NAME = "predict"
 #: The issue's goal: gRPC Predict at least 80% of in-process throughput.
 GOAL = 0.8
+TASK = "bench"
 
 
 @dataclass(frozen=True)
@@ -41,14 +59,14 @@ class ModelCase:
         name: short label for the table.
         backbone: the backbone name.
         input_shape: shape of one sample.
-        learn_samples: samples of the task learned before measuring (synthetic unless digits).
+        learn_samples: random samples of the task learned before measuring (ignored for digits).
         digits: learn and predict sklearn's digits instead of random inputs.
     """
 
     name: str
     backbone: str
     input_shape: tuple[int, ...]
-    learn_samples: int
+    learn_samples: int = 512
     digits: bool = False
 
 
@@ -60,18 +78,18 @@ class PredictSettings:
         batch: samples per request.
         threads: concurrent client threads to measure.
         seconds: duration of one measurement.
-        repeats: measurements of each variant (interleaved with the baseline's).
+        repeats: measurements of each variant (interleaved).
         cases: the models.
         epochs: epochs of the learn job that precedes the measurements.
     """
 
     batch: int = 64
     threads: tuple[int, ...] = (1, 4)
-    seconds: float = 2.0
-    repeats: int = 5
+    seconds: float = 1.5
+    repeats: int = 7
     cases: tuple[ModelCase, ...] = (
-        ModelCase("digits, mlp", "mlp", (1, 8, 8), 0, digits=True),
-        ModelCase("CIFAR-shaped, cnn", "cnn", (3, 32, 32), 512),
+        ModelCase("digits, mlp", "mlp", (1, 8, 8), digits=True),
+        ModelCase("CIFAR-shaped, cnn", "cnn", (3, 32, 32), learn_samples=512),
     )
     epochs: int = 2
 
@@ -81,11 +99,21 @@ QUICK = PredictSettings(
     seconds=0.05,
     repeats=1,
     cases=(
-        ModelCase("digits, mlp", "mlp", (1, 8, 8), 0, digits=True),
-        ModelCase("CIFAR-shaped, cnn", "cnn", (3, 32, 32), 64),
+        ModelCase("digits, mlp", "mlp", (1, 8, 8), digits=True),
+        ModelCase("CIFAR-shaped, cnn", "cnn", (3, 32, 32), learn_samples=64),
     ),
     epochs=1,
 )
+
+#: The measured variants, in the order they run within a repetition.
+VARIANTS = ("in-process", "Predict", "PredictStream", "bare gRPC echo")
+
+
+@dataclass
+class CaseMeasurements:
+    """Samples/s of every variant, per client-thread count: ``rates[threads][variant]`` lists repetitions."""
+
+    rates: dict[int, dict[str, list[float]]] = field(default_factory=dict)
 
 
 def _task_data(case: ModelCase, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -97,86 +125,110 @@ def _task_data(case: ModelCase, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return inputs, rng.integers(0, 10, size=case.learn_samples, dtype=np.int64)
 
 
-def throughput(call: Callable[[], int], threads: int, seconds: float) -> float:
-    """Samples per second of ``call`` (returns the samples it handled) run in a loop on ``threads`` threads.
+class ClientThreads:
+    """Long-lived client threads that run a measurement body concurrently.
 
-    Every thread starts at the same barrier and stops issuing calls after ``seconds``; the time is
-    from the barrier to the end of the last call.
+    The same threads serve every measurement, for the baseline as for gRPC: a fresh thread would
+    start a fresh OpenMP team in torch on its first call, which the server's pool threads do not pay.
     """
-    counts = [0] * threads
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(threads + 1)
 
-    def loop(index: int) -> None:
-        try:
+    def __init__(self, size: int) -> None:
+        self._pool = futures.ThreadPoolExecutor(max_workers=size, thread_name_prefix="bench-client")
+        self.size = size
+
+    def run(self, body: Callable[[float], int], threads: int, seconds: float) -> float:
+        """Run ``body(deadline)`` (returns samples handled) on ``threads`` threads at once; return samples/s.
+
+        All threads start at one barrier; the time runs from the barrier to the end of the last one.
+        """
+        if threads > self.size:
+            raise ValueError(f"{threads} threads requested, the pool has {self.size}")
+        barrier = threading.Barrier(threads + 1)
+
+        def start() -> int:
             barrier.wait()
-            deadline = time.perf_counter() + seconds
-            while time.perf_counter() < deadline:
-                counts[index] += call()
-        except BaseException as exc:  # surfaced to the caller below
-            errors.append(exc)
+            return body(time.perf_counter() + seconds)
 
-    workers = [threading.Thread(target=loop, args=(i,), name=f"bench-client-{i}") for i in range(threads)]
-    for w in workers:
-        w.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for w in workers:
-        w.join()
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise errors[0]
-    return sum(counts) / elapsed
+        running = [self._pool.submit(start) for _ in range(threads)]
+        barrier.wait()
+        started = time.perf_counter()
+        samples = sum(f.result() for f in running)
+        return samples / (time.perf_counter() - started)
+
+    def close(self) -> None:
+        """Stop the threads."""
+        self._pool.shutdown()
+
+
+def throughput(pool: ClientThreads, call: Callable[[], int], threads: int, seconds: float) -> float:
+    """Samples per second of ``call`` (returns the samples it handled) looped on ``threads`` threads for ``seconds``."""
+
+    def body(deadline: float) -> int:
+        samples = 0
+        while time.perf_counter() < deadline:
+            samples += call()
+        return samples
+
+    return pool.run(body, threads, seconds)
 
 
 def stream_throughput(
-    client: LetheClient, request: Callable[[], pb.PredictRequest], threads: int, seconds: float
+    pool: ClientThreads, client: LetheClient, request: Callable[[], pb.PredictRequest], threads: int, seconds: float
 ) -> float:
     """Samples per second over ``threads`` PredictStream calls, each sending requests for ``seconds``."""
-    counts = [0] * threads
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(threads + 1)
 
-    def loop(index: int) -> None:
-        try:
-            barrier.wait()
-            deadline = time.perf_counter() + seconds
+    def body(deadline: float) -> int:
+        def requests() -> Iterator[pb.PredictRequest]:
+            while time.perf_counter() < deadline:
+                yield request()
 
-            def requests() -> object:
-                while time.perf_counter() < deadline:
-                    yield request()
+        samples = 0
+        for response in client.stub.PredictStream(requests(), metadata=client.metadata):
+            samples += len(from_tensor(response.outputs))
+        return samples
 
-            for response in client.stub.PredictStream(requests(), metadata=client.metadata):
-                counts[index] += len(from_tensor(response.outputs))
-        except BaseException as exc:
-            errors.append(exc)
-
-    workers = [threading.Thread(target=loop, args=(i,), name=f"bench-stream-{i}") for i in range(threads)]
-    for w in workers:
-        w.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for w in workers:
-        w.join()
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise errors[0]
-    return sum(counts) / elapsed
+    return pool.run(body, threads, seconds)
 
 
-def _measure_case(
-    case: ModelCase, settings: PredictSettings, data_dir: Path, options: RunOptions
-) -> list[tuple[int, list[float], list[float], list[float]]]:
-    """Serve ``case``; return per thread count the (in-process, Predict, PredictStream) samples/s lists."""
+def echo_handlers(batch: int, num_classes: int) -> dict[str, grpc.RpcMethodHandler]:
+    """``Predict`` that parses the request, touches its bytes and returns a ready-made response of the right size."""
+    response = pb.PredictResponse(
+        outputs=to_tensor(np.zeros((batch, num_classes), dtype=np.float32)), classes=[0] * batch, model_version=1
+    )
+
+    def predict(request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
+        len(request.inputs.data)
+        return response
+
+    return {
+        "Predict": grpc.unary_unary_rpc_method_handler(
+            predict,
+            request_deserializer=pb.PredictRequest.FromString,
+            response_serializer=pb.PredictResponse.SerializeToString,
+        )
+    }
+
+
+def measure_case(case: ModelCase, settings: PredictSettings, data_dir: Path, options: RunOptions) -> CaseMeasurements:
+    """Learn a task on a fresh server for ``case``, then measure every variant at every thread count."""
     inputs, labels = _task_data(case)
     config = bench_config(
         data_dir,
         **{"model.backbone": case.backbone, "model.input_shape": ",".join(map(str, case.input_shape))},
     )
-    measured: list[tuple[int, list[float], list[float], list[float]]] = []
-    with lethe_server(config) as (app, client):
-        task = "bench"
-        client.wait(client.learn(task, inputs, labels, epochs=settings.epochs).id, timeout=900)
+    measured = CaseMeasurements()
+    section = ServerSection()
+    pool = ClientThreads(max(settings.threads))
+    with (
+        contextlib.closing(pool),
+        lethe_server(config) as (app, client),
+        bare_server(
+            echo_handlers(settings.batch, config.model.num_classes),
+            threads=section.threads,
+            max_message_bytes=section.max_message_bytes,
+        ) as echo,
+    ):
+        client.wait(client.learn(TASK, inputs, labels, epochs=settings.epochs).id, timeout=900)
         batch = np.ascontiguousarray(inputs[: settings.batch])
         tensor = torch.from_numpy(batch)
         if app.worker is None:
@@ -185,73 +237,109 @@ def _measure_case(
         served = app.worker.serving.predictor
         if served is None or served.version != predictor.version:
             raise RuntimeError("the published snapshot is not the strategy's current model")
-        expected = predictor.predict(task, tensor).numpy()
-        if not np.allclose(expected, client.predict(task, batch).outputs, atol=1e-5, equal_nan=True):
+        if not np.allclose(predictor.predict(TASK, tensor).numpy(), client.predict(TASK, batch).outputs, atol=1e-5):
             raise RuntimeError("gRPC Predict and the in-process predictor disagree")
 
-        def in_process() -> int:
-            return len(predictor.predict(task, tensor))
-
-        def unary() -> int:
-            return len(client.predict(task, batch).classes)
-
         def request() -> pb.PredictRequest:
-            return pb.PredictRequest(task=task, inputs=to_tensor(batch))
+            return pb.PredictRequest(task=TASK, inputs=to_tensor(batch))
 
-        warmup = min(0.2, settings.seconds)  # allocator, thread pools, first-call code paths
-        throughput(in_process, 1, warmup)
-        throughput(unary, 1, warmup)
-        stream_throughput(client, request, 1, warmup)
+        variants: dict[str, Callable[[int, float], float]] = {
+            "in-process": lambda t, s: throughput(pool, lambda: len(predictor.predict(TASK, tensor)), t, s),
+            "Predict": lambda t, s: throughput(pool, lambda: len(client.predict(TASK, batch).classes), t, s),
+            "PredictStream": lambda t, s: stream_throughput(pool, client, request, t, s),
+            "bare gRPC echo": lambda t, s: throughput(pool, lambda: len(echo.predict(TASK, batch).classes), t, s),
+        }
+        for measure in variants.values():  # warm-up: allocator, thread pools, first-call code paths
+            measure(1, min(0.2, settings.seconds))
         for threads in settings.threads:
-            base: list[float] = []
-            uni: list[float] = []
-            stream: list[float] = []
+            rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
             for r in range(settings.repeats):
-                base.append(throughput(in_process, threads, settings.seconds))
-                uni.append(throughput(unary, threads, settings.seconds))
-                stream.append(stream_throughput(client, request, threads, settings.seconds))
+                for name in VARIANTS:
+                    rates[name].append(variants[name](threads, settings.seconds))
                 options.log(
-                    f"  predict {case.name}, {threads} thread(s), {r + 1}/{settings.repeats}: in-process "
-                    f"{base[-1]:.0f}, Predict {uni[-1]:.0f}, PredictStream {stream[-1]:.0f} samples/s"
+                    f"  predict {case.name}, {threads} thread(s), {r + 1}/{settings.repeats}: "
+                    + ", ".join(f"{name} {rates[name][-1]:.0f}" for name in VARIANTS)
+                    + " samples/s"
                 )
-            measured.append((threads, base, uni, stream))
+            measured.rates[threads] = rates
     return measured
+
+
+def _own_work(ms: float) -> str:
+    """The "Lethe's own work" cell; a negative difference means it is below the measurement noise."""
+    return f"{ms:.3f}" if ms >= 0 else f"below the noise ({ms:.3f})"
 
 
 def run(options: RunOptions) -> BenchmarkResult:
     """Run the predict benchmark; return its result."""
     settings = QUICK if options.quick else FULL
     result = BenchmarkResult(NAME, "Predict throughput")
-    overhead_rows: list[list[str]] = []
+    per_call: list[list[str]] = []
+    floor_rows: list[list[str]] = []
     with Stopwatch() as total:
         for index, case in enumerate(settings.cases):
-            for threads, base, uni, stream in _measure_case(
-                case, settings, options.data_dir / f"predict-{index}", options
-            ):
+            measured = measure_case(case, settings, options.data_dir / f"predict-{index}", options)
+            for threads, rates in measured.rates.items():
                 label = f"{case.name} {list(case.input_shape)}, batch {settings.batch}, {threads} thread(s)"
-                unary_row = compare(f"{label}: Predict", "samples/s", "in-process", base, uni, GOAL)
-                result.comparisons.append(unary_row)
+                base = rates["in-process"]
+                unary = compare(f"{label}: Predict", "samples/s", "in-process", base, rates["Predict"], GOAL)
+                result.comparisons.append(unary)
                 result.comparisons.append(
-                    compare(f"{label}: PredictStream", "samples/s", "in-process", base, stream, None)
+                    compare(f"{label}: PredictStream", "samples/s", "in-process", base, rates["PredictStream"])
+                )
+                echo = statistics.median(rates["bare gRPC echo"])
+                request_kb = 4 * settings.batch * int(np.prod(case.input_shape)) / 1000
+                floor_rows.append(
+                    [
+                        case.name,
+                        f"{request_kb:,.0f} kB",
+                        str(threads),
+                        f"{echo:,.0f}",
+                        f"{1000 * settings.batch / echo:.3f}",
+                    ]
                 )
                 if threads == 1:
-                    model_ms = 1000 * settings.batch / unary_row.baseline.median
-                    call_ms = 1000 * settings.batch / unary_row.lethe.median
-                    overhead_rows.append([case.name, f"{model_ms:.3f}", f"{call_ms:.3f}", f"{call_ms - model_ms:.3f}"])
+                    forward_ms = 1000 * settings.batch / unary.baseline.median
+                    unary_ms = 1000 * settings.batch / unary.lethe.median
+                    echo_ms = 1000 * settings.batch / echo
+                    per_call.append(
+                        [
+                            case.name,
+                            f"{forward_ms:.3f}",
+                            f"{unary_ms:.3f}",
+                            f"{echo_ms:.3f}",
+                            _own_work(unary_ms - forward_ms - echo_ms),
+                            f"{100 * forward_ms / (forward_ms + echo_ms):.0f}%",
+                        ]
+                    )
     result.tables.append(
         (
-            f"Time per batch of {settings.batch}, one client thread (from the medians above)",
-            ["model", "in-process forward (ms)", "Predict round trip (ms)", "serving overhead per call (ms)"],
-            overhead_rows,
+            f"Bare gRPC echo (reference): the same client call, no model, no validation, batch {settings.batch}",
+            ["model", "request inputs", "client threads", "samples/s (median)", "ms per call"],
+            floor_rows,
+        )
+    )
+    result.tables.append(
+        (
+            f"Where a Predict's time goes: one client thread, batch {settings.batch}, from the medians above",
+            [
+                "model",
+                "in-process forward (ms)",
+                "Predict round trip (ms)",
+                "bare gRPC echo round trip (ms)",
+                "Lethe's own work = round trip − forward − echo (ms)",
+                "best possible ratio if Lethe's own work were free",
+            ],
+            per_call,
         )
     )
     result.settings = {
         "batch": str(settings.batch),
         "seconds per measurement": f"{settings.seconds:g}",
         "repetitions": str(settings.repeats),
-        "learn before measuring": f"{settings.epochs} epoch(s)",
+        "learn before measuring": f"{settings.epochs} epoch(s) of finetune",
         "torch threads": str(torch.get_num_threads()),
-        "client threads": "share one channel",
+        "client threads": "share one channel, long-lived (same threads for every variant)",
     }
     result.seconds = total.seconds
     return result

@@ -97,7 +97,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke configuration (numbers are meaningless)")
     parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only this benchmark")
-    parser.add_argument("--doc", type=Path, help=f"document to update (default {DEFAULT_DOC.relative_to(ROOT)})")
+    parser.add_argument("--doc", type=Path, help="document to update (default docs/benchmarks.md; none with --quick)")
     parser.add_argument("--no-doc", action="store_true", help="print the results, write no document")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="scratch directory for server data")

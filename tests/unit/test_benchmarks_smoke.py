@@ -63,7 +63,7 @@ def test_ingest_breakdown_and_predict_variants(quick_run: tuple[dict[str, Any], 
     assert any("mlp" in case for case in cases) and any("cnn" in case for case in cases)
     echo_table = next(rows for heading, _h, rows in results["predict"]["tables"] if "echo" in heading)
     assert len(echo_table) == 4  # two models x (1, 4) threads
-    assert all(float(row[2].replace(",", "")) > 0 for row in echo_table)
+    assert all(float(row[3].replace(",", "")) > 0 for row in echo_table)
 
 
 def test_document_results_are_rewritten_in_place(quick_run: tuple[dict[str, Any], str]) -> None:
