@@ -321,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     token.set_defaults(func=cmd_token)
     for p in (learn, unlearn, predict, jobs, audit, sub.choices["tasks"], sub.choices["model"]):
         _add_client_options(p)
+
+    from client.report import cmd_report  # matplotlib is imported only when a report is written
+
+    report = sub.add_parser("report", help="write an HTML report: accuracy, spill, relapse, unlearn proofs (admin)")
+    report.add_argument("--out", required=True, type=Path, help="directory for report.html and its PNG plots")
+    _add_client_options(report)
+    report.set_defaults(func=lambda args: cmd_report(_client(args), args.out, args.server))
     return parser
 
 

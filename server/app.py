@@ -109,6 +109,7 @@ class App:
         self.worker: Worker | None = None
         self.health = health.HealthServicer()
         self.ports = Ports(0, None)
+        self.telemetry: Telemetry | None = None
         self._metrics_server: Any = None
 
     def learning_rate(self) -> float:
@@ -140,7 +141,9 @@ class App:
             torch.set_num_threads(c.model.torch_threads)
         self.engine = prepare_database(c)
         sessions = make_session_factory(self.engine)
-        telemetry = Telemetry(self.registry, max_task_series=c.telemetry.max_task_series, version=__version__)
+        telemetry = self.telemetry = Telemetry(
+            self.registry, max_task_series=c.telemetry.max_task_series, version=__version__
+        )
         on_audit_commit(sessions, lambda action: telemetry.audit_events.labels(action).inc())
         events, serving = JobEvents(), ServingState()
         self.worker = Worker(
@@ -158,6 +161,8 @@ class App:
             ),
         )
         strategy = self.worker.strategy
+        worker = self.worker
+        telemetry.worker_up.set_function(lambda: float(worker.alive))
         device = str(resolve_device(c.model.device))
         telemetry.build_info.info(
             {"version": __version__, "strategy": c.model.strategy, "backbone": c.model.backbone, "device": device}
@@ -166,6 +171,7 @@ class App:
             sessions, self.data_dir, events, serving, QueueLimits(c.limits.max_queued_jobs, c.limits.max_tasks)
         )
         telemetry.job_queue_depth.set_function(jobs.queue_depth)
+        telemetry.job_queue_limit.set(c.limits.max_queued_jobs)
         telemetry.count_tasks_with(serving.counts)
         model = ModelDescription(
             strategy=c.model.strategy,
@@ -225,6 +231,7 @@ class App:
         self.worker.start()
         jobs.audit("system", "server.started", version=__version__, model_version=strategy.version)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        telemetry.ready.set(1)
         log.info("lethe serving on %s:%d (metrics %s)", c.server.host, port, self.ports.metrics)
         return self.ports
 
@@ -232,6 +239,8 @@ class App:
         """Graceful stop: readiness NOT_SERVING, refuse new RPCs, finish in-flight ones, stop the worker."""
         grace = self.config.server.grace_seconds if grace is None else grace
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.telemetry is not None:
+            self.telemetry.ready.set(0)
         if self.worker is not None:
             self.worker.request_stop(grace)
         if self.server is not None:

@@ -84,12 +84,13 @@ def serve(args: argparse.Namespace) -> int:
         return 0
     configure_logging(config.telemetry.log_format, config.telemetry.log_level)
     from server.app import App  # heavy imports (torch) only when serving
+    from server.jobs import StateMismatchError
     from server.storage import SchemaError
 
     app = App(config)
     try:
         ports = app.start()
-    except (SchemaError, ValueError) as exc:
+    except (SchemaError, StateMismatchError, ValueError) as exc:
         print(f"lethe: {exc}", file=sys.stderr)
         app.stop(0)
         return 2

@@ -32,6 +32,10 @@ class Telemetry:
         self.build_info = Info("lethe_build", "Lethe build and model configuration", registry=r)
         self.build_info.info({"version": version})
         self.model_version = Gauge("lethe_model_version", "Version of the published model", registry=r)
+        self.ready = Gauge(
+            "lethe_ready", "1 while the readiness check (health service lethe.v1.Lethe) reports SERVING", registry=r
+        )
+        self.worker_up = Gauge("lethe_worker_up", "1 while the worker thread that runs jobs is alive", registry=r)
         self.tasks = Gauge("lethe_tasks", "Tasks by state", ["state"], registry=r)
         self.jobs_total = Counter("lethe_jobs", "Finished jobs by kind and outcome", ["kind", "outcome"], registry=r)
         self.job_duration = Histogram(
@@ -45,6 +49,11 @@ class Telemetry:
             registry=r,
         )
         self.job_queue_depth = Gauge("lethe_job_queue_depth", "Jobs waiting in the queue", registry=r)
+        self.job_queue_limit = Gauge(
+            "lethe_job_queue_limit",
+            "Queued jobs allowed (limits.max_queued_jobs); beyond it RESOURCE_EXHAUSTED",
+            registry=r,
+        )
         self.task_accuracy = Gauge("lethe_task_accuracy_ratio", "Latest probe accuracy per task", ["task"], registry=r)
         self.retain_accuracy = Gauge("lethe_retain_accuracy_ratio", "Mean accuracy over learned tasks", registry=r)
         self.forget_accuracy = Gauge("lethe_forget_accuracy_ratio", "Mean accuracy over unlearned tasks", registry=r)

@@ -219,6 +219,9 @@ class JobService:
             raise
         self.serving.set_task_state(submission.task, TaskState.LEARNING)
         self.events.notify()
+        log.info(
+            "learn job queued (%d samples)", samples, extra={"job_id": job_id, "task": job.task, "principal": principal}
+        )
         return job
 
     # --------------------------------------------------------------- unlearn
@@ -238,8 +241,14 @@ class JobService:
                 task = tasks.get_for_update(submission.task)
                 if task is None:
                     raise NotFoundError(f"task {submission.task!r} does not exist")
-                if task.state in (TaskState.UNLEARNING, TaskState.UNLEARNED):
-                    raise FailedPreconditionError(f"task {submission.task!r} is already {task.state.value}")
+                if task.state == TaskState.UNLEARNED:
+                    raise FailedPreconditionError(f"task {submission.task!r} is already unlearned")
+                if task.state == TaskState.UNLEARNING and any(
+                    jobs.list(task=submission.task, state=state, kind=JobKind.UNLEARN, limit=1)
+                    for state in (JobState.QUEUED, JobState.RUNNING)
+                ):
+                    raise FailedPreconditionError(f"task {submission.task!r} is already being unlearned")
+                # UNLEARNING with no active unlearn job: the previous attempt failed; this one retries.
                 now = utc_now()
                 job = Job(
                     id=uuid.uuid4().hex,
@@ -252,9 +261,7 @@ class JobService:
                     created_at=now,
                 )
                 job.options = {"reason": submission.reason}
-                queued_learn = [
-                    j for j in jobs.list(task=submission.task) if j.kind == JobKind.LEARN and j.state == JobState.QUEUED
-                ]
+                queued_learn = jobs.list(task=submission.task, state=JobState.QUEUED, kind=JobKind.LEARN, limit=1000)
                 self.audit_log.append(
                     session,
                     principal=principal,
@@ -288,6 +295,7 @@ class JobService:
         self._delete_files(purged)
         self.serving.set_task_state(submission.task, state)
         self.events.notify()
+        log.info("unlearn job %s", job.state.value, extra={"job_id": job.id, "task": job.task, "principal": principal})
         return job
 
     # ---------------------------------------------------------------- cancel

@@ -32,6 +32,7 @@ from server.engine.protocol import LearnOptions, Strategy, TaskData
 from server.jobs.evaluation import ProbeCache, ProbeSet, evaluate, forget_quality
 from server.jobs.events import JobEvents
 from server.jobs.serving import ServingState
+from server.logs import log_context
 from server.storage import (
     AuditLog,
     DataFile,
@@ -166,12 +167,22 @@ class Worker:
 
     def _run(self) -> None:
         seen = self.events.counter
+        backoff = 1.0
         while not self._stopping.is_set():
-            job = self._claim()
-            if job is None:
-                seen = self.events.wait(seen, timeout=5.0)
-                continue
-            self._execute(job)
+            try:
+                job = self._claim()
+                if job is None:
+                    seen = self.events.wait(seen, timeout=5.0)
+                    continue
+                with log_context(job_id=job.id, task=job.task, principal=job.principal):
+                    self._execute(job)
+                backoff = 1.0
+            except Exception:
+                # The database went away (or similar) outside a job's own error handling: keep the
+                # worker alive and retry; a job left RUNNING is reconciled at the next restart.
+                log.exception("worker loop error; retrying in %.0f s", backoff)
+                self.events.wait(self.events.counter, timeout=backoff)
+                backoff = min(backoff * 2, 60.0)
 
     # --------------------------------------------------------------- claim
     def _claim(self) -> Job | None:
@@ -190,6 +201,7 @@ class Worker:
     def _execute(self, job: Job) -> None:
         self.current_job = job.id
         started = time.monotonic()
+        log.info("%s job started", job.kind.value)
         try:
             job_metrics: dict[str, float] | None
             if job.kind == JobKind.LEARN:
@@ -201,6 +213,7 @@ class Worker:
             if job_metrics is not None:
                 self._checkpoint(job, job_metrics)
             self._finish(job, job_metrics or {}, started)
+            log.info("%s job succeeded", job.kind.value, extra={"model_version": self.strategy.version})
         except JobInterruptedError:
             self._requeue(job)
             self._restore()

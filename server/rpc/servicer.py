@@ -31,6 +31,7 @@ from server.errors import (
     UnavailableError,
 )
 from server.jobs import JobService, LearnSubmission, ServingState, UnlearnSubmission
+from server.logs import log_context
 from server.rpc import validation as v
 from server.rpc.auth import current_principal
 from server.rpc.convert import audit_message, evaluation_message, job_message, task_message
@@ -101,7 +102,8 @@ class LetheServicer(pb_grpc.LetheServicer):
         """Count the call and turn domain errors into status codes (never an unhandled exception)."""
         code = "OK"
         try:
-            yield
+            with log_context(principal=current_principal().name):
+                yield
         except grpc.RpcError:
             code = "CANCELLED"
             raise

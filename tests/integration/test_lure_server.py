@@ -45,3 +45,24 @@ def test_lure_megabatch_stream_and_exact_unlearning(tmp_path: Path) -> None:
         assert client.task("mb1").state == pb.UNLEARNED
         retained = [f for f in (tmp_path / "data" / "retained").iterdir()]
         assert len(retained) == 2  # mb1's retained mega-batch was purged
+
+
+def test_a_failed_unlearn_can_be_retried_and_the_task_stays_unpredictable(tmp_path: Path) -> None:
+    data = load_digits()
+    config = make_config(
+        tmp_path / "data",
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
+        **{"model.strategy": "lure", "model.options.replay": "buffer:50", "training.epochs": 2},
+    )
+    with running_app(config) as server:
+        c = server.client
+        c.wait(c.learn("mb0", data.inputs[:600], data.labels[:600]).id)
+        c.wait(c.learn("mb1", data.inputs[600:1200], data.labels[600:1200]).id)
+        failed = c.wait(c.unlearn("mb1", method="exact").id, check=False)
+        assert failed.state == pb.FAILED and "full" in failed.message  # exact needs every mega-batch's data
+        assert c.task("mb1").state == pb.UNLEARNING
+        retried = c.wait(c.unlearn("mb1", method="approximate").id)
+        assert retried.state == pb.SUCCEEDED and c.task("mb1").state == pb.UNLEARNED
+        with pytest.raises(grpc.RpcError) as again:
+            c.unlearn("mb1")
+        assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
