@@ -13,6 +13,7 @@ RUNNING job is re-queued and runs again from the checkpointed model.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
@@ -248,7 +249,10 @@ class Worker:
         n = len(labels)
         holdout = float(job.options.get("holdout_fraction", 0.1))
         n_probe = min(max(1, round(n * holdout)), self.settings.max_probe_samples, n - 1)
-        order = np.random.default_rng([self.settings.seed, job.seq]).permutation(n)
+        # Seeded by the task's name, not the queue position, so the same mega-batch is split the same
+        # way whatever came before it (LURE's exact unlearning equals retraining only then).
+        task_seed = int.from_bytes(hashlib.sha256(job.task.encode()).digest()[:8], "little")
+        order = np.random.default_rng([self.settings.seed, task_seed]).permutation(n)
         probe, train = order[:n_probe], order[n_probe:]
         member = train[: min(n_probe, len(train))]  # trained on, kept only to measure membership inference
         return train, probe, member
