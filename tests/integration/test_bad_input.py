@@ -1172,7 +1172,7 @@ def test_learn_stream_dropped_half_way_leaves_nothing(env: Env, how: str) -> Non
     before = env.snapshot()
     release, sent = threading.Event(), threading.Event()
     requests = _stream(release, sent, raise_after=how == "generator-raises")
-    timeout = 3 if how == "deadline-exceeded" else 30
+    timeout = 5 if how == "deadline-exceeded" else 30
     future = env.stub.Learn.future(requests, timeout=timeout)
     assert sent.wait(10)
     # The server has started spooling: a partial file exists while the stream is open.
@@ -1194,33 +1194,35 @@ def test_learn_stream_dropped_half_way_leaves_nothing(env: Env, how: str) -> Non
     env.assert_serving()
 
 
-def test_predict_on_a_task_still_learning(env: Env) -> None:
-    client = env.running.client
-    x, y = digits([4, 5])
-    job = client.learn("slow-learner", x[:90], y[:90], epochs=40, batch_size=8)
-    try:
-        wait_for(lambda: client.job(job.id).state == pb.RUNNING, 60, "the learn job to start")
-        before = env.snapshot()
-        with pytest.raises(grpc.RpcError) as refused:
-            env.stub.Predict(pb.PredictRequest(task="slow-learner", inputs=to_tensor(x[:4])), timeout=30)
-        assert refused.value.code() == PRECONDITION
-        assert "'slow-learner'" in refused.value.details() and "still being learned" in refused.value.details()
-        with pytest.raises(grpc.RpcError) as again:
-            learn(env, learn_header(task="slow-learner"), learn_chunk(X4, Y4))
-        assert again.value.code() == PRECONDITION and "already learning" in again.value.details()
-        with pytest.raises(grpc.RpcError) as running:
-            env.stub.CancelJob(pb.GetJobRequest(id=job.id), timeout=30)
-        assert running.value.code() == PRECONDITION and "only queued jobs" in running.value.details()
-        after = env.snapshot()
-        assert (after.tasks, after.audit_events, after.spool, after.data_files) == (
-            before.tasks,
-            before.audit_events,
-            before.spool,
-            before.data_files,
-        )
-        env.assert_serving()
-    finally:
-        client.wait(job.id, timeout=300)  # the module's other tests need a quiet server
+def test_requests_on_tasks_still_learning(tmp_path: Path) -> None:
+    """A running learn that never ends in time (its own server, stopped without grace) and one queued behind it."""
+    with running_app(make_config(tmp_path / "data", f"sqlite:///{tmp_path / 'lethe.db'}", **LIMITS)) as running:
+        client = running.client
+        assert running.app.engine is not None
+        endless = client.learn("slow-learner", X[:90], Y[:90], epochs=10_000, batch_size=1)
+        wait_for(lambda: client.job(endless.id).state == pb.RUNNING, 60, "the learn job to start")
+        queued = client.learn("queued-learner", X[:20], Y[:20])
+        assert queued.state == pb.QUEUED
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.LetheStub(channel)
+            before = snapshot(client, tmp_path / "data", running.app.engine)
+            for task in ("slow-learner", "queued-learner"):
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.Predict(pb.PredictRequest(task=task, inputs=to_tensor(X4)), timeout=30)
+                assert refused.value.code() == PRECONDITION
+                assert f"'{task}'" in refused.value.details() and "still being learned" in refused.value.details()
+                with pytest.raises(grpc.RpcError) as again:
+                    stub.Learn(iter([learn_header(task=task), learn_chunk(X4, Y4)]), timeout=30)
+                assert again.value.code() == PRECONDITION and "already learning" in again.value.details()
+            with pytest.raises(grpc.RpcError) as running_job:
+                stub.CancelJob(pb.GetJobRequest(id=endless.id), timeout=30)
+            assert running_job.value.code() == PRECONDITION and "only queued jobs" in running_job.value.details()
+            assert snapshot(client, tmp_path / "data", running.app.engine) == before
+            # Cancelling the queued one frees its name and deletes its spooled data.
+            assert client.cancel(queued.id).state == pb.CANCELLED
+            assert [t.name for t in client.tasks()] == ["slow-learner"]
+            assert len(list((tmp_path / "data" / "spool").iterdir())) == 1
+        running.app.stop(grace=0)  # interrupts the endless job
 
 
 # --------------------------------------------------------------------------- coverage of the contract
@@ -1247,3 +1249,188 @@ def test_every_field_of_every_request_message_is_attacked() -> None:
     assert fields - covered == set()
     assert covered - fields == set()
     assert len(CASES) >= 30
+
+
+# --------------------------------------------------------------------------- authentication and scopes
+TOKENS = {"root": "admin", "viewer": "predict", "trainer": "learn"}
+
+
+@dataclass
+class AuthEnv:
+    running: Running
+    stub: pb_grpc.LetheStub
+    data_dir: Path
+    known_job: str
+
+    def snapshot(self) -> Snapshot:
+        assert self.running.app.engine is not None
+        return snapshot(self.running.client, self.data_dir, self.running.app.engine)
+
+
+@pytest.fixture(scope="module")
+def auth_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthEnv]:
+    from server.rpc.auth import hash_token
+
+    tmp = tmp_path_factory.mktemp("bad-auth")
+    tokens = [f"{name}:{hash_token(name + '-token')}:{scope}" for name, scope in TOKENS.items()]
+    config = make_config(
+        tmp / "data", f"sqlite:///{tmp / 'lethe.db'}", **{**LIMITS, "auth.enabled": True, "auth.tokens": tokens}
+    )
+    with running_app(config, token="root-token") as running:
+        client = running.client
+        known = client.wait(client.learn("known", X[:80], Y[:80]).id)
+        x23, y23 = digits([2, 3])
+        client.wait(client.learn("forgotten", x23[:80], y23[:80]).id)
+        client.wait(client.unlearn("forgotten").id)
+        with grpc.insecure_channel(running.target) as channel:
+            yield AuthEnv(running, pb_grpc.LetheStub(channel), tmp / "data", known.id)
+
+
+def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+AUTH_CASES: list[tuple[str, str | None, grpc.StatusCode, str, Callable[[AuthEnv, Any], Any], bool]] = [
+    # id, token, code, fragment, call(env, metadata), refused by the interceptor (audited as auth.denied)
+    (
+        "learn-no-token",
+        None,
+        grpc.StatusCode.UNAUTHENTICATED,
+        "authorization: Bearer",
+        lambda env, md: env.stub.Learn(iter([learn_header(), learn_chunk(X4, Y4)]), metadata=md, timeout=30),
+        True,
+    ),
+    (
+        "learn-wrong-token",
+        "guess",
+        grpc.StatusCode.UNAUTHENTICATED,
+        "invalid token",
+        lambda env, md: env.stub.Learn(iter([learn_header(), learn_chunk(X4, Y4)]), metadata=md, timeout=30),
+        True,
+    ),
+    (
+        "learn-lowercase-scheme",
+        None,
+        grpc.StatusCode.UNAUTHENTICATED,
+        "authorization: Bearer",
+        lambda env, md: env.stub.Learn(
+            iter([learn_header()]), metadata=(("authorization", "bearer root-token"),), timeout=30
+        ),
+        True,
+    ),
+    (
+        "learn-with-predict-scope",
+        "viewer-token",
+        grpc.StatusCode.PERMISSION_DENIED,
+        "Learn needs the 'learn' scope",
+        lambda env, md: env.stub.Learn(iter([learn_header(), learn_chunk(X4, Y4)]), metadata=md, timeout=30),
+        True,
+    ),
+    (
+        "unlearn-with-learn-scope",
+        "trainer-token",
+        grpc.StatusCode.PERMISSION_DENIED,
+        "Unlearn needs the 'unlearn' scope",
+        lambda env, md: env.stub.Unlearn(pb.UnlearnRequest(task="known"), metadata=md, timeout=30),
+        True,
+    ),
+    (
+        "cancel-with-predict-scope",
+        "viewer-token",
+        grpc.StatusCode.PERMISSION_DENIED,
+        "CancelJob needs the 'learn' scope",
+        lambda env, md: env.stub.CancelJob(pb.GetJobRequest(id=env.known_job), metadata=md, timeout=30),
+        True,
+    ),
+    (
+        "audit-with-learn-scope",
+        "trainer-token",
+        grpc.StatusCode.PERMISSION_DENIED,
+        "ListAuditEvents needs the 'admin' scope",
+        lambda env, md: env.stub.ListAuditEvents(pb.ListAuditEventsRequest(), metadata=md, timeout=30),
+        True,
+    ),
+    (
+        "allow-unlearned-without-admin",
+        "viewer-token",
+        grpc.StatusCode.PERMISSION_DENIED,
+        "allow_unlearned needs the 'admin' scope",
+        lambda env, md: env.stub.Predict(
+            pb.PredictRequest(task="forgotten", inputs=to_tensor(X4), allow_unlearned=True), metadata=md, timeout=30
+        ),
+        False,
+    ),
+    (
+        "get-job-no-token",
+        None,
+        grpc.StatusCode.UNAUTHENTICATED,
+        "authorization: Bearer",
+        lambda env, md: env.stub.GetJob(pb.GetJobRequest(id=env.known_job), metadata=md, timeout=30),
+        True,
+    ),
+    (
+        "watch-job-no-token",
+        None,
+        grpc.StatusCode.UNAUTHENTICATED,
+        "authorization: Bearer",
+        lambda env, md: list(env.stub.WatchJob(pb.GetJobRequest(id=env.known_job), metadata=md, timeout=30)),
+        True,
+    ),
+    (
+        "predict-stream-no-token",
+        None,
+        grpc.StatusCode.UNAUTHENTICATED,
+        "authorization: Bearer",
+        lambda env, md: list(
+            env.stub.PredictStream(
+                iter([pb.PredictRequest(task="known", inputs=to_tensor(X4))]), metadata=md, timeout=30
+            )
+        ),
+        True,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case_id", "token", "code", "fragment", "call", "audited"), AUTH_CASES, ids=[c[0] for c in AUTH_CASES]
+)
+def test_refused_without_a_token_or_scope_and_only_audited(
+    auth_env: AuthEnv,
+    case_id: str,
+    token: str | None,
+    code: grpc.StatusCode,
+    fragment: str,
+    call: Callable[[AuthEnv, Any], Any],
+    audited: bool,
+) -> None:
+    before = auth_env.snapshot()
+    with pytest.raises(grpc.RpcError) as refused:
+        call(auth_env, bearer(token))
+    assert refused.value.code() == code, refused.value.details()
+    assert fragment in (refused.value.details() or "")
+    after = auth_env.snapshot()
+    assert after.audit_events == before.audit_events + int(audited)
+    if audited:
+        assert auth_env.running.client.audit_events()[-1].action == "auth.denied"
+    assert {**after.__dict__, "audit_events": 0} == {**before.__dict__, "audit_events": 0}
+    prediction = auth_env.running.client.predict("known", X4)  # the admin client still works
+    assert set(prediction.classes) <= {0, 1}
+
+
+# --------------------------------------------------------------------------- data that is valid but absurd
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: finite but huge inputs (3e38) pass validation, training diverges to NaN, the job SUCCEEDS "
+    "(the worker drops the NaN train_loss) and the shared trunk is published: every task then predicts NaN",
+)
+def test_a_learn_of_huge_finite_values_does_not_corrupt_other_tasks(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "data", f"sqlite:///{tmp_path / 'lethe.db'}", **{"training.epochs": 2})
+    with running_app(config) as running:
+        client = running.client
+        client.wait(client.learn("known", X, Y).id)
+        before = client.predict("known", X[:16]).outputs[:, :2]
+        huge = np.full((50, 1, 8, 8), 3e38, dtype=np.float32)
+        job = client.wait(client.learn("huge", huge, Y[:50]).id, check=False)
+        after = client.predict("known", X[:16]).outputs[:, :2]
+        assert np.isfinite(after).all(), f"job {pb.JobState.Name(job.state)}: the model now predicts NaN"
+        assert job.state == pb.FAILED or np.allclose(before, after)
