@@ -261,7 +261,9 @@ class JobService:
                     created_at=now,
                 )
                 job.options = {"reason": submission.reason}
-                queued_learn = jobs.list(task=submission.task, state=JobState.QUEUED, kind=JobKind.LEARN, limit=1000)
+                queued_learn = jobs.list(
+                    task=submission.task, state=JobState.QUEUED, kind=JobKind.LEARN, limit=1000, for_update=True
+                )
                 self.audit_log.append(
                     session,
                     principal=principal,
@@ -279,6 +281,14 @@ class JobService:
                     job.state, job.started_at, job.finished_at, job.progress = JobState.SUCCEEDED, now, now, 1.0
                     job.model_version = self.serving.predictor.version if self.serving.predictor else 0
                     job.message = "the task's data never reached the model; its learn job was cancelled"
+                    self.audit_log.append(
+                        session,
+                        principal=principal,
+                        action="unlearn.succeeded",
+                        task=submission.task,
+                        job_id=job.id,
+                        details={"model_version": job.model_version, "reached_model": False},
+                    )
                 else:
                     if jobs.count_queued() >= self.limits.max_queued_jobs:
                         raise ResourceExhaustedError(
@@ -303,7 +313,7 @@ class JobService:
         """Cancel a QUEUED job; a running or finished job cannot be cancelled."""
         purged: list[str] = []
         with self.transaction() as session:
-            job = JobRepository(session).get(job_id)
+            job = JobRepository(session).get_for_update(job_id)  # the worker cannot claim it meanwhile
             if job is None:
                 raise NotFoundError(f"job {job_id!r} does not exist")
             if job.state != JobState.QUEUED:

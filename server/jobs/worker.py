@@ -44,6 +44,7 @@ from server.storage import (
     JobKind,
     JobRepository,
     JobState,
+    Task,
     TaskRepository,
     TaskState,
     utc_now,
@@ -271,6 +272,7 @@ class Worker:
         )
         replay = self._replay(exclude=job.task)
         report = self.strategy.learn(job.task, data, options, self._progress(job), replay)
+        self._check_finite(job.task, inputs[probe])
         save_arrays(self.data_dir / f"probes/{job.id}.npz", inputs=inputs[probe], labels=labels[probe])
         save_arrays(self.data_dir / f"members/{job.id}.npz", inputs=inputs[member], labels=labels[member])
         if report.retain is not None:
@@ -283,6 +285,21 @@ class Worker:
         job_metrics.setdefault("samples", float(len(train)))
         job_metrics["probe_samples"] = float(len(probe))
         return job_metrics
+
+    def _check_finite(self, task: str, inputs: np.ndarray) -> None:
+        """Refuse a model whose outputs are no longer finite (training diverged, e.g. on huge inputs).
+
+        Raising here fails the job before its checkpoint, and the model is restored from the last one,
+        so a single bad stream cannot corrupt every other task.
+        """
+        name = task if self.strategy.task_incremental else None
+        batch = torch.from_numpy(np.ascontiguousarray(inputs[:256]))
+        logits = self.strategy.predictor().predict(name, batch)
+        if torch.isnan(logits).any() or torch.isposinf(logits).any():
+            raise ValueError(
+                "training diverged: the model's outputs are not finite after this learn; it was rolled back "
+                "(check the input scale: features are expected roughly in [0, 1] or standardized)"
+            )
 
     def _replay(self, exclude: str | None = None) -> dict[str, TaskData]:
         if not self.strategy.needs_replay:
@@ -373,7 +390,7 @@ class Worker:
                 task.accuracy = accuracies.get(task.name)
             if job.kind == JobKind.UNLEARN and task is not None:
                 to_delete += self._finish_unlearn(
-                    session, job, task, predictor, probes, previous, accuracies, learned_now, job_metrics
+                    session, job, task, probes, previous, accuracies, learned_now, job_metrics
                 )
             # Relapse of every unlearned task still measured; count operations since each unlearn.
             relapses: dict[str, float] = {}
@@ -420,9 +437,15 @@ class Worker:
             states = {t.name: t.state for t in tasks.list()}
             retained = files.total_live_bytes()
             # Publish before the commit, so a client that sees SUCCEEDED can use the task at once;
-            # if the commit fails, _fail restores the checkpointed model and republishes it.
+            # if the commit fails, _fail restores the checkpointed model and republishes it. Only this
+            # job's task changes state here: other tasks' states may be changing concurrently (an
+            # accepted Unlearn) and must not be overwritten with what this transaction read earlier.
             self.serving.publish(predictor)
-            self.serving.load_tasks(states)
+            self.serving.set_task_state(job.task, task.state if task is not None else None)
+        # Older checkpoints hold what this job may have removed (an unlearned task): keep only the newest.
+        newest = self.checkpoints.paths()
+        if newest:
+            self.checkpoints.prune(keep=newest[0])
         for relative in to_delete:
             purged = purge(self.data_dir, relative)
             self.probes.drop(relative)
@@ -434,21 +457,30 @@ class Worker:
         self,
         session: Session,
         job: Job,
-        task: object,
-        predictor: object,
+        task: Task,
         probes: dict[str, ProbeSet],
         previous: dict[str, float],
         accuracies: dict[str, float],
         learned_now: list[str],
         job_metrics: dict[str, float],
     ) -> list[str]:
-        from server.storage import Task
-
-        assert isinstance(task, Task)
         files = DataFileRepository(session)
         reached_model = task.learned_version is not None
         now = utc_now()
-        if reached_model:
+        if not reached_model:
+            # Its learn never ran (e.g. re-queued by a restart behind this unlearn): it never will.
+            for learn in JobRepository(session).list(task=task.name, state=JobState.QUEUED, kind=JobKind.LEARN):
+                learn.state, learn.finished_at = JobState.CANCELLED, now
+                learn.message = "cancelled by an unlearn of its task before it reached the model"
+                self.audit_log.append(
+                    session,
+                    principal=job.principal,
+                    action="job.cancelled",
+                    task=task.name,
+                    job_id=learn.id,
+                    details={"why": learn.message},
+                )
+        else:
             members = next(iter(files.live(task=task.name, kind=DataFileKind.MEMBER)), None)
             quality = forget_quality(
                 self.strategy.predictor(),
@@ -521,10 +553,11 @@ class Worker:
                     session, DataFileRepository(session).live(task=task.name), job, "learn failed"
                 )
                 session.delete(task)
-            states = {t.name: t.state for t in TaskRepository(session).list()}
+                task = None
+            new_state = task.state if task is not None else None
         for path in to_delete:
             purge(self.data_dir, path)
-        self.serving.load_tasks(states)
+        self.serving.set_task_state(job.task, new_state)
         self.telemetry.jobs_total.labels(job.kind.value, "failed").inc()
         self.telemetry.job_duration.labels(job.kind.value).observe(time.monotonic() - started)
 

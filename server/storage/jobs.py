@@ -91,6 +91,7 @@ class JobRepository:
         limit: int = 100,
         *,
         kind: JobKind | None = None,
+        for_update: bool = False,
     ) -> builtins.list[Job]:
         """Returns jobs in queue order (``seq`` ascending), filtered and paged.
 
@@ -100,6 +101,7 @@ class JobRepository:
             after_seq: Only jobs with ``seq`` greater than this (the paging cursor).
             limit: At most this many jobs (at least 1).
             kind: Only jobs of this kind.
+            for_update: Lock the rows (PostgreSQL ``FOR UPDATE``) until the transaction ends.
 
         Raises:
             ValueError: If ``limit`` is less than 1.
@@ -113,6 +115,8 @@ class JobRepository:
             statement = statement.where(Job.task == task)
         if kind is not None:
             statement = statement.where(Job.kind == kind)
+        if for_update:
+            statement = statement.with_for_update()
         return builtins.list(self.session.scalars(statement))
 
     def next_runnable(self) -> Job | None:
@@ -121,7 +125,11 @@ class JobRepository:
         The oldest queued unlearn job comes first (a right-to-be-forgotten request does not wait
         behind a backlog of learning), then the oldest queued job of any kind.
         """
-        queued = select(Job).where(Job.state == JobState.QUEUED).order_by(Job.seq).limit(1)
+        # SKIP LOCKED: a job locked by a concurrent cancel or unlearn is not claimed under it; once that
+        # transaction commits the job is no longer QUEUED (or is claimed on the next pass).
+        queued = (
+            select(Job).where(Job.state == JobState.QUEUED).order_by(Job.seq).limit(1).with_for_update(skip_locked=True)
+        )
         unlearn = self.session.scalars(queued.where(Job.kind == JobKind.UNLEARN)).one_or_none()
         if unlearn is not None:
             return unlearn

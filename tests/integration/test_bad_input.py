@@ -1418,11 +1418,6 @@ def test_refused_without_a_token_or_scope_and_only_audited(
 
 
 # --------------------------------------------------------------------------- data that is valid but absurd
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: finite but huge inputs (3e38) pass validation, training diverges to NaN, the job SUCCEEDS "
-    "(the worker drops the NaN train_loss) and the shared trunk is published: every task then predicts NaN",
-)
 def test_a_learn_of_huge_finite_values_does_not_corrupt_other_tasks(tmp_path: Path) -> None:
     config = make_config(tmp_path / "data", f"sqlite:///{tmp_path / 'lethe.db'}", **{"training.epochs": 2})
     with running_app(config) as running:

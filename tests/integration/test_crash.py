@@ -159,11 +159,6 @@ def test_kill_at_random_points_many_trials(harness: CrashHarness, trial: int) ->
     harness.assert_idle_restart_changes_nothing()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the worker writes a checkpoint per job but prunes old ones only at start-up (Worker.recover), "
-    "so checkpoints taken before an unlearn keep the forgotten task's weights until the next restart",
-)
 def test_checkpoints_older_than_an_unlearn_are_deleted(tmp_path: Path) -> None:
     config = make_config(tmp_path / "data", f"sqlite:///{tmp_path / 'lethe.db'}", **{"training.epochs": 2})
     with running_app(config) as running:
@@ -176,12 +171,6 @@ def test_checkpoints_older_than_an_unlearn_are_deleted(tmp_path: Path) -> None:
         assert checkpoints == [f"ckpt-{version:010d}.pt"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after a restart the unlearn runs before the re-queued learn of the same task (unlearns go "
-    "first), treats the task as never learned and purges its spool; the learn then FAILS with FileNotFoundError "
-    "instead of being cancelled",
-)
 def test_an_unlearn_queued_behind_its_interrupted_learn_cancels_it(tmp_path: Path) -> None:
     config = make_config(tmp_path / "data", f"sqlite:///{tmp_path / 'lethe.db'}")
     x, y = digits(ALL_DIGITS)
