@@ -52,11 +52,19 @@ class SpoolWriter:
 
     def append(self, inputs: np.ndarray, labels: np.ndarray, sample_ids: list[str]) -> None:
         """Append one chunk: float32 inputs ``[n, ...]``, int64 labels ``[n]``, ``n`` or zero sample ids."""
-        np.save(self._writer, np.ascontiguousarray(inputs, dtype=np.float32), allow_pickle=False)
-        np.save(self._writer, np.ascontiguousarray(labels, dtype=np.int64), allow_pickle=False)
         ids = np.asarray(sample_ids, dtype=np.str_) if sample_ids else np.zeros((0,), dtype="<U1")
-        np.save(self._writer, ids, allow_pickle=False)
+        for array in (
+            np.ascontiguousarray(inputs, dtype=np.float32),
+            np.ascontiguousarray(labels, dtype=np.int64),
+            ids,
+        ):
+            self._write_npy(array)
         self.samples += int(labels.shape[0])
+
+    def _write_npy(self, array: np.ndarray) -> None:
+        """One ``.npy`` record, written straight from the array's buffer (np.save would copy it in pieces)."""
+        np.lib.format.write_array_header_1_0(self._writer, np.lib.format.header_data_from_array_1_0(array))
+        self._writer.write(array.data.cast("B"))
 
     @property
     def bytes(self) -> int:

@@ -146,7 +146,7 @@ class LetheServicer(pb_grpc.LetheServicer):
                         "chunk", f"message {index} is empty; every message after the header must carry a chunk"
                     )
                 chunk = message.chunk
-                wire_bytes += chunk.ByteSize()
+                wire_bytes += len(chunk.inputs.data) + len(chunk.labels.data)  # cheaper than ByteSize()
                 if wire_bytes > self.defaults.max_stream_bytes:
                     raise ResourceExhaustedError(
                         f"chunk: the stream exceeds limits.max_stream_bytes ({self.defaults.max_stream_bytes} bytes)"

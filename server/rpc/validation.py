@@ -98,7 +98,7 @@ def inputs_tensor(
     if tensor.dtype == pb.UINT8:
         return array.astype(np.float32) / np.float32(255.0)
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused just below
-        out = array.astype(np.float32)
+        out = array.astype(np.float32, copy=False)  # float32 on the wire: a read-only view, no copy
     if not np.isfinite(out).all():
         raise InvalidArgumentError(
             f"{field}.data", "must be finite (no NaN or infinity, also after float32 conversion)"
