@@ -415,6 +415,8 @@ class Worker:
                     job_metrics[name] = float(np.mean(values))
             if job.kind == JobKind.LEARN and job.task in accuracies:
                 job_metrics["task_accuracy"] = accuracies[job.task]
+            if not task_incremental:
+                job_metrics.update(self._stream_metrics(jobs, learned, probes, accuracies))
             EvaluationRepository(session).add_rows(row.seq, accuracies)
             row.state, row.finished_at, row.progress = JobState.SUCCEEDED, now, 1.0
             row.model_version = self.strategy.version
@@ -452,6 +454,20 @@ class Worker:
             if purged is not None:
                 self.telemetry.purged_bytes.inc(purged.bytes)
         self._publish_metrics(job, row.metrics, accuracies, states, relapses, retained, started)
+
+    def _stream_metrics(
+        self, jobs: JobRepository, learned: list[str], probes: dict[str, ProbeSet], accuracies: dict[str, float]
+    ) -> dict[str, float]:
+        """Class-incremental stream metrics: test accuracy pooled over the learned mega-batches' probe
+        sets, and CER, the cumulative count of misclassified probe samples over all jobs so far."""
+        sizes = {t: len(probes[t].labels) for t in learned if t in probes and t in accuracies}
+        total = sum(sizes.values())
+        if not total:
+            return {}
+        correct = sum(accuracies[t] / 100.0 * n for t, n in sizes.items())
+        previous = jobs.last_succeeded()
+        cer = (previous.metrics.get("cer", 0.0) if previous is not None else 0.0) + (total - correct)
+        return {"test_accuracy": 100.0 * correct / total, "cer": round(cer, 6)}
 
     def _finish_unlearn(
         self,

@@ -267,7 +267,8 @@ class LetheServicer(pb_grpc.LetheServicer):
         if audit_as is not None:
             self.jobs.audit(audit_as, "predict.unlearned", task=task or "", samples=len(inputs))
         try:
-            logits = predictor.predict(task, torch.from_numpy(inputs), allow_unlearned=request.allow_unlearned)
+            writable = np.require(inputs, requirements="W")  # torch wants a writable buffer; a copy if read-only
+            logits = predictor.predict(task, torch.from_numpy(writable), allow_unlearned=request.allow_unlearned)
         except UnknownTaskError:
             raise NotFoundError(f"task {task!r} is not in the published model") from None
         except UnlearnedTaskError:

@@ -142,6 +142,11 @@ class JobRepository:
             statement = statement.where(Job.kind == kind)
         return int(self.session.scalar(statement) or 0)
 
+    def last_succeeded(self) -> Job | None:
+        """Returns the newest SUCCEEDED job (by ``seq``), or ``None``."""
+        statement = select(Job).where(Job.state == JobState.SUCCEEDED).order_by(Job.seq.desc()).limit(1)
+        return self.session.scalars(statement).one_or_none()
+
     def max_model_version(self) -> int:
         """Returns the highest model version any SUCCEEDED job produced (0 when none)."""
         statement = select(func.max(Job.model_version)).where(Job.state == JobState.SUCCEEDED)

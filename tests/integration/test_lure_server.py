@@ -28,8 +28,17 @@ def test_lure_megabatch_stream_and_exact_unlearning(tmp_path: Path) -> None:
     )
     with running_app(config) as server:
         client = server.client
+        cers = []
         for i, part in enumerate(parts):
-            client.wait(client.learn(f"mb{i}", train.inputs[part], train.labels[part]).id)
+            done = client.wait(client.learn(f"mb{i}", train.inputs[part], train.labels[part]).id)
+            assert done.metrics["test_accuracy"] > 20 and {"ece", "generalization_gap"} <= set(done.metrics)
+            cers.append(done.metrics["cer"])
+        assert cers == sorted(cers) and cers[0] > 0  # cumulative errors over the stream
+        rows = client.evaluations()
+        probe_sizes = {t.name: round(t.samples * 0.2) for t in client.tasks()}
+        last = rows[-1]
+        errors = sum((1 - last.accuracies[t] / 100) * probe_sizes[t] for t in last.accuracies)
+        assert abs((cers[-1] - cers[-2]) - errors) < 1.0  # CER grows by the last job's misclassified probes
         info = client.model()
         assert info.strategy == "lure" and not info.task_incremental and info.unlearn_methods[0] == "exact"
         before = client.predict(None, test.inputs)
