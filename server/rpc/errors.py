@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from server.errors import (
     FailedPreconditionError,
@@ -38,4 +39,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     for kind, code in STATUS_OF.items():
         if isinstance(exc, kind):
             return code, str(exc)
+    if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        # The database is unreachable (restarting, failing over): nothing was written; retry later.
+        log.warning("database unavailable: %s", exc.orig if isinstance(exc, DBAPIError) else exc)
+        return grpc.StatusCode.UNAVAILABLE, "the database is unavailable; nothing was changed, retry later"
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
