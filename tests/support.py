@@ -87,10 +87,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _file_size_limit(limit: int):  # type: ignore[no-untyped-def]
+    """A preexec function capping every file the child writes at ``limit`` bytes (a full disk, as seen by
+    ``write``: EFBIG); SIGXFSZ is ignored so the write fails instead of killing the process."""
+
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
 class ServerProcess:
     """``lethe serve`` in a subprocess, for kill -9 and signal tests."""
 
-    def __init__(self, data_dir: Path, database_url: str, *extra: str, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, database_url: str, *extra: str, port: int | None = None, max_file_bytes: int = 0
+    ) -> None:
         self.port = port or free_port()
         self.data_dir = data_dir
         self.log = data_dir.parent / f"server-{self.port}.log"
@@ -110,7 +125,14 @@ class ServerProcess:
                 args += ["--set", f"{key}={value}"]
         args += list(extra)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(args, cwd=ROOT, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=env)
+        self.process = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_file_size_limit(max_file_bytes) if max_file_bytes else None,
+        )
 
     @property
     def target(self) -> str:

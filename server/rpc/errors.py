@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 
 import grpc
@@ -39,6 +40,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     for kind, code in STATUS_OF.items():
         if isinstance(exc, kind):
             return code, str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        log.error("data directory full: %s", exc)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server's data disk is full; nothing was accepted, retry later"
     if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
         # The database is unreachable (restarting, failing over): nothing was written; retry later.
         log.warning("database unavailable: %s", exc.orig if isinstance(exc, DBAPIError) else exc)

@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from sqlalchemy import text
 
@@ -175,3 +176,22 @@ def test_db_upgrade_and_verify_audit_commands(tmp_path: Path, capsys: pytest.Cap
     engine.dispose()
     assert lethe(["db", "verify-audit", "--database-url", url]) == 1
     assert "AUDIT CHAIN BROKEN" in capsys.readouterr().err
+
+
+def test_full_disk_during_spooling_is_refused_cleanly_then_recovers(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    server = ServerProcess(tmp_path / "data", url, max_file_bytes=1_000_000)  # writes beyond 1 MB fail
+    try:
+        server.wait_ready()
+        with LetheClient(server.target, retries=1) as client:
+            x, y = digits(list(range(10)))
+            big = np.concatenate([x] * 5)  # 8985 samples x 256 B: a 2.3 MB spool file
+            with pytest.raises(grpc.RpcError) as full:
+                client.learn("too-big", big, np.concatenate([y] * 5))
+            assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "disk is full" in full.value.details()
+            assert not list((tmp_path / "data" / "spool").iterdir())  # the partial spool is gone
+            assert client.tasks() == [] and client.jobs() == []
+            job = client.wait(client.learn("fits", *digits([0, 1])).id)  # space again: business as usual
+            assert job.state == pb.SUCCEEDED
+    finally:
+        server.terminate()
