@@ -8,8 +8,11 @@ name only after fsync, so a spool file that exists is complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import queue
+import threading
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -19,18 +22,56 @@ import numpy as np
 from server.data.files import FileRecord, fsync_dir
 
 
-class _HashingWriter:
-    """A write-only file wrapper that hashes and counts what passes through."""
+#: Bytes between background fdatasync calls of a spool file.
+_SYNC_EVERY = 32 << 20
 
-    def __init__(self, f: BinaryIO) -> None:
+
+class _HashingWriter:
+    """Hashes, counts and writes what it is given on a background thread.
+
+    The RPC thread keeps receiving and validating the next chunk while this thread hashes and writes
+    the previous one (hashlib and file writes release the GIL for large buffers). A write error
+    (e.g. a full disk) is raised on the RPC thread at the next write or at :meth:`finish`.
+    """
+
+    def __init__(self, f: BinaryIO, depth: int = 8) -> None:
         self._f = f
         self.digest = hashlib.sha256()
         self.bytes = 0
+        self._queue: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="lethe-spool", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        unsynced = 0
+        while (data := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.digest.update(data)
+                    self._f.write(data)
+                    unsynced += len(data)
+                    if unsynced >= _SYNC_EVERY:  # flush as we go, so the final fsync has little left
+                        self._f.flush()
+                        os.fdatasync(self._f.fileno())
+                        unsynced = 0
+                except BaseException as exc:  # reported on the RPC thread
+                    self._error = exc
 
     def write(self, data: bytes | memoryview) -> int:
-        self.digest.update(data)
+        if self._error is not None:
+            raise self._error
         self.bytes += len(data)
-        return self._f.write(data)
+        self._queue.put(data)
+        return len(data)
+
+    def finish(self) -> None:
+        """Wait until everything queued is written; raise the first write error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 class SpoolWriter:
@@ -73,6 +114,7 @@ class SpoolWriter:
 
     def commit(self) -> FileRecord:
         """fsync the file, rename it to its final name, fsync the directory; return its record."""
+        self._writer.finish()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -83,6 +125,8 @@ class SpoolWriter:
 
     def abort(self) -> None:
         """Close and delete the partial file."""
+        with contextlib.suppress(BaseException):  # the file is deleted anyway
+            self._writer.finish()
         if not self._file.closed:
             self._file.close()
         self._partial.unlink(missing_ok=True)
