@@ -21,7 +21,6 @@ import numpy as np
 
 from server.data.files import FileRecord, fsync_dir
 
-
 #: Bytes between background fdatasync calls of a spool file.
 _SYNC_EVERY = 32 << 20
 
