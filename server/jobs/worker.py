@@ -112,6 +112,10 @@ class Worker:
         Raises:
             StateMismatchError: SQL records a model version the checkpoint does not have.
         """
+        # Task states first: finishing an interrupted job below publishes a model, and from then on
+        # Predict must already know which tasks are unlearned (refused) rather than unknown.
+        with self.sessions() as session:
+            self.serving.load_tasks({t.name: t.state for t in TaskRepository(session).list()})
         checkpoint = self.checkpoints.load_latest()
         if checkpoint is not None:
             self.strategy.load_state_dict(checkpoint.strategy_state)
