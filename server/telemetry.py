@@ -125,9 +125,3 @@ class Telemetry:
                 self.task_relapse.labels(task).set(value / 100.0)
         finite = [v for v in relapses.values() if not math.isnan(v)]
         self.max_relapse.set(max(finite) / 100.0 if finite else 0.0)
-
-    def forget_task_series(self, task: str) -> None:
-        """Drop a purged task's accuracy series (its relapse series stays while it is measured)."""
-        with self._lock:
-            if task in self._task_series:
-                self.task_accuracy.remove(task)

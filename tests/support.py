@@ -87,6 +87,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_ready(target: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    """Wait until the server at ``target`` reports readiness SERVING; fail with its log if it exits."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        with grpc.insecure_channel(target) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service="lethe.v1.Lethe"), timeout=1
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+        time.sleep(0.2)
+    raise TimeoutError(f"server not ready after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
 def _file_size_limit(limit: int):  # type: ignore[no-untyped-def]
     """A preexec function capping every file the child writes at ``limit`` bytes (a full disk, as seen by
     ``write``: EFBIG); SIGXFSZ is ignored so the write fails instead of killing the process."""
@@ -140,24 +162,7 @@ class ServerProcess:
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Wait until readiness reports SERVING."""
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
-            with grpc.insecure_channel(self.target) as channel:
-                try:
-                    reply = health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(service="lethe.v1.Lethe"), timeout=1
-                    )
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
+        wait_ready(self.target, self.process, self.log, timeout)
 
     def kill(self) -> None:
         """SIGKILL, no cleanup at all."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,11 +66,6 @@ def evaluate(predictor: Predictor, probes: Mapping[str, ProbeSet], *, task_incre
             continue
         accuracies[task] = metrics.accuracy(logits, torch.from_numpy(probe.labels))
     return accuracies
-
-
-def spill(before: Mapping[str, float], after: Mapping[str, float], forgotten: str, learned: Iterable[str]) -> float:
-    """Σ |a_{u-1}^t − a_u^t| over tasks t ≠ forgotten that were learned at u (percentage points)."""
-    return metrics.spill(before, after, forgotten, learned)
 
 
 def forget_quality(

@@ -8,7 +8,6 @@ raises a domain error and changes nothing.
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -420,8 +419,3 @@ class JobService:
             self.audit_log.append(
                 session, principal=principal, action=action, task=task, job_id=job_id, details=details
             )
-
-
-def finite_or_none(value: float | None) -> float | None:
-    """None for NaN/None, else the value."""
-    return None if value is None or math.isnan(value) else value

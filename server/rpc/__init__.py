@@ -1,6 +1,6 @@
 """The gRPC edge: servicer, validation, error mapping, auth interceptor, server construction."""
 
-from server.rpc.auth import AuthInterceptor, Principal, TokenTable, current_principal, hash_token, new_token
+from server.rpc.auth import AuthInterceptor, Principal, TokenTable, current_principal, hash_token
 from server.rpc.server import SERVICE_NAME, create_server
 from server.rpc.servicer import LearnDefaults, LetheServicer, ModelDescription
 
@@ -15,5 +15,4 @@ __all__ = [
     "create_server",
     "current_principal",
     "hash_token",
-    "new_token",
 ]

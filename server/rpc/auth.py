@@ -11,7 +11,6 @@ import contextvars
 import hashlib
 import hmac
 import logging
-import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,11 +62,6 @@ def current_principal() -> Principal:
 def hash_token(token: str) -> str:
     """SHA-256 hex digest of a token, as written in the configuration."""
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def new_token() -> str:
-    """A fresh random token (256 bits, URL-safe)."""
-    return "lethe_" + secrets.token_urlsafe(32)
 
 
 class TokenTable:

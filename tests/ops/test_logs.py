@@ -10,38 +10,19 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import LetheClient, pb
 from server.logs import ContextFilter, JsonFormatter, log_context
-from tests.support import ROOT, digits, free_port
+from tests.support import ROOT, digits, free_port, wait_ready
 
 #: A value no log line has any reason to contain; float32(1234.5678) prints as 1234.5677.
 PATTERN = 1234.5678
-
-
-def _wait_ready(target: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}"
-        with grpc.insecure_channel(target) as channel:
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service="lethe.v1.Lethe"), timeout=1
-                )
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-        time.sleep(0.2)
-    raise TimeoutError(f"server not ready after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def _lines(log: Path) -> list[dict[str, Any]]:
@@ -88,7 +69,7 @@ def test_server_logs_json_with_context_and_no_secrets(tmp_path: Path) -> None:
     process = subprocess.Popen(args, cwd=ROOT, stdout=stdout.open("wb"), stderr=stderr.open("wb"), env=env)
     target = f"127.0.0.1:{port}"
     try:
-        _wait_ready(target, process, stderr)
+        wait_ready(target, process, stderr, timeout=90)
         inputs, labels = digits([0, 1])
         inputs = inputs.copy()
         inputs[:20] = PATTERN  # recognizable tensor data
