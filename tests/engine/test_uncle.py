@@ -8,8 +8,10 @@ several tests. The conformance suite runs in ``test_uncle_conformance.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -338,6 +340,31 @@ def test_subsampled_regularization_bounds_the_step_and_still_protects() -> None:
     report = strategy.learn("perm.2", tasks["perm.2"].train, QUICK, no_progress, {})
     assert report.metrics["regularized_tasks"] == 2 and report.metrics["regularized_per_step"] == 1
     assert accuracy(strategy, "perm.0") >= before - 5.0
+
+
+def test_chunk_budget_estimates_the_whole_distance_without_bias() -> None:
+    strategy = build(regularized_networks=0.1)
+    data = small_digits().train
+    for task in ("a", "b", "c"):
+        strategy.learn(task, data, QUICK, no_progress, {})
+    bank = strategy._target_bank(exclude=-1)
+    moved = strategy._trainable_copy(train_chunks=True)
+    with torch.no_grad():
+        for parameter in moved.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+        exact = (moved(bank.embeddings) - strategy._hypernetwork(bank.embeddings)).square().sum(1).mean()
+        generator = torch.Generator().manual_seed(0)
+        estimates = torch.stack([strategy._regularization(moved, bank, generator) for _ in range(2000)])
+    budget = strategy._pairs_per_step(bank)
+    assert budget == math.ceil(0.1 * strategy._hypernetwork.num_chunks) < 3 * strategy._hypernetwork.num_chunks
+    # Unbiased: the mean of many small-budget estimates is the exact distance (standard error ~1%).
+    assert float(estimates.mean()) == pytest.approx(float(exact), rel=0.05)
+    assert float(estimates.std()) > 0.05 * float(exact)  # ...and they really are random samples
+    # With a budget that covers every pair the estimate is the exact distance.
+    strategy.config = dataclasses.replace(strategy.config, regularized_networks=10.0)
+    with torch.no_grad():
+        value = strategy._regularization(moved, bank, generator)
+    assert float(value) == pytest.approx(float(exact), rel=1e-4)
 
 
 def test_chunk_embeddings_are_trained() -> None:

@@ -98,6 +98,20 @@ def test_generated_parameters_run_the_module_through_functional_call() -> None:
     assert not torch.allclose(raw[0], raw[1])
 
 
+def test_selected_chunks_are_the_chunks_of_the_whole_network() -> None:
+    hypernetwork = _hypernetwork(_Toy(), chunk_size=16)
+    embeddings = torch.randn(3, 32)
+    every = hypernetwork.all_chunks(embeddings)  # [3, C, 16]
+    assert every.shape == (3, hypernetwork.num_chunks, 16)
+    valid = hypernetwork.valid_mask()
+    flat = every.reshape(3, -1)[:, valid.reshape(-1) > 0]
+    assert torch.allclose(flat, hypernetwork(embeddings), atol=1e-5)
+    assert int(valid.sum()) == hypernetwork.layout.numel and valid[:-1].all()
+    tasks = torch.tensor([2, 0, 2, 1])
+    chunks = torch.tensor([0, hypernetwork.num_chunks - 1, 3, 3])
+    assert torch.allclose(hypernetwork.chunks(embeddings, tasks, chunks), every[tasks, chunks], atol=1e-5)
+
+
 def test_gradients_reach_every_part_of_phi_and_the_task_embedding() -> None:
     toy = _Toy()
     hypernetwork = _hypernetwork(toy, chunk_size=16)

@@ -44,6 +44,7 @@ def build_uncle(
     burn_in_min: int = 20,
     noise_samples: int = 10,
     max_regularized_tasks: int = 32,
+    regularized_networks: float = 2.0,
     relapse_guard: bool = True,
     embedding_dim: int = 32,
     chunk_embedding_dim: int = 32,
@@ -75,6 +76,7 @@ def build_uncle(
         burn_in_min: lower bound of the annealed burn-in.
         noise_samples: noise draws averaged per ``noise-align`` step.
         max_regularized_tasks: the most other tasks regularized per step.
+        regularized_networks: (task, chunk) pairs of those tasks regularized per step, in generated networks.
         relapse_guard: keep regularizing unlearned tasks so later learning cannot revive them.
         embedding_dim: task embedding size.
         chunk_embedding_dim: chunk embedding size.
@@ -109,6 +111,7 @@ def build_uncle(
         burn_in_min=int(burn_in_min),
         noise_samples=int(noise_samples),
         max_regularized_tasks=int(max_regularized_tasks),
+        regularized_networks=float(regularized_networks),
         relapse_guard=bool(relapse_guard),
         embedding_dim=int(embedding_dim),
         chunk_embedding_dim=int(chunk_embedding_dim),

@@ -43,6 +43,11 @@ class UncleConfig:
         burn_in_min: the burn-in never anneals below this (paper: 20).
         noise_samples: n, the noise draws averaged per ``noise-align`` step (paper: 10).
         max_regularized_tasks: K, the most other tasks regularized per step (a random subset).
+        regularized_networks: the most (task, chunk) pairs of those tasks whose distance is
+            computed per step, in generated networks (2 = twice one network's chunks), drawn at
+            random: an unbiased estimate of the whole distance. Bounds a step's regularization
+            cost whatever the number of tasks; one network's worth doubled spill on permuted
+            digits, two matched regularizing every chunk of every task.
         relapse_guard: also regularize unlearned tasks toward their generated parameters of the
             previous operation, so later learning cannot revive them.
         embedding_dim: task embedding size (paper: 32).
@@ -75,6 +80,7 @@ class UncleConfig:
     burn_in_min: int = 20
     noise_samples: int = 10
     max_regularized_tasks: int = 32
+    regularized_networks: float = 2.0
     relapse_guard: bool = True
     embedding_dim: int = 32
     chunk_embedding_dim: int = 32
@@ -115,6 +121,10 @@ class UncleConfig:
         )
         need(self.noise_samples >= 1, f"noise_samples must be >= 1, got {self.noise_samples!r}")
         need(self.max_regularized_tasks >= 1, f"max_regularized_tasks must be >= 1, got {self.max_regularized_tasks!r}")
+        need(
+            finite(self.regularized_networks) and self.regularized_networks > 0,
+            f"regularized_networks must be > 0, got {self.regularized_networks!r}",
+        )
         need(self.embedding_dim >= 1, f"embedding_dim must be >= 1, got {self.embedding_dim!r}")
         need(self.chunk_embedding_dim >= 1, f"chunk_embedding_dim must be >= 1, got {self.chunk_embedding_dim!r}")
         need(

@@ -304,12 +304,52 @@ class ChunkedHypernetwork(nn.Module):
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Raw generated vectors ``[T, layout.numel]`` for task embeddings ``[T, embedding_dim]``."""
+        self._check_embeddings(embeddings)
+        chunks = self._head(self.features(embeddings))  # [T, num_chunks, chunk_size]
+        return chunks.reshape(embeddings.shape[0], self.num_chunks * self.chunk_size)[:, : self.layout.numel]
+
+    def all_chunks(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Every chunk ``[T, num_chunks, chunk_size]`` for task embeddings ``[T, E]``.
+
+        The last chunk is padded past ``layout.numel`` (see :meth:`valid_mask`).
+        """
+        self._check_embeddings(embeddings)
+        return self._head(self.features(embeddings))
+
+    def chunks(self, embeddings: torch.Tensor, tasks: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
+        """Selected chunks ``[B, chunk_size]``: chunk ``chunks[b]`` of task embedding ``embeddings[tasks[b]]``.
+
+        The same function as :meth:`forward`, evaluated only at B (task, chunk) pairs, so a
+        regularizer can sample pairs and pay for B chunks instead of whole networks.
+
+        Args:
+            embeddings: task embeddings ``[T, E]``.
+            tasks: long ``[B]``, rows of ``embeddings``.
+            chunks: long ``[B]``, chunk numbers in ``[0, num_chunks)``.
+        """
+        self._check_embeddings(embeddings)
+        first = self.trunk[0]
+        assert isinstance(first, nn.Linear)
+        task_part = F.linear(embeddings, first.weight[:, : self.embedding_dim])  # [T, h0]
+        chunk_part = F.linear(
+            self.chunk_embeddings[chunks], first.weight[:, self.embedding_dim :], first.bias
+        )  # [B, h0]
+        hidden = torch.relu(task_part[tasks] + chunk_part)
+        for layer in self.trunk[1:]:
+            hidden = torch.relu(layer(hidden))
+        return self._head(hidden)
+
+    def valid_mask(self) -> torch.Tensor:
+        """Float ``[num_chunks, chunk_size]``: 1 where a chunk value is part of the network, 0 in the padding."""
+        positions = torch.arange(self.num_chunks * self.chunk_size, device=self.chunk_embeddings.device)
+        return (positions < self.layout.numel).to(self.chunk_embeddings.dtype).view(self.num_chunks, self.chunk_size)
+
+    def _head(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(features, self.head.weight * self.head_gain, self.head.bias)
+
+    def _check_embeddings(self, embeddings: torch.Tensor) -> None:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
             raise ValueError(f"expected embeddings [T, {self.embedding_dim}], got {tuple(embeddings.shape)}")
-        chunks = F.linear(
-            self.features(embeddings), self.head.weight * self.head_gain, self.head.bias
-        )  # [T, num_chunks, chunk_size]
-        return chunks.reshape(embeddings.shape[0], self.num_chunks * self.chunk_size)[:, : self.layout.numel]
 
     def generate(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
         """The backbone parameters (name → tensor) for one task embedding ``[embedding_dim]``."""

@@ -10,10 +10,9 @@ from types import MappingProxyType
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from server.engine.protocol import UnknownTaskError, UnlearnedTaskError
-from server.engine.training import check_predict_inputs, mask_logits
+from server.engine.training import check_predict_inputs
 from server.engine.uncle.hypernetwork import ChunkedHypernetwork
 
 
@@ -34,15 +33,23 @@ class ServedTask:
     unlearned: bool
 
 
+@dataclass(frozen=True)
+class _Generated:
+    """A task's generated network at one version: its parameters, and a backbone that holds them."""
+
+    parameters: Mapping[str, torch.Tensor]
+    module: nn.Module
+
+
 class UnclePredictor:
     """Predictions of one model version, safe to call from many threads at once.
 
     Generated parameters are cached per task: the first predict of a task at this version runs
-    the hypernetwork once (under a lock, so concurrent first calls generate once), every later
-    predict is one forward pass of the backbone. ``functional_call`` swaps tensors into module
-    attributes, so each thread runs its own parameter-free copy of the backbone (on the ``meta``
-    device, all real values come from the generated parameters and the task's buffers), in eval
-    mode.
+    the hypernetwork once (under a lock, so concurrent first calls generate once) and assigns the
+    result, with the task's BatchNorm statistics, to its own copy of the backbone in eval mode.
+    Every later predict is one ordinary forward pass of that module, as cheap as the backbone
+    with ordinary weights. In eval mode under ``no_grad`` a forward pass changes nothing in the
+    module, so threads share it.
 
     Args:
         version: the model version this snapshot serves.
@@ -66,12 +73,13 @@ class UnclePredictor:
         self.version = version
         self._hypernetwork = hypernetwork
         self._tasks = MappingProxyType(dict(tasks))
+        # Logits to mask per task: None when the task has seen every class (nothing to mask).
+        self._unseen = {name: None if bool(t.mask.all()) else ~t.mask for name, t in self._tasks.items()}
         self._template = copy.deepcopy(skeleton).to("meta").eval().requires_grad_(False)
         self._input_shape = input_shape
         self._device = device
-        self._cache: dict[str, Mapping[str, torch.Tensor]] = {}
+        self._cache: dict[str, _Generated] = {}
         self._lock = threading.Lock()
-        self._local = threading.local()
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -91,13 +99,14 @@ class UnclePredictor:
             UnknownTaskError: if the task was never learned.
             UnlearnedTaskError: if the task was unlearned and ``allow_unlearned`` is False.
         """
-        served = self._served(task, allow_unlearned)
-        assert task is not None
+        generated = self._generated(task, allow_unlearned)
+        assert task is not None  # _generated refuses None
         x = check_predict_inputs(inputs, self._input_shape).to(self._device)
-        parameters = self.parameters_for(task, allow_unlearned=allow_unlearned)
         with torch.no_grad():
-            logits = functional_call(self._skeleton(), {**parameters, **served.buffers}, (x,))
-            logits = mask_logits(logits, served.mask)
+            logits = generated.module(x)
+        unseen = self._unseen[task]
+        if unseen is not None:
+            logits = logits.masked_fill(unseen, float("-inf"))
         return logits.to("cpu", torch.float32)
 
     def parameters_for(self, task: str, *, allow_unlearned: bool = False) -> Mapping[str, torch.Tensor]:
@@ -107,7 +116,11 @@ class UnclePredictor:
             UnknownTaskError: if the task was never learned.
             UnlearnedTaskError: if the task was unlearned and ``allow_unlearned`` is False.
         """
+        return self._generated(task, allow_unlearned).parameters
+
+    def _generated(self, task: str | None, allow_unlearned: bool) -> _Generated:
         served = self._served(task, allow_unlearned)
+        assert task is not None
         cached = self._cache.get(task)
         if cached is not None:
             return cached
@@ -115,8 +128,10 @@ class UnclePredictor:
             cached = self._cache.get(task)
             if cached is None:
                 with torch.no_grad():
-                    generated = self._hypernetwork.generate(served.embedding)
-                cached = MappingProxyType(generated)
+                    parameters = self._hypernetwork.generate(served.embedding)
+                module = copy.deepcopy(self._template)
+                module.load_state_dict({**parameters, **served.buffers}, assign=True)
+                cached = _Generated(MappingProxyType(parameters), module)
                 self._cache[task] = cached
         return cached
 
@@ -129,10 +144,3 @@ class UnclePredictor:
         if served.unlearned and not allow_unlearned:
             raise UnlearnedTaskError(f"task {task!r} was unlearned")
         return served
-
-    def _skeleton(self) -> nn.Module:
-        skeleton: nn.Module | None = getattr(self._local, "skeleton", None)
-        if skeleton is None:
-            skeleton = copy.deepcopy(self._template)
-            self._local.skeleton = skeleton
-        return skeleton

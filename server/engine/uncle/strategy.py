@@ -7,7 +7,9 @@ the whole backbone for task t from a learned task embedding e_t; predictions go 
 * **Learn** (Algorithm 1, eq. 2) optimizes φ and e_t with Adam on
   ``CE + β · (1/|S|) Σ_{t'∈S} ‖H(e_t'; φ*) − H(e_t'; φ)‖²``, where φ* is the hypernetwork as the
   previous operation (learn or unlearn) left it and S is a random subset of at most K other
-  tasks, drawn anew every step, so a step costs the same with 5 or 500 tasks.
+  tasks, drawn anew every step. The distance is estimated without bias from a fixed budget of
+  randomly drawn (task, chunk) pairs (two networks' worth by default), so a step costs the
+  same with 2 or 500 tasks.
 * **Unlearn** (Algorithm 1, eq. 3) is data-free: ``burn_in`` steps of Adam on
   ``γ · (1/n) Σ_i ‖H(e_f; φ) − z_i‖² + λ_u · L_reg`` over φ only (the task embeddings stay fixed),
   n fresh z_i ~ N(0, I) per step; the burn-in anneals ×0.9 per unlearn down to a minimum.
@@ -88,7 +90,10 @@ class _TaskRecord:
 
 
 class _TargetBank:
-    """Regularization targets H(e_t'; φ*) of one operation: computed once if they fit, else per step.
+    """Regularization targets H(e_t'; φ*) of one operation, addressed by (task, chunk) pair.
+
+    The targets are computed once if they fit in ``budget_bytes``, else the sampled chunks are
+    recomputed every step.
 
     Args:
         anchor: φ*, the hypernetwork as the previous operation left it (not trained here).
@@ -103,25 +108,20 @@ class _TargetBank:
         self, anchor: ChunkedHypernetwork, embeddings: torch.Tensor, slots: list[int], budget_bytes: float
     ) -> None:
         self.slots = slots
+        self.embeddings = embeddings
+        self.valid = anchor.valid_mask()  # [C, chunk_size]
         self._anchor = anchor
-        self._embeddings = embeddings
-        self._rows = {slot: row for row, slot in enumerate(slots)}
         self._cache: torch.Tensor | None = None
-        if slots and len(slots) * anchor.layout.numel * 4 <= budget_bytes:
+        if slots and len(slots) * self.valid.numel() * 4 <= budget_bytes:
             with torch.no_grad():
-                self._cache = torch.cat([anchor(part) for part in torch.split(embeddings, self._BATCH)])
+                self._cache = torch.cat([anchor.all_chunks(part) for part in torch.split(embeddings, self._BATCH)])
 
-    def embeddings(self, slots: list[int]) -> torch.Tensor:
-        """Embeddings ``[len(slots), E]`` of ``slots``."""
-        return self._embeddings[[self._rows[slot] for slot in slots]]
-
-    def targets(self, slots: list[int]) -> torch.Tensor:
-        """Targets ``[len(slots), numel]`` of ``slots``."""
-        rows = [self._rows[slot] for slot in slots]
+    def targets(self, rows: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
+        """Target chunks ``[B, chunk_size]`` of (bank row, chunk) pairs."""
         if self._cache is not None:
-            return self._cache[rows]
+            return self._cache[rows, chunks]
         with torch.no_grad():
-            return self._anchor(self._embeddings[rows])
+            return self._anchor.chunks(self.embeddings, rows, chunks)
 
 
 class UncleStrategy:
@@ -205,6 +205,7 @@ class UncleStrategy:
             Metrics ``train_loss`` (cross-entropy) and ``train_accuracy`` (percent) of the last
             epoch, ``regularization_loss`` (last epoch, before β), ``regularized_tasks`` (the
             tasks held in place), ``regularized_per_step`` (how many of them each step samples),
+            ``regularized_chunks_per_step`` (how many of their chunks each step regularizes),
             ``learn_seconds`` and ``samples``.
 
         Raises:
@@ -253,12 +254,10 @@ class UncleStrategy:
             for batch, indices in enumerate(minibatches(n, options.batch_size, generator)):
                 indices = indices.to(self._device)
                 x, y = inputs[indices], labels[indices]  # [b, *input_shape], [b]
-                regularized = self._sample(bank, generator)
-                raw = hypernetwork(torch.cat([embedding[None], bank.embeddings(regularized)]))  # [1 + |S|, numel]
-                parameters = self.layout.unflatten(raw[0])
+                parameters = self.layout.unflatten(hypernetwork(embedding[None])[0])
                 logits = mask_logits(functional_call(self._skeleton, {**parameters, **buffers}, (x,)), mask)
                 ce = F.cross_entropy(logits, y)
-                regularization = _mean_square_distance(raw[1:], bank.targets(regularized))
+                regularization = self._regularization(hypernetwork, bank, generator)
                 loss = ce + cfg.beta * regularization
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -296,6 +295,7 @@ class UncleStrategy:
                 "regularization_loss": float(reg_sum) / n,
                 "regularized_tasks": float(len(bank.slots)),
                 "regularized_per_step": float(min(len(bank.slots), cfg.max_regularized_tasks)),
+                "regularized_chunks_per_step": float(self._pairs_per_step(bank)),
                 "learn_seconds": time.perf_counter() - started,
                 "samples": float(n),
             }
@@ -399,10 +399,8 @@ class UncleStrategy:
                 # z̄ = mean of n draws of N(0, I) ~ N(0, I/n).
                 target = torch.randn(numel, generator=noise_generator, device=self._device)
                 target /= math.sqrt(cfg.noise_samples)
-            regularized = self._sample(bank, generator)
-            raw = hypernetwork(torch.cat([forget_embedding, bank.embeddings(regularized)]))
-            forget = (raw[0] - target).square().sum()
-            regularization = _mean_square_distance(raw[1:], bank.targets(regularized))
+            forget = (hypernetwork(forget_embedding)[0] - target).square().sum()
+            regularization = self._regularization(hypernetwork, bank, generator)
             loss = cfg.gamma * forget + cfg.unlearn_regularization * regularization
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -433,14 +431,41 @@ class UncleStrategy:
         )
         return _TargetBank(self._hypernetwork, embeddings, slots, self.config.target_cache_mb * 2**20)
 
-    def _sample(self, bank: _TargetBank, generator: torch.Generator) -> list[int]:
-        """A random subset of at most K of the bank's slots (all of them when there are at most K)."""
-        slots = bank.slots
+    def _regularization(
+        self, hypernetwork: ChunkedHypernetwork, bank: _TargetBank, generator: torch.Generator
+    ) -> torch.Tensor:
+        """An unbiased estimate of ``(1/|S|) Σ_{t∈S} ‖H(e_t; φ) − H(e_t; φ*)‖²`` from a fixed budget of chunks.
+
+        S is a random subset of at most K of the bank's tasks; then at most
+        ``regularized_networks · C`` of S's (task, chunk) pairs are drawn uniformly without
+        replacement. A full network is ``C`` chunks, so the sum over the B drawn pairs times
+        ``C / B`` has the exact distance as its expectation (and equals it when every pair is
+        drawn). A step therefore costs B chunks whatever the number of tasks.
+        """
+        rows, chunks = self._sample(bank, generator)
+        if rows.numel() == 0:
+            return torch.zeros((), device=self._device)
+        difference = (hypernetwork.chunks(bank.embeddings, rows, chunks) - bank.targets(rows, chunks)) * bank.valid[
+            chunks
+        ]
+        return difference.square().sum() * (hypernetwork.num_chunks / rows.numel())
+
+    def _sample(self, bank: _TargetBank, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bank rows and chunk numbers (long ``[B]`` each, on the device) of the pairs one step regularizes."""
+        count = len(bank.slots)
         k = self.config.max_regularized_tasks
-        if len(slots) <= k:
-            return slots
-        chosen = torch.randperm(len(slots), generator=generator)[:k].sort().values
-        return [slots[i] for i in chosen.tolist()]
+        tasks = torch.arange(count) if count <= k else torch.randperm(count, generator=generator)[:k].sort().values
+        num_chunks = self._hypernetwork.num_chunks
+        pairs = tasks.numel() * num_chunks
+        budget = self._pairs_per_step(bank)
+        chosen = torch.arange(pairs) if pairs <= budget else torch.randperm(pairs, generator=generator)[:budget]
+        return tasks[chosen // num_chunks].to(self._device), (chosen % num_chunks).to(self._device)
+
+    def _pairs_per_step(self, bank: _TargetBank) -> int:
+        """How many (task, chunk) pairs a step regularizes: the budget, or every pair of S if fewer."""
+        num_chunks = self._hypernetwork.num_chunks
+        budget = math.ceil(self.config.regularized_networks * num_chunks)
+        return min(budget, min(len(bank.slots), self.config.max_regularized_tasks) * num_chunks)
 
     def _clip(self, parameters: list[torch.Tensor]) -> None:
         if self.config.grad_clip > 0:
@@ -601,10 +626,3 @@ def _trainable(module: nn.Module) -> list[torch.Tensor]:
 
 def _detached(buffers: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: b.detach() for name, b in buffers.items()}
-
-
-def _mean_square_distance(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``(1/|S|) Σ_s ‖outputs_s − targets_s‖²`` for ``[S, numel]`` tensors; 0 when S is empty."""
-    if outputs.shape[0] == 0:
-        return outputs.new_zeros(())
-    return (outputs - targets).square().sum(dim=1).mean()
