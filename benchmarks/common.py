@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: statistics, result tables, machine facts and an in-process server.
+"""Shared pieces of the benchmarks: statistics, result tables, machine facts and servers in child processes.
 
 Every benchmark measures Lethe and its baseline *in the same run*, interleaved repetition by
 repetition (baseline, Lethe, baseline, Lethe, ...), so that a burst of load from other processes
@@ -9,6 +9,7 @@ ratios (Lethe / baseline of the same repetition), which cancels slow drifts of t
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import platform
 import statistics
@@ -19,11 +20,12 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry
 
 from client import LetheClient
 from protos import lethe_pb2 as pb
@@ -153,18 +155,20 @@ def bench_config(data_dir: Path, **overrides: Any) -> Config:
 
 
 @contextlib.contextmanager
-def lethe_server(config: Config) -> Iterator[tuple[App, LetheClient]]:
-    """Start a real Lethe :class:`App` in this process on port 0; yield it with a connected client."""
-    app = App(config, registry=CollectorRegistry())
-    ports = app.start()
-    client = LetheClient(
-        f"127.0.0.1:{ports.grpc}", retries=1, timeout=120, max_message_bytes=config.server.max_message_bytes
-    )
-    try:
-        yield app, client
-    finally:
-        client.close()
-        app.stop(grace=5)
+def lethe_server(config: Config) -> Iterator[LetheClient]:
+    """Run a real Lethe :class:`App` for ``config`` in a child process; yield a client connected to it.
+
+    The server runs in its own process, as it is deployed, so it does not share the benchmark
+    client's interpreter lock. Port 0 is replaced by the port the child reports.
+    """
+    with _child(_serve_lethe, config) as port:
+        client = LetheClient(
+            f"127.0.0.1:{port}", retries=1, timeout=120, max_message_bytes=config.server.max_message_bytes
+        )
+        try:
+            yield client
+        finally:
+            client.close()
 
 
 #: ``lethe.v1.Lethe``: bare servers register their handlers under the real service name, so
@@ -174,16 +178,70 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Lethe"].full_name
 
 @contextlib.contextmanager
 def bare_server(
-    handlers: Mapping[str, grpc.RpcMethodHandler], *, threads: int, max_message_bytes: int
+    handlers: Callable[..., Mapping[str, grpc.RpcMethodHandler]],
+    *args: Any,
+    threads: int,
+    max_message_bytes: int,
 ) -> Iterator[LetheClient]:
-    """A minimal grpcio server with only ``handlers`` (method name -> handler) of ``lethe.v1.Lethe``.
+    """A minimal grpcio server, in a child process, with only the handlers of ``lethe.v1.Lethe`` that
+    ``handlers(*args)`` returns (method name -> handler; a module-level function, built in the child).
 
     Same thread pool, message-size options and concurrency limit as :func:`server.rpc.create_server`,
     but no interceptor, health, reflection or servicer. Yields a :class:`LetheClient` connected to it.
     """
+    with _child(_serve_bare, handlers, args, threads, max_message_bytes) as port:
+        client = LetheClient(f"127.0.0.1:{port}", retries=1, timeout=120, max_message_bytes=max_message_bytes)
+        try:
+            yield client
+        finally:
+            client.close()
+
+
+@contextlib.contextmanager
+def _child(target: Callable[..., None], *args: Any) -> Iterator[int]:
+    """Start ``target(*args, connection, stop)`` in a spawned process; yield the port it sends back."""
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    stop = context.Event()
+    process = context.Process(target=target, args=(*args, child, stop), daemon=True)
+    process.start()
+    try:
+        if not parent.poll(180):
+            raise RuntimeError("the benchmark server did not start within 180 s")
+        reply = parent.recv()
+        if isinstance(reply, str):
+            raise RuntimeError(f"the benchmark server failed to start: {reply}")
+        yield int(reply)
+    finally:
+        stop.set()
+        process.join(60)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _serve_lethe(config: Config, connection: Connection, stop: EventType) -> None:
+    app = App(config)
+    try:
+        connection.send(app.start().grpc)
+    except Exception as error:  # reported to the parent, which raises it
+        connection.send(f"{type(error).__name__}: {error}")
+        return
+    stop.wait()
+    app.stop(grace=5)
+
+
+def _serve_bare(
+    handlers: Callable[..., Mapping[str, grpc.RpcMethodHandler]],
+    args: tuple[Any, ...],
+    threads: int,
+    max_message_bytes: int,
+    connection: Connection,
+    stop: EventType,
+) -> None:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bare-rpc"),
-        handlers=[grpc.method_handlers_generic_handler(SERVICE, dict(handlers))],
+        handlers=[grpc.method_handlers_generic_handler(SERVICE, dict(handlers(*args)))],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -193,14 +251,12 @@ def bare_server(
     )
     port = server.add_insecure_port("127.0.0.1:0")
     if port == 0:
-        raise RuntimeError("cannot listen on 127.0.0.1")
+        connection.send("cannot listen on 127.0.0.1")
+        return
     server.start()
-    client = LetheClient(f"127.0.0.1:{port}", retries=1, timeout=120, max_message_bytes=max_message_bytes)
-    try:
-        yield client
-    finally:
-        client.close()
-        server.stop(grace=1).wait()
+    connection.send(port)
+    stop.wait()
+    server.stop(grace=1).wait()
 
 
 def fmt_ratio(comparison: Comparison) -> str:

@@ -209,10 +209,8 @@ def run(options: RunOptions) -> BenchmarkResult:
             },
         )
         with (
-            bare_server(
-                echo_handlers(), threads=settings.threads, max_message_bytes=settings.max_message_bytes
-            ) as echo,
-            lethe_server(config) as (_app, client),
+            bare_server(echo_handlers, threads=settings.threads, max_message_bytes=settings.max_message_bytes) as echo,
+            lethe_server(config) as client,
         ):
             # Round 0 is a warm-up (connections, allocator, first-call paths, first SQL transaction).
             for r in range(settings.repeats + 1):

@@ -1,18 +1,20 @@
 """Predict throughput: batches of 64 through gRPC against calling the same model in-process.
 
-- **baseline**: the published predictor called directly,
-  ``app.worker.strategy.predictor().predict(task, tensor)`` on a ready-made ``torch.Tensor``:
-  exactly the model Predict serves, with none of the serving path;
+- **baseline**: the same model called in this process: the server's latest checkpoint loaded
+  into a strategy built from the same configuration, ``strategy.predictor().predict(task,
+  tensor)`` on a ready-made ``torch.Tensor`` (checked to be the version Predict serves and to give
+  the same logits): exactly the model Predict serves, with none of the serving path;
 - **Predict**: :meth:`LetheClient.predict` (numpy in, numpy out), one unary call per batch;
 - **PredictStream**: one bidirectional stream per client thread, one request per batch;
 - **bare gRPC echo** (reference): the same client call against a minimal grpcio server whose
   Predict parses the request and returns a ready-made response of the same size, with no model
   and no validation: the floor any Python gRPC server pays per call on this machine.
 
-Each is measured with 1 and 4 concurrent client threads (one shared channel), for two models:
-the digits MLP (``[1,8,8]``, so small that per-call overhead dominates) and a CNN on
-CIFAR-shaped ``[3,32,32]`` inputs (where the forward pass costs tens of milliseconds). The
-variants run interleaved, repetition by repetition.
+The servers run in child processes, as they are deployed; the clients and the in-process
+baseline run in the benchmark's process. Each is measured with 1 and 4 concurrent client threads
+(one shared channel), for two models: the digits MLP (``[1,8,8]``, so small that per-call
+overhead dominates) and a CNN on CIFAR-shaped ``[3,32,32]`` inputs (where the forward pass
+costs tens of milliseconds). The variants run interleaved, repetition by repetition.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ from client import LetheClient
 from client.datasets import load_digits
 from protos import lethe_pb2 as pb
 from protos.tensors import from_tensor, to_tensor
-from server.config import ServerSection
+from server.app import App
+from server.checkpoints import CheckpointStore
+from server.config import Config, ServerSection
+from server.engine.protocol import Predictor
 
 NAME = "predict"
 #: The issue's goal: gRPC Predict at least 80% of in-process throughput.
@@ -209,6 +214,16 @@ def echo_handlers(batch: int, num_classes: int) -> dict[str, grpc.RpcMethodHandl
     }
 
 
+def served_model(config: Config) -> Predictor:
+    """The model the server of ``config`` serves, loaded in this process from its latest checkpoint."""
+    checkpoint = CheckpointStore(Path(config.storage.data_dir).resolve()).load_latest()
+    if checkpoint is None:
+        raise RuntimeError("the server wrote no checkpoint")
+    strategy = App(config).build_strategy()
+    strategy.load_state_dict(checkpoint.strategy_state)
+    return strategy.predictor()
+
+
 def measure_case(case: ModelCase, settings: PredictSettings, data_dir: Path, options: RunOptions) -> CaseMeasurements:
     """Learn a task on a fresh server for ``case``, then measure every variant at every thread count."""
     inputs, labels = _task_data(case)
@@ -221,9 +236,11 @@ def measure_case(case: ModelCase, settings: PredictSettings, data_dir: Path, opt
     pool = ClientThreads(max(settings.threads))
     with (
         contextlib.closing(pool),
-        lethe_server(config) as (app, client),
+        lethe_server(config) as client,
         bare_server(
-            echo_handlers(settings.batch, config.model.num_classes),
+            echo_handlers,
+            settings.batch,
+            config.model.num_classes,
             threads=section.threads,
             max_message_bytes=section.max_message_bytes,
         ) as echo,
@@ -231,13 +248,11 @@ def measure_case(case: ModelCase, settings: PredictSettings, data_dir: Path, opt
         client.wait(client.learn(TASK, inputs, labels, epochs=settings.epochs).id, timeout=900)
         batch = np.ascontiguousarray(inputs[: settings.batch])
         tensor = torch.from_numpy(batch)
-        if app.worker is None:
-            raise RuntimeError("the server has no worker")
-        predictor = app.worker.strategy.predictor()  # the model Predict serves: same version, same weights
-        served = app.worker.serving.predictor
-        if served is None or served.version != predictor.version:
-            raise RuntimeError("the published snapshot is not the strategy's current model")
-        if not np.allclose(predictor.predict(TASK, tensor).numpy(), client.predict(TASK, batch).outputs, atol=1e-5):
+        predictor = served_model(config)
+        served = client.predict(TASK, batch)
+        if served.model_version != predictor.version:
+            raise RuntimeError(f"the server serves version {served.model_version}, its checkpoint {predictor.version}")
+        if not np.allclose(predictor.predict(TASK, tensor).numpy(), served.outputs, atol=1e-5):
             raise RuntimeError("gRPC Predict and the in-process predictor disagree")
 
         def request() -> pb.PredictRequest:
