@@ -165,6 +165,26 @@ def test_unlearning_spills_little_onto_the_retained_tasks(scenario: Scenario) ->
     assert sum(changes.values()) <= 5.0, changes  # spill, DESIGN.md section 5
 
 
+@pytest.mark.parametrize("refit", [True, False])
+def test_the_refit_output_layer_leaves_the_other_networks_in_place(refit: bool) -> None:
+    # width 64: 36 chunks, so the 3 tasks' 108 rows fit the output layer's 513 unknowns per column.
+    strategy = build(width=64, burn_in=30, refit_head=refit)
+    tasks = permuted_digits()
+    for task in PERMUTED[:3]:
+        strategy.learn(task, tasks[task].train, QUICK, no_progress, {})
+    before = {task: strategy.raw_parameters(task) for task in PERMUTED[:3]}
+    accuracy_before = accuracies(strategy)
+    report = strategy.unlearn("perm.1", "noise-align", no_progress, {})
+    moved = {t: float((strategy.raw_parameters(t) - raw).norm() / raw.norm()) for t, raw in before.items()}
+    assert moved["perm.1"] >= 0.3, moved  # the forgotten network was pulled toward noise...
+    if refit:  # ...and the others generate what they did: not one probe prediction changes
+        assert moved["perm.0"] <= 1e-3 and moved["perm.2"] <= 1e-3, moved
+        assert all(accuracies(strategy)[t] == accuracy_before[t] for t in ("perm.0", "perm.2"))
+        assert report.metrics["refit_residual"] <= 1e-3, report.metrics
+    else:  # ...and without the refit the burn-in moved them too
+        assert moved["perm.0"] >= 3e-3 and moved["perm.2"] >= 3e-3, moved
+
+
 def test_an_unlearned_task_does_not_relapse_when_another_is_learned(scenario: Scenario) -> None:
     assert scenario.after_next_learn["perm.1"] <= 25.0, scenario.after_next_learn
     assert abs(scenario.after_next_learn["perm.1"] - scenario.after_unlearn["perm.1"]) <= 5.0
@@ -410,9 +430,10 @@ def two_tasks() -> dict[str, Any]:
     return strategy.state_dict()
 
 
-def _from(state: dict[str, Any]) -> UncleStrategy:
-    strategy = build(burn_in=10, burn_in_min=2, burn_in_decay=0.5)
-    strategy.load_state_dict(state)
+def _from(state: dict[str, Any], **options: Any) -> UncleStrategy:
+    """A strategy restored from ``state``, with ``options`` changed (they must not change its structure)."""
+    strategy = build(burn_in=10, burn_in_min=2, burn_in_decay=0.5, **options)
+    strategy.load_state_dict({**state, "config": {**state["config"], **options}})
     return strategy
 
 

@@ -39,6 +39,7 @@ def build_uncle(
     beta: float = 0.001,
     gamma: float = 0.01,
     unlearn_regularization: float = 0.1,
+    refit_head: bool = True,
     burn_in: int = 100,
     burn_in_decay: float = 0.9,
     burn_in_min: int = 20,
@@ -71,6 +72,7 @@ def build_uncle(
         beta: weight of the output regularizer while learning.
         gamma: weight of the forgetting term while unlearning.
         unlearn_regularization: weight of the output regularizer while unlearning (paper: 1).
+        refit_head: refit the output layer in closed form after each operation so other tasks are unchanged.
         burn_in: unlearning steps of the first unlearn.
         burn_in_decay: burn-in factor after each unlearn.
         burn_in_min: lower bound of the annealed burn-in.
@@ -106,6 +108,7 @@ def build_uncle(
         beta=float(beta),
         gamma=float(gamma),
         unlearn_regularization=float(unlearn_regularization),
+        refit_head=bool(refit_head),
         burn_in=int(burn_in),
         burn_in_decay=float(burn_in_decay),
         burn_in_min=int(burn_in_min),

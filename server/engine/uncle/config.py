@@ -38,6 +38,9 @@ class UncleConfig:
         unlearn_regularization: weight λ_u of the output regularizer while unlearning. The paper
             (eq. 3) uses 1; with distances measured on the raw output 0.1 forgot the first task
             of a digits sequence fully (1 left it at ~30-55%) at the same spill, see the report.
+        refit_head: after every learn and every burn-in, refit the hypernetwork's output layer in
+            closed form so the other tasks generate what they did before (the task learned or
+            unlearned keeps its new output); beyond the paper, see ``strategy._refit_head``.
         burn_in: unlearning steps of the first unlearn (paper: 100).
         burn_in_decay: factor applied to the burn-in after each unlearn that used it (paper: 0.9).
         burn_in_min: the burn-in never anneals below this (paper: 20).
@@ -75,6 +78,7 @@ class UncleConfig:
     beta: float = 0.001
     gamma: float = 0.01
     unlearn_regularization: float = 0.1
+    refit_head: bool = True
     burn_in: int = 100
     burn_in_decay: float = 0.9
     burn_in_min: int = 20

@@ -116,6 +116,13 @@ class _TargetBank:
             with torch.no_grad():
                 self._cache = torch.cat([anchor.all_chunks(part) for part in torch.split(embeddings, self._BATCH)])
 
+    def all_targets(self, start: int, stop: int) -> torch.Tensor:
+        """Every chunk ``[stop - start, C, chunk_size]`` of the targets of bank rows ``start:stop``."""
+        if self._cache is not None:
+            return self._cache[start:stop]
+        with torch.no_grad():
+            return self._anchor.all_chunks(self.embeddings[start:stop])
+
     def targets(self, rows: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
         """Target chunks ``[B, chunk_size]`` of (bank row, chunk) pairs."""
         if self._cache is not None:
@@ -206,6 +213,7 @@ class UncleStrategy:
             epoch, ``regularization_loss`` (last epoch, before β), ``regularized_tasks`` (the
             tasks held in place), ``regularized_per_step`` (how many of them each step samples),
             ``regularized_chunks_per_step`` (how many of their chunks each step regularizes),
+            ``refit_residual`` (see :func:`_refit_head`; 0 without the refit),
             ``learn_seconds`` and ``samples``.
 
         Raises:
@@ -274,6 +282,7 @@ class UncleStrategy:
                     f"epoch {epoch + 1}/{options.epochs}, step {batch + 1}/{batches_per_epoch}, loss {ce.item():.4f}",
                 )
 
+        refit_residual = _refit_head(hypernetwork, bank, embedding.detach()[None]) if cfg.refit_head else 0.0
         # Commit: nothing above touched the strategy's own state.
         record = _TaskRecord(name=task, classes=classes, samples=n)
         if live:
@@ -296,6 +305,7 @@ class UncleStrategy:
                 "regularized_tasks": float(len(bank.slots)),
                 "regularized_per_step": float(min(len(bank.slots), cfg.max_regularized_tasks)),
                 "regularized_chunks_per_step": float(self._pairs_per_step(bank)),
+                "refit_residual": refit_residual,
                 "learn_seconds": time.perf_counter() - started,
                 "samples": float(n),
             }
@@ -329,7 +339,8 @@ class UncleStrategy:
 
         Returns:
             Metrics ``unlearn_seconds``, ``burn_in_steps``, ``forget_loss`` (the last step's
-            forgetting term, before γ) and ``regularization_loss`` (last step, before λ_u).
+            forgetting term, before γ), ``regularization_loss`` (last step, before λ_u) and, with
+            the refit, ``refit_residual``.
 
         Raises:
             ValueError: for an unknown method.
@@ -400,14 +411,18 @@ class UncleStrategy:
                 target = torch.randn(numel, generator=noise_generator, device=self._device)
                 target /= math.sqrt(cfg.noise_samples)
             forget = (hypernetwork(forget_embedding)[0] - target).square().sum()
-            regularization = self._regularization(hypernetwork, bank, generator)
+            if cfg.unlearn_regularization > 0:
+                regularization = self._regularization(hypernetwork, bank, generator)
             loss = cfg.gamma * forget + cfg.unlearn_regularization * regularization
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self._clip(_trainable(hypernetwork))
             optimizer.step()
             progress((step + 1) / (steps + 1), f"{method}: burn-in step {step + 1}/{steps}")
-        return hypernetwork, {"forget_loss": forget.item(), "regularization_loss": regularization.item()}
+        losses = {"forget_loss": forget.item(), "regularization_loss": regularization.item()}
+        if cfg.refit_head:
+            losses["refit_residual"] = _refit_head(hypernetwork, bank, forget_embedding)
+        return hypernetwork, losses
 
     # ------------------------------------------------------------------ helpers
 
@@ -626,3 +641,56 @@ def _trainable(module: nn.Module) -> list[torch.Tensor]:
 
 def _detached(buffers: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: b.detach() for name, b in buffers.items()}
+
+
+@torch.no_grad()
+def _refit_head(hypernetwork: ChunkedHypernetwork, bank: _TargetBank, keep: torch.Tensor) -> float:
+    """Refit φ's output layer in closed form so the bank's tasks generate what they did before the operation.
+
+    The output layer is linear in its weights: chunk ``c`` of task ``t`` is ``Θᵀ [h_tc; 1]``, with
+    ``h_tc`` the trunk's last features. With the trained trunk fixed, the Θ that brings every bank
+    task back to its target H(e_t; φ*) while ``keep`` (the task just learned, or the one just
+    unlearned, ``[1, E]``) keeps its new output is a least-squares problem over all (task, chunk)
+    rows, solved exactly through its normal equations (``[F+1, F+1]``, F = the last trunk width).
+    While the rows number at most F + 1 (tasks × chunks ≤ 513 with the paper's trunk) the targets
+    are met exactly: the operation changes no other task's network. Beyond that it is the closest
+    fit in the least-squares sense. A tiny ridge term keeps Θ nearest the trained one where the
+    rows do not determine it.
+
+    Returns:
+        The fit's relative residual over the bank's rows, ``‖AΘ − B‖ / ‖B‖`` (0 = exact; 0 for an
+        empty bank).
+    """
+    if not bank.slots:
+        return 0.0
+    gain = hypernetwork.head_gain
+    theta = torch.cat([(hypernetwork.head.weight * gain).T, hypernetwork.head.bias[None]]).double()  # [F+1, chunk]
+    gram = torch.zeros(theta.shape[0], theta.shape[0], dtype=torch.float64, device=theta.device)
+    moment = torch.zeros_like(theta)
+    bank_gram, bank_moment = torch.zeros_like(gram), torch.zeros_like(theta)
+    bank_square = 0.0
+
+    def rows_of(embeddings: torch.Tensor) -> torch.Tensor:
+        features = hypernetwork.features(embeddings).double().flatten(0, 1)  # [T·C, F]
+        return torch.cat([features, features.new_ones(features.shape[0], 1)], dim=1)  # [T·C, F+1]
+
+    rows = rows_of(keep)
+    gram += rows.T @ rows
+    moment += rows.T @ (rows @ theta)
+    for start in range(0, len(bank.slots), _TargetBank._BATCH):
+        stop = min(start + _TargetBank._BATCH, len(bank.slots))
+        rows = rows_of(bank.embeddings[start:stop])
+        targets = bank.all_targets(start, stop).double().flatten(0, 1)
+        bank_gram += rows.T @ rows
+        bank_moment += rows.T @ targets
+        bank_square += float(targets.square().sum())
+    gram += bank_gram
+    moment += bank_moment
+    ridge = 1e-6 * float(gram.diagonal().mean())
+    identity = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    solved = torch.linalg.solve(gram + ridge * identity, moment + ridge * theta)
+    hypernetwork.head.weight.copy_((solved[:-1].T / gain).float())
+    hypernetwork.head.bias.copy_(solved[-1].float())
+    # ‖AΘ − B‖² = tr(ΘᵀA ᵀAΘ) − 2 tr(ΘᵀAᵀB) + ‖B‖², over the bank's rows only.
+    residual = float((solved * (bank_gram @ solved)).sum() - 2 * (solved * bank_moment).sum()) + bank_square
+    return math.sqrt(max(residual, 0.0) / max(bank_square, 1e-30))
