@@ -286,6 +286,21 @@ def test_generated_parameters_are_cached_per_task_and_version() -> None:
     # The old snapshot is untouched by the new learn.
     assert predictor.parameters_for("a") is first
     assert torch.equal(predictor.predict("a", data.probe.inputs), logits)
+    # Threads share each task's module: concurrent predictions equal a lone one.
+    lone = {task: fresh.predict(task, data.probe.inputs) for task in ("a", "b")}
+    mismatches: list[str] = []
+
+    def hammer(task: str) -> None:
+        for _ in range(20):
+            if not torch.equal(fresh.predict(task, data.probe.inputs), lone[task]):
+                mismatches.append(task)
+
+    threads = [threading.Thread(target=hammer, args=("ab"[i % 2],)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not mismatches
 
 
 def test_unseen_classes_are_masked_and_never_predicted() -> None:

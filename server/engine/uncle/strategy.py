@@ -22,8 +22,11 @@ layer.
 
 Beyond the paper (and beyond the authors' code): BatchNorm running statistics are kept per task
 (and reset when the task is unlearned: they are computed from its data); predictions run in eval
-mode; chunk embeddings are trained; the regularized tasks are subsampled; and the relapse guard
-keeps regularizing unlearned tasks so later learning cannot revive them.
+mode; chunk embeddings are trained; the regularized tasks and chunks are subsampled; the relapse
+guard keeps regularizing unlearned tasks so later learning cannot revive them; and after every
+operation the output layer is refit in closed form (:func:`_refit_head`) so that, as far as its
+513 unknowns per output allow, every other task generates exactly the network it did before —
+which is what takes spill and relapse to about zero.
 """
 
 from __future__ import annotations
@@ -677,10 +680,9 @@ def _refit_head(hypernetwork: ChunkedHypernetwork, bank: _TargetBank, keep: torc
     rows = rows_of(keep)
     gram += rows.T @ rows
     moment += rows.T @ (rows @ theta)
-    for start in range(0, len(bank.slots), _TargetBank._BATCH):
-        stop = min(start + _TargetBank._BATCH, len(bank.slots))
-        rows = rows_of(bank.embeddings[start:stop])
-        targets = bank.all_targets(start, stop).double().flatten(0, 1)
+    for row in range(len(bank.slots)):  # one task at a time: a task's rows are [C, F+1] float64
+        rows = rows_of(bank.embeddings[row : row + 1])
+        targets = bank.all_targets(row, row + 1).double().flatten(0, 1)
         bank_gram += rows.T @ rows
         bank_moment += rows.T @ targets
         bank_square += float(targets.square().sum())
@@ -691,6 +693,6 @@ def _refit_head(hypernetwork: ChunkedHypernetwork, bank: _TargetBank, keep: torc
     solved = torch.linalg.solve(gram + ridge * identity, moment + ridge * theta)
     hypernetwork.head.weight.copy_((solved[:-1].T / gain).float())
     hypernetwork.head.bias.copy_(solved[-1].float())
-    # ‖AΘ − B‖² = tr(ΘᵀA ᵀAΘ) − 2 tr(ΘᵀAᵀB) + ‖B‖², over the bank's rows only.
+    # ‖AΘ − B‖² = tr(ΘᵀAᵀAΘ) − 2 tr(ΘᵀAᵀB) + ‖B‖², over the bank's rows only.
     residual = float((solved * (bank_gram @ solved)).sum() - 2 * (solved * bank_moment).sum()) + bank_square
     return math.sqrt(max(residual, 0.0) / max(bank_square, 1e-30))
