@@ -119,7 +119,6 @@ def _settle(client: LetheClient, job: pb.Job) -> None:
 BREAKDOWN_STEPS = (
     "client (both sides): to_tensor copy + SerializeToString",
     "server (both sides): parse LearnRequest",
-    "Lethe: chunk.ByteSize() for the stream byte limit",
     "Lethe: validate chunk (inputs_tensor, labels_tensor, sample_ids)",
     "&nbsp;&nbsp;of which: from_tensor + astype(float32) copy",
     "&nbsp;&nbsp;of which: np.isfinite(x).all()",
@@ -155,25 +154,23 @@ def breakdown(inputs: np.ndarray, labels: np.ndarray, settings: IngestSettings, 
             message = pb.LearnRequest.FromString(wire)
             t2 = clock()
             chunk = message.chunk
-            chunk.ByteSize()
-            t3 = clock()
             x = v.inputs_tensor(chunk.inputs, limits, f"chunk[{index}].inputs", 1 << 30)
             y = v.labels_tensor(chunk.labels, len(x), 10, f"chunk[{index}].labels")
             ids = v.sample_ids(list(chunk.sample_ids), len(x), f"chunk[{index}].sample_ids")
-            t4 = clock()
+            t3 = clock()
             from_tensor(chunk.inputs).astype(np.float32)
-            t5 = clock()
+            t4 = clock()
             np.isfinite(x).all()
-            t6 = clock()
+            t5 = clock()
             np.unique(y)
-            t7 = clock()
+            t6 = clock()
             spool.append(x, y, ids)
-            t8 = clock()
+            t7 = clock()
             digest.update(x.data)
-            t9 = clock()
+            t8 = clock()
             for key, seconds in zip(
                 BREAKDOWN_STEPS[:-1],
-                (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t8 - t7, t9 - t8),
+                (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t8 - t7),
                 strict=True,
             ):
                 steps[key] += seconds

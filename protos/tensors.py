@@ -74,12 +74,12 @@ def from_tensor(tensor: pb.Tensor) -> np.ndarray:
     for d in shape:
         count *= d
     expected = count * dtype.itemsize
-    if len(tensor.data) != expected:
+    data = tensor.data  # each read of a bytes field copies it: read it once
+    if len(data) != expected:
         raise TensorFormatError(
-            f"data has {len(tensor.data)} bytes but shape {list(shape)} of {pb.DataType.Name(tensor.dtype)} "
-            f"needs {expected}"
+            f"data has {len(data)} bytes but shape {list(shape)} of {pb.DataType.Name(tensor.dtype)} needs {expected}"
         )
-    array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
     if tensor.dtype == pb.BFLOAT16:
         return bfloat16_to_float32(array)
     return array

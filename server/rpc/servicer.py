@@ -20,7 +20,7 @@ import torch
 
 from protos import lethe_pb2 as pb
 from protos import lethe_pb2_grpc as pb_grpc
-from protos.tensors import to_tensor
+from protos.tensors import NUMPY_DTYPES, to_tensor
 from server.engine.protocol import UnknownTaskError, UnlearnedTaskError
 from server.errors import (
     FailedPreconditionError,
@@ -146,11 +146,6 @@ class LetheServicer(pb_grpc.LetheServicer):
                         "chunk", f"message {index} is empty; every message after the header must carry a chunk"
                     )
                 chunk = message.chunk
-                wire_bytes += len(chunk.inputs.data) + len(chunk.labels.data)  # cheaper than ByteSize()
-                if wire_bytes > self.defaults.max_stream_bytes:
-                    raise ResourceExhaustedError(
-                        f"chunk: the stream exceeds limits.max_stream_bytes ({self.defaults.max_stream_bytes} bytes)"
-                    )
                 limit = self.defaults.max_stream_samples
                 inputs = v.inputs_tensor(
                     chunk.inputs,
@@ -161,6 +156,12 @@ class LetheServicer(pb_grpc.LetheServicer):
                 )
                 labels = v.labels_tensor(chunk.labels, len(inputs), self.samples.num_classes, f"chunk[{index}].labels")
                 ids = v.sample_ids(list(chunk.sample_ids), len(inputs), f"chunk[{index}].sample_ids")
+                # The payload's size on the wire, from the validated shapes (reading a bytes field copies it).
+                wire_bytes += inputs.size * NUMPY_DTYPES[chunk.inputs.dtype].itemsize + labels.nbytes
+                if wire_bytes > self.defaults.max_stream_bytes:
+                    raise ResourceExhaustedError(
+                        f"chunk: the stream exceeds limits.max_stream_bytes ({self.defaults.max_stream_bytes} bytes)"
+                    )
                 spool.append(inputs, labels, ids)
                 classes.update(int(c) for c in np.unique(labels))
             if spool.samples < 2:
