@@ -185,6 +185,19 @@ def test_the_refit_output_layer_leaves_the_other_networks_in_place(refit: bool) 
         assert moved["perm.0"] >= 3e-3 and moved["perm.2"] >= 3e-3, moved
 
 
+def test_the_refit_is_skipped_when_not_one_task_fits_the_output_layer() -> None:
+    data = small_digits().train
+    fits = build(width=64)  # 36 chunks of 256
+    too_many = build(width=64, chunk_size=8)  # 1,122 chunks of 8: more rows per task than 513 unknowns
+    assert too_many.describe()["chunks"] > 513
+    for strategy, refits in ((fits, True), (too_many, False)):
+        strategy.learn("a", data, QUICK, no_progress, {})
+        report = strategy.learn("b", data, QUICK, no_progress, {})
+        assert ("refit_residual" in report.metrics) == refits, report.metrics
+        unlearned = strategy.unlearn("a", "noise-align", no_progress, {})
+        assert ("refit_residual" in unlearned.metrics) == refits, unlearned.metrics
+
+
 def test_an_unlearned_task_does_not_relapse_when_another_is_learned(scenario: Scenario) -> None:
     assert scenario.after_next_learn["perm.1"] <= 25.0, scenario.after_next_learn
     assert abs(scenario.after_next_learn["perm.1"] - scenario.after_unlearn["perm.1"]) <= 5.0

@@ -40,7 +40,8 @@ class UncleConfig:
             of a digits sequence fully (1 left it at ~30-55%) at the same spill, see the report.
         refit_head: after every learn and every burn-in, refit the hypernetwork's output layer in
             closed form so the other tasks generate what they did before (the task learned or
-            unlearned keeps its new output); beyond the paper, see ``strategy._refit_head``.
+            unlearned keeps its new output); beyond the paper, see ``strategy._refit_head``. Only
+            where one task's chunks fit the output layer's unknowns (chunks ≤ last trunk width + 1).
         burn_in: unlearning steps of the first unlearn (paper: 100).
         burn_in_decay: factor applied to the burn-in after each unlearn that used it (paper: 0.9).
         burn_in_min: the burn-in never anneals below this (paper: 20).

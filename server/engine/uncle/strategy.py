@@ -216,7 +216,7 @@ class UncleStrategy:
             epoch, ``regularization_loss`` (last epoch, before β), ``regularized_tasks`` (the
             tasks held in place), ``regularized_per_step`` (how many of them each step samples),
             ``regularized_chunks_per_step`` (how many of their chunks each step regularizes),
-            ``refit_residual`` (see :func:`_refit_head`; 0 without the refit),
+            ``refit_residual`` (see :func:`_refit_head`; only when the refit ran),
             ``learn_seconds`` and ``samples``.
 
         Raises:
@@ -285,7 +285,7 @@ class UncleStrategy:
                     f"epoch {epoch + 1}/{options.epochs}, step {batch + 1}/{batches_per_epoch}, loss {ce.item():.4f}",
                 )
 
-        refit_residual = _refit_head(hypernetwork, bank, embedding.detach()[None]) if cfg.refit_head else 0.0
+        refit = {"refit_residual": _refit_head(hypernetwork, bank, embedding.detach()[None])} if self._refits() else {}
         # Commit: nothing above touched the strategy's own state.
         record = _TaskRecord(name=task, classes=classes, samples=n)
         if live:
@@ -308,7 +308,7 @@ class UncleStrategy:
                 "regularized_tasks": float(len(bank.slots)),
                 "regularized_per_step": float(min(len(bank.slots), cfg.max_regularized_tasks)),
                 "regularized_chunks_per_step": float(self._pairs_per_step(bank)),
-                "refit_residual": refit_residual,
+                **refit,
                 "learn_seconds": time.perf_counter() - started,
                 "samples": float(n),
             }
@@ -343,7 +343,7 @@ class UncleStrategy:
         Returns:
             Metrics ``unlearn_seconds``, ``burn_in_steps``, ``forget_loss`` (the last step's
             forgetting term, before γ), ``regularization_loss`` (last step, before λ_u) and, with
-            the refit, ``refit_residual``.
+            the refit (when it ran), ``refit_residual``.
 
         Raises:
             ValueError: for an unknown method.
@@ -423,7 +423,7 @@ class UncleStrategy:
             optimizer.step()
             progress((step + 1) / (steps + 1), f"{method}: burn-in step {step + 1}/{steps}")
         losses = {"forget_loss": forget.item(), "regularization_loss": regularization.item()}
-        if cfg.refit_head:
+        if self._refits():
             losses["refit_residual"] = _refit_head(hypernetwork, bank, forget_embedding)
         return hypernetwork, losses
 
@@ -484,6 +484,15 @@ class UncleStrategy:
         num_chunks = self._hypernetwork.num_chunks
         budget = math.ceil(self.config.regularized_networks * num_chunks)
         return min(budget, min(len(bank.slots), self.config.max_regularized_tasks) * num_chunks)
+
+    def _refits(self) -> bool:
+        """Whether operations end with :func:`_refit_head`: when configured, and when one task's rows fit.
+
+        With more chunks than the output layer's unknowns per output (F + 1), the fit cannot
+        restore even one other task exactly, gains almost nothing and costs O(C·F²) per task
+        (ResNet-18: 10,958 chunks), so it is skipped.
+        """
+        return self.config.refit_head and self._hypernetwork.num_chunks <= self._hypernetwork.head.in_features + 1
 
     def _clip(self, parameters: list[torch.Tensor]) -> None:
         if self.config.grad_clip > 0:
