@@ -19,12 +19,13 @@ import inspect
 import io
 import sys
 import tokenize
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from server import config as config_module
 from server.config import Config
+from server.engine.registry import STRATEGIES, strategy_options
 
 #: Descriptions of keys that have no comment in ``server/config.py`` (a comment there wins).
 NOTES: dict[str, str] = {
@@ -202,6 +203,46 @@ def _cell(text: str) -> str:
     return _markdown(text).replace("|", "\\|").replace("\n", " ")
 
 
+def builder_arguments(builder: Callable[..., object]) -> dict[str, str]:
+    """Argument name → description, from the ``Args:`` section of a builder's Google-style docstring."""
+    described: dict[str, str] = {}
+    name = ""
+    in_args = False
+    for line in (inspect.getdoc(builder) or "").splitlines():
+        if line.strip() == "Args:":
+            in_args = True
+        elif in_args and line and not line.startswith(" "):
+            break  # the next section (Returns:, Raises:)
+        elif in_args and line.startswith("    ") and not line.startswith("        ") and ":" in line:
+            name, text = line.strip().split(":", 1)
+            described[name] = text.strip()
+        elif in_args and name and line.strip():
+            described[name] += " " + line.strip()
+    return described
+
+
+def strategy_sections() -> list[str]:
+    """Markdown tables of every strategy's ``model.options``: name, default and description."""
+    out = [
+        "## Strategy options (`[model.options]`)",
+        "",
+        "Generated from each strategy's builder (`server/engine/registry.py`). `width` and `cifar_stem` are "
+        "set through `model.width` / `model.cifar_stem`.",
+        "",
+    ]
+    for name in STRATEGIES:
+        described = builder_arguments(STRATEGIES[name])
+        options = {k: v for k, v in strategy_options(name).items() if k not in ("width", "cifar_stem")}
+        out += [f"### `{name}`", ""]
+        if not options:
+            out += ["No options.", ""]
+            continue
+        out += ["| option | default | description |", "|---|---|---|"]
+        out += [f"| `{k}` | `{_cell(repr(v))}` | {_cell(described.get(k, ''))} |" for k, v in options.items()]
+        out.append("")
+    return out
+
+
 def render(config: type[Config] = Config) -> str:
     """The whole ``docs/configuration.md``."""
     out = [
@@ -234,6 +275,7 @@ def render(config: type[Config] = Config) -> str:
                 f"| `{k.name}` | `{_cell(k.type)}` | `{_cell(k.default)}` | {env} | {flag} | {_cell(k.description)} |"
             )
         out.append("")
+    out += strategy_sections()
     out += [
         "## Example",
         "",

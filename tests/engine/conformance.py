@@ -118,7 +118,7 @@ class Harness:
         return metrics.accuracy(self.logits(task, allow_unlearned=allow_unlearned), digits_tasks()[task].probe.labels)
 
 
-def _serialized(state: Mapping[str, object]) -> dict[str, object]:
+def serialized(state: Mapping[str, object]) -> dict[str, object]:
     """Round-trip ``state`` through ``torch.save`` / ``torch.load(weights_only=True)``."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -222,7 +222,7 @@ class StrategyConformance:
         original.learn(TASK_C)  # must not leak into the state taken before
 
         restored = self.harness(seed=self.seed + 1)  # the state, not the constructor, decides
-        restored.strategy.load_state_dict(_serialized(state))
+        restored.strategy.load_state_dict(serialized(state))
         restored.retained = {t: d for t, d in original.retained.items() if t != TASK_C}
         assert restored.strategy.version == state["version"]
         for task, logits in expected.items():

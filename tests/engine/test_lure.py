@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import io
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ from server.engine.lure.importance import connection_weights, importance_scores,
 from server.engine.metrics import accuracy
 from server.engine.protocol import LearnOptions, Report, TaskData, UnknownTaskError, no_progress
 from server.engine.training import seeded_rng
+
+from .conformance import serialized
 
 CPU = torch.device("cpu")
 INPUT_SHAPE = (1, 8, 8)
@@ -108,15 +109,6 @@ def _lure(backbone: str = "mlp", seed: int = 0, **options: Any) -> LureStrategy:
         seed=seed,
         **options,
     )
-
-
-def _serialized(state: dict[str, object]) -> dict[str, object]:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)
-    assert isinstance(loaded, dict)
-    return loaded
 
 
 def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -543,7 +535,7 @@ def test_approximate_unlearning_lowers_accuracy_on_the_forgotten_training_data(t
 
 def test_state_round_trip_is_exact_and_continues_exactly(trained: Server) -> None:
     original = _copy(trained)
-    state = _serialized(original.strategy.state_dict())
+    state = serialized(original.strategy.state_dict())
     restored = Server(_lure("mlp", seed=99), original.options, dict(original.retained))
     restored.strategy.load_state_dict(state)
     assert restored.strategy.version == original.strategy.version

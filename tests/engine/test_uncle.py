@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import math
 import threading
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ from server.engine.protocol import (
 )
 from server.engine.training import derive_seed
 from server.engine.uncle import UNLEARN_METHODS, UncleStrategy, build_uncle
+
+from .conformance import serialized
 
 CPU = torch.device("cpu")
 INPUT_SHAPE = (1, 8, 8)
@@ -226,15 +227,6 @@ def test_unlearned_task_is_refused_unless_allowed(scenario: Scenario) -> None:
 # --------------------------------------------------------------------------- state
 
 
-def _round_trip(state: dict[str, Any]) -> dict[str, Any]:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)
-    assert isinstance(loaded, dict)
-    return loaded
-
-
 def test_restart_continues_bit_identically() -> None:
     # cnn: the state must also carry the per-task BatchNorm statistics.
     a, b, c = small_digits((0, 1, 2, 3)), small_digits((4, 5, 6)), small_digits((7, 8, 9))
@@ -250,7 +242,7 @@ def test_restart_continues_bit_identically() -> None:
     first.learn("a", a.train, QUICK, no_progress, {})
     first.learn("b", b.train, QUICK, no_progress, {})
     first.unlearn("a", "", no_progress, {})
-    state = _round_trip(first.state_dict())
+    state = serialized(first.state_dict())
     restarted = build("cnn", seed=7, **options)  # the state decides, seed included
     restarted.load_state_dict(state)
     assert restarted.version == 3 and restarted.describe()["burn_in"] == pytest.approx(4.5)

@@ -6,7 +6,8 @@ import dataclasses
 from pathlib import Path
 
 from server.config import Config, load_config
-from server.config_docs import DEFAULT_OUTPUT, collect, field_comments, main, render
+from server.config_docs import DEFAULT_OUTPUT, builder_arguments, collect, field_comments, main, render
+from server.engine.registry import STRATEGIES, strategy_options
 
 
 def test_configuration_reference_is_up_to_date() -> None:
@@ -56,3 +57,11 @@ def test_comments_are_read_from_the_source() -> None:
         "    c: int = 3\n"
     )
     assert field_comments(source) == {("S", "a"): "First line second line.", ("S", "b"): "trailing note"}
+
+
+def test_every_strategy_option_is_described_in_its_builder() -> None:
+    for name, builder in STRATEGIES.items():
+        described = builder_arguments(builder)
+        missing = [option for option in strategy_options(name) if not described.get(option)]
+        assert not missing, f"{name}: options without a description in the builder's Args: {missing}"
+    assert builder_arguments(STRATEGIES["uncle"])["refit_head"].endswith("inputs + 1).")  # continuation lines join

@@ -72,7 +72,8 @@ def build_uncle(
         beta: weight of the output regularizer while learning.
         gamma: weight of the forgetting term while unlearning.
         unlearn_regularization: weight of the output regularizer while unlearning (paper: 1).
-        refit_head: refit the output layer in closed form after each operation so other tasks are unchanged.
+        refit_head: refit the output layer in closed form after each operation so other tasks keep their
+            networks (skipped where one task's chunks outnumber the output layer's inputs + 1).
         burn_in: unlearning steps of the first unlearn.
         burn_in_decay: burn-in factor after each unlearn.
         burn_in_min: lower bound of the annealed burn-in.

@@ -292,20 +292,12 @@ class ChunkedHypernetwork(nn.Module):
 
     def features(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Last trunk features ``[T, num_chunks, hidden[-1]]`` for task embeddings ``[T, E]``."""
-        first = self.trunk[0]
-        assert isinstance(first, nn.Linear)
-        # W [e; c] + b = W_e e + (W_c c + b): the task part is computed once per task, not per chunk.
-        task_part = F.linear(embeddings, first.weight[:, : self.embedding_dim])  # [T, h0]
-        chunk_part = F.linear(self.chunk_embeddings, first.weight[:, self.embedding_dim :], first.bias)  # [C, h0]
-        hidden = torch.relu(task_part[:, None, :] + chunk_part[None, :, :])
-        for layer in self.trunk[1:]:
-            hidden = torch.relu(layer(hidden))
-        return hidden
+        task_part, chunk_part = self._first_layer(embeddings, self.chunk_embeddings)
+        return self._trunk_rest(task_part[:, None, :] + chunk_part[None, :, :])
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Raw generated vectors ``[T, layout.numel]`` for task embeddings ``[T, embedding_dim]``."""
-        self._check_embeddings(embeddings)
-        chunks = self._head(self.features(embeddings))  # [T, num_chunks, chunk_size]
+        chunks = self.all_chunks(embeddings)  # [T, num_chunks, chunk_size]
         return chunks.reshape(embeddings.shape[0], self.num_chunks * self.chunk_size)[:, : self.layout.numel]
 
     def all_chunks(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -328,16 +320,26 @@ class ChunkedHypernetwork(nn.Module):
             chunks: long ``[B]``, chunk numbers in ``[0, num_chunks)``.
         """
         self._check_embeddings(embeddings)
+        task_part, chunk_part = self._first_layer(embeddings, self.chunk_embeddings[chunks])
+        return self._head(self._trunk_rest(task_part[tasks] + chunk_part))
+
+    def _first_layer(
+        self, embeddings: torch.Tensor, chunk_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first trunk layer split in two: ``W [e; c] + b = W_e e + (W_c c + b)``, each part
+        computed once per task and once per chunk (``[T, h0]``, ``[C, h0]``), summed by the caller."""
         first = self.trunk[0]
         assert isinstance(first, nn.Linear)
-        task_part = F.linear(embeddings, first.weight[:, : self.embedding_dim])  # [T, h0]
-        chunk_part = F.linear(
-            self.chunk_embeddings[chunks], first.weight[:, self.embedding_dim :], first.bias
-        )  # [B, h0]
-        hidden = torch.relu(task_part[tasks] + chunk_part)
+        task_part = F.linear(embeddings, first.weight[:, : self.embedding_dim])
+        chunk_part = F.linear(chunk_embeddings, first.weight[:, self.embedding_dim :], first.bias)
+        return task_part, chunk_part
+
+    def _trunk_rest(self, first: torch.Tensor) -> torch.Tensor:
+        """The trunk after its first layer's pre-activation ``first``: ReLU, then the other layers."""
+        hidden = torch.relu(first)
         for layer in self.trunk[1:]:
             hidden = torch.relu(layer(hidden))
-        return self._head(hidden)
+        return hidden
 
     def valid_mask(self) -> torch.Tensor:
         """Float ``[num_chunks, chunk_size]``: 1 where a chunk value is part of the network, 0 in the padding."""

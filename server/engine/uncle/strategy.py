@@ -463,9 +463,8 @@ class UncleStrategy:
         rows, chunks = self._sample(bank, generator)
         if rows.numel() == 0:
             return torch.zeros((), device=self._device)
-        difference = (hypernetwork.chunks(bank.embeddings, rows, chunks) - bank.targets(rows, chunks)) * bank.valid[
-            chunks
-        ]
+        generated = hypernetwork.chunks(bank.embeddings, rows, chunks)
+        difference = (generated - bank.targets(rows, chunks)) * bank.valid[chunks]  # padding does not count
         return difference.square().sum() * (hypernetwork.num_chunks / rows.numel())
 
     def _sample(self, bank: _TargetBank, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
