@@ -6,7 +6,7 @@ import argparse
 import logging
 import signal
 import sys
-import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
@@ -97,15 +97,20 @@ def serve(args: argparse.Namespace) -> int:
     print(f"lethe listening on {config.server.host}:{ports.grpc}", flush=True)
     if ports.metrics is not None:
         print(f"metrics on http://{config.server.metrics_host}:{ports.metrics}/metrics", flush=True)
-    stopping = threading.Event()
+    received: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("received signal %d: shutting down", signum)
-        stopping.set()
+        received.append(signum)  # no locks here: the handler may interrupt the main thread anywhere
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stopping.wait()
+    # Poll instead of blocking on an Event: the kernel may deliver the signal to another thread
+    # (a worker in torch, a gRPC thread), which does not wake a main thread blocked on a lock, and
+    # Python runs handlers only in the main thread. A short sleep lets the handler run within
+    # 0.2 s wherever the signal landed. (A blocking wait hung a CI run for over a minute.)
+    while not received:
+        time.sleep(0.2)
+    log.info("received signal %d: shutting down", received[0])
     app.stop()
     return 0
 
