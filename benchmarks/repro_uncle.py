@@ -87,8 +87,9 @@ class Variant:
 
 
 VARIANTS: tuple[Variant, ...] = (
-    Variant("uncle", "uncle (noise-align, relapse guard)", "uncle"),
+    Variant("uncle", "uncle (noise-align, projected, relapse guard)", "uncle"),
     Variant("uncle-no-guard", "uncle without relapse guard", "uncle", options={"relapse_guard": False}),
+    Variant("uncle-penalty", "uncle, the paper's penalty burn-in", "uncle", options={"unlearn_update": "penalty"}),
     Variant("discard-embedding", "uncle, discard-embedding", "uncle", "discard-embedding"),
     Variant("norm-reduce", "uncle, norm-reduce", "uncle", "norm-reduce"),
     Variant("fixed-noise", "uncle, fixed-noise", "uncle", "fixed-noise"),

@@ -166,10 +166,9 @@ def test_unlearning_spills_little_onto_the_retained_tasks(scenario: Scenario) ->
     assert sum(changes.values()) <= 5.0, changes  # spill, DESIGN.md section 5
 
 
-@pytest.mark.parametrize("refit", [True, False])
-def test_the_refit_output_layer_leaves_the_other_networks_in_place(refit: bool) -> None:
-    # width 64: 36 chunks, so the 3 tasks' 108 rows fit the output layer's 513 unknowns per column.
-    strategy = build(width=64, burn_in=30, refit_head=refit)
+def _learn_three_and_unlearn_the_middle(**options: Any) -> dict[str, Any]:
+    """width 64 (36 chunks: 3 tasks' 108 rows fit the output layer's 513 unknowns per column)."""
+    strategy = build(width=64, burn_in=30, **options)
     tasks = permuted_digits()
     for task in PERMUTED[:3]:
         strategy.learn(task, tasks[task].train, QUICK, no_progress, {})
@@ -177,13 +176,33 @@ def test_the_refit_output_layer_leaves_the_other_networks_in_place(refit: bool) 
     accuracy_before = accuracies(strategy)
     report = strategy.unlearn("perm.1", "noise-align", no_progress, {})
     moved = {t: float((strategy.raw_parameters(t) - raw).norm() / raw.norm()) for t, raw in before.items()}
+    return {"strategy": strategy, "moved": moved, "accuracy_before": accuracy_before, "report": report}
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_the_refit_output_layer_leaves_the_other_networks_in_place(refit: bool) -> None:
+    # The paper's penalty update, which moves the other networks enough to see what the refit undoes.
+    run = _learn_three_and_unlearn_the_middle(refit_head=refit, unlearn_update="penalty")
+    moved, strategy = run["moved"], run["strategy"]
     assert moved["perm.1"] >= 0.3, moved  # the forgotten network was pulled toward noise...
     if refit:  # ...and the others generate what they did: not one probe prediction changes
         assert moved["perm.0"] <= 1e-3 and moved["perm.2"] <= 1e-3, moved
-        assert all(accuracies(strategy)[t] == accuracy_before[t] for t in ("perm.0", "perm.2"))
-        assert report.metrics["refit_residual"] <= 1e-3, report.metrics
+        assert all(accuracies(strategy)[t] == run["accuracy_before"][t] for t in ("perm.0", "perm.2"))
+        assert run["report"].metrics["refit_residual"] <= 1e-3, run["report"].metrics
     else:  # ...and without the refit the burn-in moved them too
         assert moved["perm.0"] >= 3e-3 and moved["perm.2"] >= 3e-3, moved
+
+
+def test_the_projected_burn_in_forgets_while_the_others_barely_move_even_without_the_refit() -> None:
+    projected = _learn_three_and_unlearn_the_middle(refit_head=False)
+    penalty = _learn_three_and_unlearn_the_middle(refit_head=False, unlearn_update="penalty")
+    moved = projected["moved"]
+    assert moved["perm.1"] >= 0.3, moved
+    assert accuracy(projected["strategy"], "perm.1") <= 30.0
+    for task in ("perm.0", "perm.2"):
+        assert moved[task] <= 2e-3, moved  # first-order zero: only the energy left free and the ReLUs' curvature
+        assert moved[task] <= penalty["moved"][task] / 3, (moved, penalty["moved"])
+    assert "regularization_loss" not in projected["report"].metrics  # no penalty term was evaluated
 
 
 def test_the_refit_is_skipped_when_not_one_task_fits_the_output_layer() -> None:
@@ -463,18 +482,21 @@ def test_every_method_is_accepted_and_noise_align_is_the_default() -> None:
     assert build().unlearn_methods == UNLEARN_METHODS
 
 
-def test_unlearning_optimizes_phi_only(two_tasks: dict[str, Any]) -> None:
-    strategy = _from(two_tasks)
+@pytest.mark.parametrize("update", ["projected", "penalty"])
+def test_unlearning_optimizes_phi_only(two_tasks: dict[str, Any], update: str) -> None:
+    strategy = _from(two_tasks, unlearn_update=update)
     embeddings = [e.clone() for e in strategy.state_dict()["embeddings"]]
     report = strategy.unlearn("a", "", no_progress, {})
     state = strategy.state_dict()
     assert report.metrics["burn_in_steps"] == 10
     for before, after in zip(embeddings, state["embeddings"], strict=True):
         assert torch.equal(before, after), "task embeddings are not optimized while unlearning"
-    changed = [
+    changed = {
         name for name, value in state["hypernetwork"].items() if not torch.equal(value, two_tasks["hypernetwork"][name])
-    ]
-    assert "head.weight" in changed and "chunk_embeddings" in changed
+    }
+    assert {"trunk.0.weight", "head.weight"} <= changed
+    # The projected update edits layers only; the chunk embeddings are inputs of every task's rows.
+    assert ("chunk_embeddings" in changed) == (update == "penalty")
 
 
 def test_none_marks_the_task_unlearned_and_changes_nothing_else(two_tasks: dict[str, Any]) -> None:
@@ -542,8 +564,24 @@ def test_sizes_are_reported() -> None:
 
 def test_builder_reports_every_invalid_option_at_once() -> None:
     with pytest.raises(ValueError) as error:
-        build(gamma=0, burn_in_min=500, chunk_embedding_training="sometimes", lr_milestones=(0.9, 0.5))
-    for option in ("gamma", "burn_in_min", "chunk_embedding_training", "lr_milestones"):
+        build(
+            gamma=0,
+            burn_in_min=500,
+            chunk_embedding_training="sometimes",
+            lr_milestones=(0.9, 0.5),
+            unlearn_update="exact",
+            projection_energy=1.0,
+            burn_in_chunks=0,
+        )
+    for option in (
+        "gamma",
+        "burn_in_min",
+        "chunk_embedding_training",
+        "lr_milestones",
+        "unlearn_update",
+        "projection_energy",
+        "burn_in_chunks",
+    ):
         assert option in str(error.value)
 
 

@@ -40,6 +40,9 @@ def build_uncle(
     gamma: float = 0.01,
     unlearn_regularization: float = 0.1,
     refit_head: bool = True,
+    unlearn_update: str = "projected",
+    projection_energy: float = 1e-5,
+    burn_in_chunks: float = 0.5,
     burn_in: int = 100,
     burn_in_decay: float = 0.9,
     burn_in_min: int = 20,
@@ -53,7 +56,7 @@ def build_uncle(
     chunk_size: int = 0,
     chunk_embedding_training: str = "always",
     grad_clip: float = 1.0,
-    unlearn_learning_rate: float = 1e-3,
+    unlearn_learning_rate: float = 0.0,
     lr_milestones: tuple[float, ...] = (0.6, 0.85),
     lr_gamma: float = 0.3,
     norm_scale: float = 0.1,
@@ -71,9 +74,15 @@ def build_uncle(
         width: ``mlp`` hidden width or ``cnn`` base channels; 0 = the backbone's default.
         beta: weight of the output regularizer while learning.
         gamma: weight of the forgetting term while unlearning.
-        unlearn_regularization: weight of the output regularizer while unlearning (paper: 1).
+        unlearn_regularization: weight of the output regularizer while unlearning with the ``penalty`` update
+            (paper: 1).
         refit_head: refit the output layer in closed form after each operation so other tasks keep their
             networks (skipped where one task's chunks outnumber the output layer's inputs + 1).
+        unlearn_update: ``projected`` (burn-in updates confined to directions the other tasks leave free) or
+            ``penalty`` (the paper: a regularizer on a sample of their chunks every step).
+        projection_energy: with ``projected``, the share of the other tasks' input energy the freed directions
+            may hold, per hypernetwork layer.
+        burn_in_chunks: with ``projected``, the share of the forgotten task's chunks a burn-in step aligns.
         burn_in: unlearning steps of the first unlearn.
         burn_in_decay: burn-in factor after each unlearn.
         burn_in_min: lower bound of the annealed burn-in.
@@ -87,7 +96,7 @@ def build_uncle(
         chunk_size: raw values per chunk; 0 = the size that minimizes the hypernetwork.
         chunk_embedding_training: ``always`` or ``first-task`` (the paper).
         grad_clip: maximal gradient norm per step; 0 disables clipping.
-        unlearn_learning_rate: Adam learning rate of the burn-in.
+        unlearn_learning_rate: Adam learning rate of the burn-in; 0 = 0.01 (projected) or 0.001 (penalty).
         lr_milestones: fractions of a learn's steps after which the learning rate is multiplied by ``lr_gamma``.
         lr_gamma: see ``lr_milestones``.
         norm_scale: spread of generated normalization gains and shifts at init.
@@ -110,6 +119,9 @@ def build_uncle(
         gamma=float(gamma),
         unlearn_regularization=float(unlearn_regularization),
         refit_head=bool(refit_head),
+        unlearn_update=str(unlearn_update),
+        projection_energy=float(projection_energy),
+        burn_in_chunks=float(burn_in_chunks),
         burn_in=int(burn_in),
         burn_in_decay=float(burn_in_decay),
         burn_in_min=int(burn_in_min),

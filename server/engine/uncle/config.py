@@ -16,6 +16,12 @@ UNLEARN_METHODS: tuple[str, ...] = ("noise-align", "discard-embedding", "norm-re
 #: ``first-task`` (the paper, appendix B: learned with the first task, then frozen).
 CHUNK_EMBEDDING_TRAINING: tuple[str, ...] = ("always", "first-task")
 
+#: How a burn-in keeps the other tasks in place; the first is the default (see ``unlearn_update``).
+UNLEARN_UPDATES: tuple[str, ...] = ("projected", "penalty")
+
+#: Default burn-in learning rate of each update rule (``unlearn_learning_rate = 0``).
+DEFAULT_UNLEARN_LEARNING_RATES: dict[str, float] = {"projected": 1e-2, "penalty": 1e-3}
+
 
 @dataclass(frozen=True)
 class UncleConfig:
@@ -35,13 +41,24 @@ class UncleConfig:
             ones the paper used; 0.01 left new digits tasks under-fitted (two-class tasks at
             87-92% after 5 epochs), 0.001 learned them to 99-100% and forgot nothing.
         gamma: weight of the forgetting term while unlearning (paper: 0.01).
-        unlearn_regularization: weight λ_u of the output regularizer while unlearning. The paper
-            (eq. 3) uses 1; with distances measured on the raw output 0.1 forgot the first task
+        unlearn_regularization: weight λ_u of the output regularizer while unlearning, with
+            ``unlearn_update = "penalty"`` (the projected update enforces it as a constraint
+            instead). The paper (eq. 3) uses 1; with distances measured on the raw output 0.1 forgot the first task
             of a digits sequence fully (1 left it at ~30-55%) at the same spill, see the report.
         refit_head: after every learn and every burn-in, refit the hypernetwork's output layer in
             closed form so the other tasks generate what they did before (the task learned or
             unlearned keeps its new output); beyond the paper, see ``strategy._refit_head``. Only
             where one task's chunks fit the output layer's unknowns (chunks ≤ last trunk width + 1).
+        unlearn_update: how a burn-in keeps the other tasks' networks in place. ``projected``
+            (beyond the paper, see :mod:`server.engine.uncle.projection`): every layer of φ changes
+            only in directions the other tasks' inputs to it leave free, so a step evaluates one
+            network instead of three. ``penalty`` (the paper, eq. 3): ``λ_u · L_reg`` on a sample
+            of their chunks every step.
+        projection_energy: with ``projected``, the fraction of the other tasks' input energy per
+            layer the freed directions may hold (0 = only exactly unused directions).
+        burn_in_chunks: with ``projected``, the share of the forgotten task's chunks each burn-in
+            step aligns, drawn at random (an unbiased estimate of the whole forgetting term at a
+            fraction of a step's cost).
         burn_in: unlearning steps of the first unlearn (paper: 100).
         burn_in_decay: factor applied to the burn-in after each unlearn that used it (paper: 0.9).
         burn_in_min: the burn-in never anneals below this (paper: 20).
@@ -61,7 +78,8 @@ class UncleConfig:
             hypernetwork (``hypernetwork.auto_chunk_size``).
         chunk_embedding_training: see :data:`CHUNK_EMBEDDING_TRAINING`.
         grad_clip: maximal global gradient norm per step; 0 disables clipping.
-        unlearn_learning_rate: Adam learning rate of the burn-in (paper: 0.001).
+        unlearn_learning_rate: Adam learning rate of the burn-in; 0 = the update rule's default
+            (:data:`DEFAULT_UNLEARN_LEARNING_RATES`: 0.01 projected, 0.001 penalty as in the paper).
         lr_milestones: fractions of a learn's steps after which the learning rate is multiplied
             by ``lr_gamma`` (a step schedule).
         lr_gamma: see ``lr_milestones``.
@@ -80,6 +98,9 @@ class UncleConfig:
     gamma: float = 0.01
     unlearn_regularization: float = 0.1
     refit_head: bool = True
+    unlearn_update: str = "projected"
+    projection_energy: float = 1e-5
+    burn_in_chunks: float = 0.5
     burn_in: int = 100
     burn_in_decay: float = 0.9
     burn_in_min: int = 20
@@ -93,7 +114,7 @@ class UncleConfig:
     chunk_size: int = 0
     chunk_embedding_training: str = "always"
     grad_clip: float = 1.0
-    unlearn_learning_rate: float = 1e-3
+    unlearn_learning_rate: float = 0.0
     lr_milestones: tuple[float, ...] = field(default=(0.6, 0.85))
     lr_gamma: float = 0.3
     norm_scale: float = 0.1
@@ -114,6 +135,18 @@ class UncleConfig:
         need(
             finite(self.unlearn_regularization) and self.unlearn_regularization >= 0,
             f"unlearn_regularization must be >= 0, got {self.unlearn_regularization!r}",
+        )
+        need(
+            self.unlearn_update in UNLEARN_UPDATES,
+            f"unlearn_update must be one of {', '.join(UNLEARN_UPDATES)}, got {self.unlearn_update!r}",
+        )
+        need(
+            finite(self.projection_energy) and 0 <= self.projection_energy < 1,
+            f"projection_energy must be in [0, 1), got {self.projection_energy!r}",
+        )
+        need(
+            finite(self.burn_in_chunks) and 0 < self.burn_in_chunks <= 1,
+            f"burn_in_chunks must be in (0, 1], got {self.burn_in_chunks!r}",
         )
         need(self.burn_in >= 1, f"burn_in must be >= 1, got {self.burn_in!r}")
         need(
@@ -144,8 +177,8 @@ class UncleConfig:
         )
         need(finite(self.grad_clip) and self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip!r}")
         need(
-            finite(self.unlearn_learning_rate) and self.unlearn_learning_rate > 0,
-            f"unlearn_learning_rate must be > 0, got {self.unlearn_learning_rate!r}",
+            finite(self.unlearn_learning_rate) and self.unlearn_learning_rate >= 0,
+            f"unlearn_learning_rate must be >= 0 (0 = the update rule's default), got {self.unlearn_learning_rate!r}",
         )
         need(
             all(finite(m) and 0 < m < 1 for m in self.lr_milestones)
@@ -160,6 +193,11 @@ class UncleConfig:
         )
         if errors:
             raise ValueError("invalid uncle configuration: " + "; ".join(errors))
+
+    @property
+    def burn_in_learning_rate(self) -> float:
+        """The burn-in's Adam learning rate: ``unlearn_learning_rate``, or the update rule's default."""
+        return self.unlearn_learning_rate or DEFAULT_UNLEARN_LEARNING_RATES[self.unlearn_update]
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values (tuples as lists) for a state dict or ``ModelInfo.config``."""

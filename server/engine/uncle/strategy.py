@@ -12,7 +12,10 @@ the whole backbone for task t from a learned task embedding e_t; predictions go 
   same with 2 or 500 tasks.
 * **Unlearn** (Algorithm 1, eq. 3) is data-free: ``burn_in`` steps of Adam on
   ``γ · (1/n) Σ_i ‖H(e_f; φ) − z_i‖² + λ_u · L_reg`` over φ only (the task embeddings stay fixed),
-  n fresh z_i ~ N(0, I) per step; the burn-in anneals ×0.9 per unlearn down to a minimum.
+  n fresh z_i ~ N(0, I) per step; the burn-in anneals ×0.9 per unlearn down to a minimum. By
+  default (``unlearn_update = "projected"``, beyond the paper) L_reg is enforced as a constraint
+  instead of a penalty: φ changes only in directions the other tasks leave free
+  (:mod:`server.engine.uncle.projection`), so a step evaluates part of one network, not three.
   Comparison methods: ``discard-embedding``, ``norm-reduce``, ``fixed-noise`` and ``none``.
 
 All distances are taken on the hypernetwork's *raw* output, in which N(0, I) is exactly the
@@ -66,6 +69,7 @@ from server.engine.training import (
 from server.engine.uncle.config import UNLEARN_METHODS, UncleConfig
 from server.engine.uncle.hypernetwork import ChunkedHypernetwork, TargetLayout, init_task_embedding
 from server.engine.uncle.predictor import ServedTask, UnclePredictor
+from server.engine.uncle.projection import ProjectedEdit, free_directions
 
 _STATE_FORMAT = "lethe.uncle/1"
 #: Methods that run burn-in steps (and anneal the burn-in).
@@ -342,7 +346,8 @@ class UncleStrategy:
 
         Returns:
             Metrics ``unlearn_seconds``, ``burn_in_steps``, ``forget_loss`` (the last step's
-            forgetting term, before γ), ``regularization_loss`` (last step, before λ_u) and, with
+            forgetting term, before γ), ``regularization_loss`` (last step, before λ_u; ``penalty``
+            update only) and, with
             the refit (when it ran), ``refit_residual``.
 
         Raises:
@@ -392,37 +397,76 @@ class UncleStrategy:
     def _burn(
         self, slot: int, method: str, steps: int, progress: Progress
     ) -> tuple[ChunkedHypernetwork, dict[str, float]]:
-        """Run ``steps`` burn-in steps of ``method`` on a copy of φ; return it and the last losses."""
+        """Run ``steps`` burn-in steps of ``method`` on a copy of φ; return it and the last losses.
+
+        With ``unlearn_update = "projected"`` only changes of φ in the directions the bank's
+        tasks leave free are trained (:mod:`server.engine.uncle.projection`), and a step aligns a
+        random ``burn_in_chunks`` share of the forgotten task's chunks (scaled by C/B: an unbiased
+        estimate of the whole forgetting term). With ``"penalty"`` (the paper) φ is trained
+        freely against ``γ · L_fgt + λ_u · L_reg`` on the whole network.
+        """
         cfg = self.config
         hypernetwork = self._trainable_copy(train_chunks=cfg.chunk_embedding_training == "always")
         bank = self._target_bank(exclude=slot)
-        optimizer = torch.optim.Adam(_trainable(hypernetwork), lr=cfg.unlearn_learning_rate)
+        forget_embedding = self._embeddings[slot].detach()[None]  # e_f is not optimized
         generator = seeded_generator(cfg.seed, self.version, "unlearn")
         noise_generator = torch.Generator(device=self._device)
         noise_generator.manual_seed(derive_seed(cfg.seed, self.version, "noise"))
-        forget_embedding = self._embeddings[slot].detach()[None]  # e_f is not optimized
-        numel = self.layout.numel
-        target = torch.zeros(numel, device=self._device)
+        num_chunks, chunk_size = hypernetwork.num_chunks, hypernetwork.chunk_size
+        target = torch.zeros(num_chunks, chunk_size, device=self._device)  # norm-reduce
         if method == "fixed-noise":
             fixed = torch.Generator(device=self._device)
             fixed.manual_seed(derive_seed(cfg.seed, "fixed-noise"))
-            target = torch.randn(numel, generator=fixed, device=self._device)
+            noise = torch.randn(self.layout.numel, generator=fixed, device=self._device)
+            target = F.pad(noise, (0, num_chunks * chunk_size - noise.numel())).view(num_chunks, chunk_size)
+
+        def aim(rows: int) -> torch.Tensor:
+            if method != "noise-align":
+                raise AssertionError("only noise-align draws a target per step")
+            # z̄ = mean of n draws of N(0, I) ~ N(0, I/n).
+            drawn = torch.randn(rows, chunk_size, generator=noise_generator, device=self._device)
+            return drawn / math.sqrt(cfg.noise_samples)
+
+        valid = hypernetwork.valid_mask()
+        edit: ProjectedEdit | None = None
+        if cfg.unlearn_update == "projected":
+            hypernetwork.requires_grad_(False)
+            bases = free_directions(hypernetwork, bank.embeddings, forget_embedding, cfg.projection_energy)
+            edit = ProjectedEdit(hypernetwork, bases, forget_embedding)
+            parameters: list[torch.Tensor] = list(edit.parameters())
+            per_step = max(1, math.ceil(cfg.burn_in_chunks * num_chunks))
+        else:
+            parameters = _trainable(hypernetwork)
+            per_step = num_chunks
+        optimizer = torch.optim.Adam(parameters, lr=cfg.burn_in_learning_rate)
         forget = regularization = torch.zeros((), device=self._device)
         for step in range(steps):
-            if method == "noise-align":
-                # z̄ = mean of n draws of N(0, I) ~ N(0, I/n).
-                target = torch.randn(numel, generator=noise_generator, device=self._device)
-                target /= math.sqrt(cfg.noise_samples)
-            forget = (hypernetwork(forget_embedding)[0] - target).square().sum()
-            if cfg.unlearn_regularization > 0:
-                regularization = self._regularization(hypernetwork, bank, generator)
-            loss = cfg.gamma * forget + cfg.unlearn_regularization * regularization
+            if edit is not None:
+                chunks = (
+                    torch.randperm(num_chunks, generator=generator)[:per_step].to(self._device)
+                    if per_step < num_chunks
+                    else torch.arange(num_chunks, device=self._device)
+                )
+                wanted = aim(per_step) if method == "noise-align" else target[chunks]
+                difference = (edit(chunks) - wanted) * valid[chunks]  # padding does not count
+                forget = difference.square().sum() * (num_chunks / per_step)
+                loss = cfg.gamma * forget
+            else:
+                wanted = aim(num_chunks) if method == "noise-align" else target
+                forget = ((hypernetwork.all_chunks(forget_embedding)[0] - wanted) * valid).square().sum()
+                if cfg.unlearn_regularization > 0:
+                    regularization = self._regularization(hypernetwork, bank, generator)
+                loss = cfg.gamma * forget + cfg.unlearn_regularization * regularization
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self._clip(_trainable(hypernetwork))
+            self._clip(parameters)
             optimizer.step()
             progress((step + 1) / (steps + 1), f"{method}: burn-in step {step + 1}/{steps}")
-        losses = {"forget_loss": forget.item(), "regularization_loss": regularization.item()}
+        losses = {"forget_loss": forget.item()}
+        if edit is not None:
+            edit.apply_to(hypernetwork)
+        else:
+            losses["regularization_loss"] = regularization.item()
         if self._refits():
             losses["refit_residual"] = _refit_head(hypernetwork, bank, forget_embedding)
         return hypernetwork, losses
