@@ -89,6 +89,12 @@ class Variant:
 VARIANTS: tuple[Variant, ...] = (
     Variant("uncle", "uncle (noise-align, projected, relapse guard)", "uncle"),
     Variant("uncle-no-guard", "uncle without relapse guard", "uncle", options={"relapse_guard": False}),
+    Variant(
+        "uncle-output-layer",
+        "uncle, projected burn-in also on the output layer",
+        "uncle",
+        options={"projected_output_layer": True},
+    ),
     Variant("uncle-penalty", "uncle, the paper's penalty burn-in", "uncle", options={"unlearn_update": "penalty"}),
     Variant("discard-embedding", "uncle, discard-embedding", "uncle", "discard-embedding"),
     Variant("norm-reduce", "uncle, norm-reduce", "uncle", "norm-reduce"),

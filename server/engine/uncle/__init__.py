@@ -43,6 +43,7 @@ def build_uncle(
     unlearn_update: str = "projected",
     projection_energy: float = 1e-5,
     burn_in_chunks: float = 0.5,
+    projected_output_layer: bool = False,
     burn_in: int = 100,
     burn_in_decay: float = 0.9,
     burn_in_min: int = 20,
@@ -83,6 +84,8 @@ def build_uncle(
         projection_energy: with ``projected``, the share of the other tasks' input energy the freed directions
             may hold, per hypernetwork layer.
         burn_in_chunks: with ``projected``, the share of the forgotten task's chunks a burn-in step aligns.
+        projected_output_layer: with ``projected``, also train the output layer's free directions (the refit
+            re-solves it after the burn-in anyway).
         burn_in: unlearning steps of the first unlearn.
         burn_in_decay: burn-in factor after each unlearn.
         burn_in_min: lower bound of the annealed burn-in.
@@ -122,6 +125,7 @@ def build_uncle(
         unlearn_update=str(unlearn_update),
         projection_energy=float(projection_energy),
         burn_in_chunks=float(burn_in_chunks),
+        projected_output_layer=bool(projected_output_layer),
         burn_in=int(burn_in),
         burn_in_decay=float(burn_in_decay),
         burn_in_min=int(burn_in_min),

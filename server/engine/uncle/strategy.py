@@ -431,7 +431,13 @@ class UncleStrategy:
         edit: ProjectedEdit | None = None
         if cfg.unlearn_update == "projected":
             hypernetwork.requires_grad_(False)
-            bases = free_directions(hypernetwork, bank.embeddings, forget_embedding, cfg.projection_energy)
+            bases = free_directions(
+                hypernetwork,
+                bank.embeddings,
+                forget_embedding,
+                cfg.projection_energy,
+                output_layer=cfg.projected_output_layer,
+            )
             edit = ProjectedEdit(hypernetwork, bases, forget_embedding)
             parameters: list[torch.Tensor] = list(edit.parameters())
             per_step = max(1, math.ceil(cfg.burn_in_chunks * num_chunks))
