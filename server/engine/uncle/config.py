@@ -43,17 +43,18 @@ class UncleConfig:
         gamma: weight of the forgetting term while unlearning (paper: 0.01).
         unlearn_regularization: weight λ_u of the output regularizer while unlearning, with
             ``unlearn_update = "penalty"`` (the projected update enforces it as a constraint
-            instead). The paper (eq. 3) uses 1; with distances measured on the raw output 0.1 forgot the first task
-            of a digits sequence fully (1 left it at ~30-55%) at the same spill, see the report.
+            instead). The paper (eq. 3) uses 1; with distances measured on the raw output 0.1
+            forgot the first task of a digits sequence fully (1 left it at ~30-55%) at the same
+            spill, see the report.
         refit_head: after every learn and every burn-in, refit the hypernetwork's output layer in
             closed form so the other tasks generate what they did before (the task learned or
             unlearned keeps its new output); beyond the paper, see ``strategy._refit_head``. Only
             where one task's chunks fit the output layer's unknowns (chunks ≤ last trunk width + 1).
         unlearn_update: how a burn-in keeps the other tasks' networks in place. ``projected``
-            (beyond the paper, see :mod:`server.engine.uncle.projection`): every layer of φ changes
-            only in directions the other tasks' inputs to it leave free, so a step evaluates one
-            network instead of three. ``penalty`` (the paper, eq. 3): ``λ_u · L_reg`` on a sample
-            of their chunks every step.
+            (beyond the paper, see :mod:`server.engine.uncle.projection`): each trunk layer of φ
+            changes only in directions the other tasks' inputs to it leave free, and the output
+            layer is left to the refit, so a step generates part of one network instead of three.
+            ``penalty`` (the paper, eq. 3): ``λ_u · L_reg`` on a sample of their chunks every step.
         projection_energy: with ``projected``, the fraction of the other tasks' input energy per
             layer the freed directions may hold (0 = only exactly unused directions).
         burn_in_chunks: with ``projected``, the share of the forgotten task's chunks each burn-in

@@ -138,10 +138,11 @@ def _input_grams(
     grams = [torch.zeros(m.shape[0], m.shape[0], dtype=torch.float64, device=m.device) for m in layers]
     for part in torch.split(embeddings, _TASK_BATCH):
         x = _first_inputs(hypernetwork, part)
-        for matrix, gram in zip(layers, grams, strict=True):
+        for index, (matrix, gram) in enumerate(zip(layers, grams, strict=True)):
             rows = _with_one(x)
             gram += (rows.T @ rows).double()
-            x = torch.relu(rows @ matrix)
+            if index < len(layers) - 1:
+                x = torch.relu(rows @ matrix)
     return grams
 
 
@@ -173,9 +174,11 @@ class ProjectedEdit(nn.Module):
         """The task's raw chunks ``[B, chunk_size]`` at chunk numbers ``chunks`` (long ``[B]``) under the edited φ."""
         x = self._first_fixed[chunks] + self._first_free[chunks] @ self.changes[0]
         for matrix, basis, change in zip(self._matrices[1:], self._bases[1:], self.changes[1:], strict=True):
-            x = torch.relu(x)
-            # [x; 1] (M + N A) without materializing [x; 1]: the last rows of M and N act on the 1.
-            x = torch.addmm(matrix[-1], x, matrix[:-1]) + torch.addmm(basis[-1], x, basis[:-1]) @ change
+            hidden = torch.relu(x)
+            # [h; 1] (M + N A) without materializing [h; 1]: the last rows of M and N act on the 1.
+            x = torch.addmm(matrix[-1], hidden, matrix[:-1])
+            if basis.shape[1]:
+                x = x + torch.addmm(basis[-1], hidden, basis[:-1]) @ change
         return x
 
     @torch.no_grad()
@@ -183,6 +186,8 @@ class ProjectedEdit(nn.Module):
         """Write ``M + N A`` into ``hypernetwork``'s layers (the output layer's gain stays as it is)."""
         layers = [*hypernetwork.trunk, hypernetwork.head]
         for layer, matrix, basis, change in zip(layers, self._matrices, self._bases, self.changes, strict=True):
+            if not basis.shape[1]:
+                continue  # nothing trainable: leave the layer bit for bit as it is
             edited = matrix + basis @ change
             scale = hypernetwork.head_gain if layer is hypernetwork.head else 1.0
             layer.weight.copy_(edited[:-1].T / scale)

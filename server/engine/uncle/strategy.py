@@ -347,8 +347,7 @@ class UncleStrategy:
         Returns:
             Metrics ``unlearn_seconds``, ``burn_in_steps``, ``forget_loss`` (the last step's
             forgetting term, before γ), ``regularization_loss`` (last step, before λ_u; ``penalty``
-            update only) and, with
-            the refit (when it ran), ``refit_residual``.
+            update only) and, with the refit (when it ran), ``refit_residual``.
 
         Raises:
             ValueError: for an unknown method.
@@ -419,50 +418,30 @@ class UncleStrategy:
             fixed.manual_seed(derive_seed(cfg.seed, "fixed-noise"))
             noise = torch.randn(self.layout.numel, generator=fixed, device=self._device)
             target = F.pad(noise, (0, num_chunks * chunk_size - noise.numel())).view(num_chunks, chunk_size)
-
-        def aim(rows: int) -> torch.Tensor:
-            if method != "noise-align":
-                raise AssertionError("only noise-align draws a target per step")
-            # z̄ = mean of n draws of N(0, I) ~ N(0, I/n).
-            drawn = torch.randn(rows, chunk_size, generator=noise_generator, device=self._device)
-            return drawn / math.sqrt(cfg.noise_samples)
-
         valid = hypernetwork.valid_mask()
-        edit: ProjectedEdit | None = None
-        if cfg.unlearn_update == "projected":
-            hypernetwork.requires_grad_(False)
-            bases = free_directions(
-                hypernetwork,
-                bank.embeddings,
-                forget_embedding,
-                cfg.projection_energy,
-                output_layer=cfg.projected_output_layer,
-            )
-            edit = ProjectedEdit(hypernetwork, bases, forget_embedding)
-            parameters: list[torch.Tensor] = list(edit.parameters())
-            per_step = max(1, math.ceil(cfg.burn_in_chunks * num_chunks))
-        else:
-            parameters = _trainable(hypernetwork)
-            per_step = num_chunks
+        every_chunk = torch.arange(num_chunks, device=self._device)
+        edit = self._projected_edit(hypernetwork, bank, forget_embedding) if cfg.unlearn_update == "projected" else None
+        parameters: list[torch.Tensor] = list(edit.parameters()) if edit is not None else _trainable(hypernetwork)
+        per_step = max(1, math.ceil(cfg.burn_in_chunks * num_chunks)) if edit is not None else num_chunks
         optimizer = torch.optim.Adam(parameters, lr=cfg.burn_in_learning_rate)
         forget = regularization = torch.zeros((), device=self._device)
         for step in range(steps):
-            if edit is not None:
-                chunks = (
-                    torch.randperm(num_chunks, generator=generator)[:per_step].to(self._device)
-                    if per_step < num_chunks
-                    else torch.arange(num_chunks, device=self._device)
-                )
-                wanted = aim(per_step) if method == "noise-align" else target[chunks]
-                difference = (edit(chunks) - wanted) * valid[chunks]  # padding does not count
-                forget = difference.square().sum() * (num_chunks / per_step)
-                loss = cfg.gamma * forget
+            if per_step < num_chunks:
+                chunks = torch.randperm(num_chunks, generator=generator)[:per_step].to(self._device)
             else:
-                wanted = aim(num_chunks) if method == "noise-align" else target
-                forget = ((hypernetwork.all_chunks(forget_embedding)[0] - wanted) * valid).square().sum()
-                if cfg.unlearn_regularization > 0:
-                    regularization = self._regularization(hypernetwork, bank, generator)
-                loss = cfg.gamma * forget + cfg.unlearn_regularization * regularization
+                chunks = every_chunk
+            generated = edit(chunks) if edit is not None else hypernetwork.all_chunks(forget_embedding)[0]
+            if method == "noise-align":  # z̄ = mean of n draws of N(0, I) ~ N(0, I/n)
+                wanted = torch.randn(per_step, chunk_size, generator=noise_generator, device=self._device)
+                wanted /= math.sqrt(cfg.noise_samples)
+            else:
+                wanted = target[chunks]
+            # The padding does not count; C/B makes a subset's sum an unbiased estimate of the whole.
+            forget = ((generated - wanted) * valid[chunks]).square().sum() * (num_chunks / per_step)
+            loss = cfg.gamma * forget
+            if edit is None and cfg.unlearn_regularization > 0:
+                regularization = self._regularization(hypernetwork, bank, generator)
+                loss = loss + cfg.unlearn_regularization * regularization
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self._clip(parameters)
@@ -476,6 +455,20 @@ class UncleStrategy:
         if self._refits():
             losses["refit_residual"] = _refit_head(hypernetwork, bank, forget_embedding)
         return hypernetwork, losses
+
+    def _projected_edit(
+        self, hypernetwork: ChunkedHypernetwork, bank: _TargetBank, forget_embedding: torch.Tensor
+    ) -> ProjectedEdit:
+        """The trainable change of φ for a projected burn-in; φ itself is frozen."""
+        hypernetwork.requires_grad_(False)
+        bases = free_directions(
+            hypernetwork,
+            bank.embeddings,
+            forget_embedding,
+            self.config.projection_energy,
+            output_layer=self.config.projected_output_layer,
+        )
+        return ProjectedEdit(hypernetwork, bases, forget_embedding)
 
     # ------------------------------------------------------------------ helpers
 
