@@ -280,6 +280,22 @@ def test_load_refuses_a_different_configuration() -> None:
         build().load_state_dict(state)
     with pytest.raises(ValueError, match="not an uncle state"):
         build().load_state_dict({"format": "lethe.finetune/1"})
+    unknown = build().state_dict()
+    with pytest.raises(ValueError, match="color"):
+        build().load_state_dict({**unknown, "config": {**unknown["config"], "color": "red"}})
+
+
+def test_a_state_saved_before_an_option_existed_loads_with_the_configured_value() -> None:
+    old = build(unlearn_update="penalty", unlearn_learning_rate=1e-3)
+    old.learn("a", small_digits().train, QUICK, no_progress, {})
+    state = old.state_dict()
+    predates = ("unlearn_update", "projection_energy", "burn_in_chunks", "projected_output_layer")
+    state["config"] = {key: value for key, value in state["config"].items() if key not in predates}
+    restored = build(unlearn_update="penalty", unlearn_learning_rate=1e-3)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.raw_parameters("a"), old.raw_parameters("a"))
+    with pytest.raises(ValueError, match="unlearn_learning_rate"):  # an option it does hold must still match
+        build().load_state_dict(state)
 
 
 # --------------------------------------------------------------------------- serving

@@ -637,6 +637,9 @@ class UncleStrategy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; on error nothing is changed.
 
+        Options the state predates (absent from its saved configuration: added to the strategy
+        after it was written) only steer later operations, so they take their configured values.
+
         Raises:
             ValueError: if the state is not an uncle state or was saved with a different
                 configuration (any option but the seed, which is taken from the state).
@@ -645,12 +648,15 @@ class UncleStrategy:
             raise ValueError(f"not an uncle state (format {state.get('format')!r}, expected {_STATE_FORMAT!r})")
         # The seed is state, not structure: a restored strategy continues with the saved one.
         saved = {key: value for key, value in state["config"].items() if key != "seed"}
-        configured = {key: value for key, value in self.config.as_dict().items() if key != "seed"}
+        configured = {
+            key: value for key, value in self.config.as_dict().items() if key != "seed" and key in state["config"]
+        }
         if saved != configured:
             differences = ", ".join(
-                f"{key}: saved {saved.get(key)!r}, configured {value!r}"
-                for key, value in configured.items()
-                if saved.get(key) != value
+                f"{key}: saved {value!r}, "
+                + (f"configured {configured[key]!r}" if key in configured else "no such option")
+                for key, value in saved.items()
+                if key not in configured or configured[key] != value
             )
             raise ValueError(f"uncle state was saved with a different configuration ({differences})")
         records = [
