@@ -43,7 +43,7 @@ from benchmarks.repro_uncle import BENCH_BEGIN, BENCH_END, DOC, ROOT, machine, w
 from client.datasets import load_digits
 from server.engine.backbones import build_backbone
 from server.engine.protocol import LearnOptions, TaskData
-from server.engine.training import seeded_rng
+from server.engine.training import count_minibatches, minibatches, seeded_rng
 from server.engine.uncle import UncleStrategy, build_uncle
 
 RAW = ROOT / "var" / "repro-uncle" / "bench.json"
@@ -247,8 +247,8 @@ def bench_resnet18(quick: bool) -> list[dict[str, Any]]:
     if quick:
         inputs, labels = inputs[:128], labels[:128]
     probe = TaskData(torch.from_numpy(test.inputs), torch.from_numpy(test.labels))
-    batches = -(-len(labels) // 32)
-    milestones = [round(0.6 * epochs * batches), round(0.85 * epochs * batches)]
+    steps = epochs * count_minibatches(len(labels), 32)
+    milestones = [round(0.6 * steps), round(0.85 * steps)]
 
     with seeded_rng(0):
         model = build_backbone("resnet18", DIGITS_SHAPE, 10, cifar_stem=True)
@@ -258,7 +258,7 @@ def bench_resnet18(quick: bool) -> list[dict[str, Any]]:
     started = time.perf_counter()
     model.train()
     for _ in range(epochs):
-        for batch in torch.randperm(len(labels), generator=generator).split(32):
+        for batch in minibatches(len(labels), 32, generator):  # the strategy's batching
             loss = F.cross_entropy(model(inputs[batch]), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
