@@ -320,8 +320,11 @@ class ChunkedHypernetwork(nn.Module):
             chunks: long ``[B]``, chunk numbers in ``[0, num_chunks)``.
         """
         self._check_embeddings(embeddings)
-        task_part, chunk_part = self._first_layer(embeddings, self.chunk_embeddings[chunks])
-        return self._head(self._trunk_rest(task_part[tasks] + chunk_part))
+        # index_select, not advanced indexing: the backward of ``x[index]`` accumulates repeated
+        # rows with parallel atomic adds on the CPU, so its float sums (and every later step)
+        # depend on thread scheduling; index_select's backward (index_add) is deterministic.
+        task_part, chunk_part = self._first_layer(embeddings, self.chunk_embeddings.index_select(0, chunks))
+        return self._head(self._trunk_rest(task_part.index_select(0, tasks) + chunk_part))
 
     def _first_layer(
         self, embeddings: torch.Tensor, chunk_embeddings: torch.Tensor
