@@ -12,7 +12,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -76,15 +76,51 @@ def _time(ts: object) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _verified(task: pb.Task) -> str:
+    if not task.HasField("forget_verified"):
+        return "-"
+    return "yes" if task.forget_verified else "NO"
+
+
 def print_tasks(tasks: Sequence[pb.Task]) -> None:
-    """A table of tasks."""
-    print(f"{'task':<24} {'state':<11} {'samples':>8} {'accuracy':>8} {'relapse':>8} {'version':>8}")
+    """A table of tasks; ``verified`` says whether an unlearned task's forgetting was verified."""
+    print(f"{'task':<24} {'state':<11} {'samples':>8} {'accuracy':>8} {'relapse':>8} {'version':>8} {'verified':>8}")
     for t in tasks:
         version = t.unlearned_version or t.learned_version
         print(
             f"{t.name:<24} {_state(t.state, pb.TaskState):<11} {t.samples:>8} {_pct(t.accuracy):>8} "
-            f"{_pct(t.relapse):>8} {version:>8}"
+            f"{_pct(t.relapse):>8} {version:>8} {_verified(t):>8}"
         )
+
+
+def forget_summary(metrics: Mapping[str, float]) -> list[str]:
+    """Lines on an unlearn's verification and MIA, the measure next to its reference (docs/metrics.md)."""
+    m, lines = metrics, []
+    if "forget_verified" in m:
+        classes = m.get("forget_reference_classes")
+        why = f"chance for {classes:.0f} classes" if classes else "a model that never saw it, estimated on the probe"
+        verified = bool(m["forget_verified"])
+        attempts = int(m.get("forget_attempts", 1))
+        lines.append(
+            f"forget accuracy {m.get('forget_balanced_accuracy', math.nan):.1f}% balanced "
+            f"(reference {m['forget_reference']:.1f}% = {why}; 95% interval "
+            f"{m.get('forget_accuracy_low', math.nan):.1f}-{m.get('forget_accuracy_high', math.nan):.1f}%) "
+            f"on {m.get('forget_samples', 0):.0f} probe samples; "
+            f"members {m.get('forget_balanced_accuracy_members', math.nan):.1f}%; "
+            f"{'verified' if verified else 'NOT verified'} (gap {m['forget_gap']:.1f}, "
+            f"{m['forget_excess']:.1f} beyond the 95% interval {'<=' if verified else '>'} "
+            f"{m['forget_tolerance']:.1f})" + (f" after {attempts} attempts" if attempts > 1 else "")
+        )
+    if "mia_known" in m:
+        sizes = f"{m.get('mia_members', 0):.0f}+{m.get('mia_nonmembers', 0):.0f}"
+        if m["mia_known"] and "mia" in m:
+            lines.append(
+                f"MIA {m['mia']:.1f}% (null 95% {m['mia_null_low']:.0f}-{m['mia_null_high']:.0f}%, "
+                f"p {m['mia_p_value']:.2f}, {sizes} samples)"
+            )
+        else:
+            lines.append(f"MIA unknown (too few samples: {sizes})")
+    return lines
 
 
 def print_job(job: pb.Job) -> None:
@@ -137,7 +173,10 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         job = client.unlearn(args.task, reason=args.reason, method=args.method, idempotency_key=args.idempotency_key)
         print(f"unlearn job {job.id} for task {args.task}: {_state(job.state, pb.JobState)}")
         if not args.no_wait:
-            print_job(_wait(client, job, args.progress or sys.stderr.isatty()))
+            done = _wait(client, job, args.progress or sys.stderr.isatty())
+            print_job(done)
+            for line in forget_summary(done.metrics):
+                print(line)
     return 0
 
 

@@ -227,7 +227,7 @@ class ListJobsResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("name", "state", "samples", "accuracy", "relapse", "learned_version", "unlearned_version", "created_at", "learned_at", "unlearned_at", "classes")
+    __slots__ = ("name", "state", "samples", "accuracy", "relapse", "learned_version", "unlearned_version", "created_at", "learned_at", "unlearned_at", "classes", "forget_verified")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +239,7 @@ class Task(_message.Message):
     LEARNED_AT_FIELD_NUMBER: _ClassVar[int]
     UNLEARNED_AT_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
+    FORGET_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: TaskState
     samples: int
@@ -250,7 +251,8 @@ class Task(_message.Message):
     learned_at: _timestamp_pb2.Timestamp
     unlearned_at: _timestamp_pb2.Timestamp
     classes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., samples: _Optional[int] = ..., accuracy: _Optional[float] = ..., relapse: _Optional[float] = ..., learned_version: _Optional[int] = ..., unlearned_version: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., learned_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., unlearned_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ...) -> None: ...
+    forget_verified: bool
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., samples: _Optional[int] = ..., accuracy: _Optional[float] = ..., relapse: _Optional[float] = ..., learned_version: _Optional[int] = ..., unlearned_version: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., learned_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., unlearned_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., forget_verified: _Optional[bool] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
     __slots__ = ("name",)

@@ -157,6 +157,8 @@ class App:
                 seed=c.model.seed,
                 max_probe_samples=c.training.max_probe_samples,
                 forget_probe_ops=c.training.forget_probe_ops,
+                forget_tolerance=c.training.forget_tolerance,
+                forget_max_attempts=c.training.forget_max_attempts,
                 default_learning_rate=self.learning_rate(),
             ),
         )

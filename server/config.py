@@ -84,6 +84,12 @@ class TrainingSection:
     max_probe_samples: int = 1000
     #: Operations after an unlearn for which the forgotten task's probe set is kept to measure relapse.
     forget_probe_ops: int = 10
+    #: Points the forgotten task's reference (chance, or the never-seen model) may lie outside the 95% interval of
+    #: its balanced accuracy, on the probe set and on the member sample, for the forgetting to count as verified.
+    forget_tolerance: float = 5.0
+    #: Forgetting operations per unlearn, the unlearn itself included: while not verified, the worker asks the
+    #: strategy for stronger forgetting (e.g. more burn-in) until this many have run (1 = never ask).
+    forget_max_attempts: int = 3
 
 
 @dataclass(frozen=True)
@@ -332,6 +338,10 @@ def validate(config: Config) -> list[str]:
         p.append(f"training.max_probe_samples: must be >= 1, got {t.max_probe_samples}")
     if t.forget_probe_ops < 0:
         p.append(f"training.forget_probe_ops: must be >= 0, got {t.forget_probe_ops}")
+    if not 0 <= t.forget_tolerance <= 100:
+        p.append(f"training.forget_tolerance: must be in [0, 100] points, got {t.forget_tolerance}")
+    if not 1 <= t.forget_max_attempts <= 100:
+        p.append(f"training.forget_max_attempts: must be in 1..100, got {t.forget_max_attempts}")
     for name in ("max_stream_bytes", "max_stream_samples", "max_queued_jobs", "max_tasks", "max_predict_samples"):
         if getattr(lim, name) < 1:
             p.append(f"limits.{name}: must be >= 1, got {getattr(lim, name)}")

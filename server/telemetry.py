@@ -66,6 +66,11 @@ class Telemetry:
         self.unlearn_mia = Gauge(
             "lethe_unlearn_mia_ratio", "Membership-inference accuracy of the latest unlearn", registry=r
         )
+        self.unverified_unlearns = Counter(
+            "lethe_unverified_unlearns",
+            "Unlearns whose forgetting was not verified (the forgotten task still measures off its reference)",
+            registry=r,
+        )
         self.predict_latency = Histogram(
             "lethe_predict_latency_seconds", "Predict latency", buckets=_LATENCY_BUCKETS, registry=r
         )

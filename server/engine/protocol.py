@@ -121,6 +121,18 @@ class Strategy(Protocol):
         """
         ...
 
+    # Optional capability (not part of the protocol's required members, looked up with getattr):
+    #
+    #     def forget_more(self, task: str, attempt: int, progress: Progress, *, final: bool) -> Report | None
+    #
+    # Called by the worker after ``unlearn(task, ...)`` while the forgotten task does not measure at
+    # its reference (DESIGN.md section 9), with ``attempt`` = 1, 2, ... (the unlearn was attempt 0 of
+    # the extra ones) and ``final`` True on the last call the bound allows, where a strategy should
+    # use its strongest method. It forgets ``task`` harder as one committed operation (version
+    # bumped, all-or-nothing like every operation) and returns its metrics, or returns None, changing
+    # nothing, when it has nothing stronger (e.g. an explicit ablation such as method ``none``).
+    # A strategy without it has nothing stronger.
+
     def predictor(self) -> Predictor:
         """Return the current immutable serving snapshot."""
         ...

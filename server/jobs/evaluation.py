@@ -1,4 +1,4 @@
-"""Strategy-agnostic evaluation: probe sets, the accuracy matrix row, spill, relapse, MIA and UNI."""
+"""Strategy-agnostic evaluation: probe sets, the accuracy matrix row, spill, relapse, MIA, UNI and forgetting checks."""
 
 from __future__ import annotations
 
@@ -91,9 +91,121 @@ def forget_quality(
         result["uni"] = metrics.uni(probs.numpy())
         if members is not None and len(members.labels):
             member_logits = logits_for(predictor, name, members.inputs, allow_unlearned=True)
-            result["mia"] = metrics.mia(
+            attack = metrics.mia_with_null(
                 metrics.per_sample_loss(member_logits, torch.from_numpy(members.labels)),
                 metrics.per_sample_loss(probe_logits, torch.from_numpy(probe.labels)),
                 seed=seed,
             )
+            result.update(
+                {
+                    "mia": attack.score,
+                    "mia_known": float(attack.known),
+                    "mia_null_low": attack.null_low,
+                    "mia_null_high": attack.null_high,
+                    "mia_p_value": attack.p_value,
+                    "mia_members": float(attack.members),
+                    "mia_nonmembers": float(attack.nonmembers),
+                }
+            )
     return result
+
+
+@dataclass(frozen=True)
+class ForgetCheck:
+    """Whether a forgotten task is measured at its reference (DESIGN.md section 9; docs/metrics.md).
+
+    Attributes:
+        verified: on the probe set and on the member sample, the reference lies within
+            ``tolerance`` points of the 95% interval of the balanced accuracy.
+        metrics: the job metrics ``forget_*`` (percent or points).
+    """
+
+    verified: bool
+    metrics: dict[str, float]
+
+
+def _distance(reference: float, low: float, high: float) -> float:
+    """Points from ``reference`` to the interval ``[low, high]`` (0 inside it)."""
+    return max(0.0, low - reference, reference - high)
+
+
+def verify_forgetting(
+    predictor: Predictor,
+    task: str,
+    members: ProbeSet | None,
+    probe: ProbeSet | None,
+    *,
+    task_incremental: bool,
+    tolerance: float,
+) -> ForgetCheck | None:
+    """Measure an unlearned task against its reference on its probe set and its member sample.
+
+    The measure is balanced accuracy (mean per-class recall), so a task answering one class for
+    everything scores its chance level whatever the classes' shares. The reference is chance,
+    ``100 / k`` for the ``k`` classes the task saw (the columns its logits do not mask), for a
+    task-incremental model; for a class-incremental one it is the never-seen model, estimated by
+    the balanced accuracy on the probe set (held out: the model never trained on it), against
+    which the members (trained on) must not stand out.
+
+    Args:
+        predictor: the model after the unlearn.
+        task: the unlearned task.
+        members: samples the task was trained on (kept for this), or None.
+        probe: its held-out samples, or None.
+        task_incremental: whether Predict takes the task's name.
+        tolerance: points the reference may lie outside a measure's 95% interval.
+
+    Returns:
+        The verdict and its metrics; None when there is nothing to measure (no samples, or no
+        probe set to estimate a class-incremental reference from).
+    """
+    name = task if task_incremental else None
+    measured: dict[str, tuple[float, int, torch.Tensor]] = {}
+    for which, samples in (("probe", probe), ("members", members)):
+        if samples is not None and len(samples.labels):
+            logits = logits_for(predictor, name, samples.inputs, allow_unlearned=True)
+            labels = torch.from_numpy(samples.labels)
+            measured[which] = (metrics.balanced_accuracy(logits, labels), len(samples.labels), logits)
+    result: dict[str, float] = {}
+    if task_incremental and measured:
+        logits = torch.cat([m[2] for m in measured.values()])
+        classes = int((~torch.isinf(logits).all(dim=0)).sum())
+        reference = 100.0 / max(classes, 1)
+        result["forget_reference_classes"] = float(classes)
+    elif "probe" in measured:
+        reference = measured["probe"][0]
+    else:
+        return None
+    result["forget_reference"] = reference
+    distances = []
+    suffixes = {"probe": "", "members": "_members"}
+    for which, (balanced, n, _) in measured.items():
+        low, high = metrics.balanced_accuracy_interval(balanced, n)
+        suffix = suffixes[which]
+        result[f"forget_balanced_accuracy{suffix}"] = balanced
+        result[f"forget_accuracy{suffix}_low"] = low
+        result[f"forget_accuracy{suffix}_high"] = high
+        result[f"forget_samples{suffix}"] = float(n)
+        result[f"forget_gap_{which}"] = balanced - reference
+        distances.append(_distance(reference, low, high))
+    result["forget_gap"] = max(abs(result[f"forget_gap_{w}"]) for w in measured)
+    result["forget_excess"] = max(distances)
+    result["forget_tolerance"] = tolerance
+    verified = result["forget_excess"] <= tolerance
+    result["forget_verified"] = float(verified)
+    return ForgetCheck(verified=verified, metrics=result)
+
+
+def verdict(job_metrics: Mapping[str, float]) -> str:
+    """One line on the forgetting check of an unlearn job's metrics (its message and audit text)."""
+    if "forget_verified" not in job_metrics:
+        return "forgetting not measured (no probe or member samples)"
+    m = job_metrics
+    line = (
+        f"balanced accuracy {m.get('forget_balanced_accuracy', math.nan):.1f}% on the probe, "
+        f"{m.get('forget_balanced_accuracy_members', math.nan):.1f}% on the members, "
+        f"reference {m['forget_reference']:.1f}%; gap {m['forget_gap']:.1f} points, "
+        f"{m['forget_excess']:.1f} beyond the 95% interval (tolerance {m['forget_tolerance']:.1f})"
+    )
+    attempts = int(m.get("forget_attempts", 1))
+    return line + (f" after {attempts} attempts" if attempts > 1 else "")

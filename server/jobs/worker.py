@@ -30,7 +30,15 @@ from server.checkpoints import Checkpoint, CheckpointMeta, CheckpointStore
 from server.data import FileRecord, load_arrays, purge, read_spool, save_arrays, sha256_file
 from server.engine import metrics
 from server.engine.protocol import LearnOptions, Strategy, TaskData
-from server.jobs.evaluation import ProbeCache, ProbeSet, evaluate, forget_quality
+from server.jobs.evaluation import (
+    ForgetCheck,
+    ProbeCache,
+    ProbeSet,
+    evaluate,
+    forget_quality,
+    verdict,
+    verify_forgetting,
+)
 from server.jobs.events import JobEvents
 from server.jobs.serving import ServingState
 from server.logs import log_context
@@ -74,6 +82,10 @@ class WorkerSettings:
     max_probe_samples: int
     forget_probe_ops: int
     default_learning_rate: float
+    #: Points the reference may lie outside the forgotten task's 95% interval (training.forget_tolerance).
+    forget_tolerance: float = 5.0
+    #: Forgetting operations per unlearn, the first included (training.forget_max_attempts).
+    forget_max_attempts: int = 3
 
 
 class Worker:
@@ -329,7 +341,58 @@ class Worker:
         report = self.strategy.unlearn(job.task, method, self._progress(job), self._replay())
         job_metrics = {k: float(v) for k, v in report.metrics.items()}
         job_metrics.setdefault("unlearn_seconds", time.perf_counter() - started)
+        job_metrics.update(self._keep_forgetting(job))
         return job_metrics
+
+    def _keep_forgetting(self, job: Job) -> dict[str, float]:
+        """Call the strategy's optional ``forget_more`` while the task is not verified forgotten.
+
+        Stops at the first verified measurement, when ``forget_max_attempts`` forgetting
+        operations (the unlearn included) have run, or when the strategy has nothing stronger
+        (no ``forget_more``, or it returns None). Each call is a committed operation of its own.
+
+        Returns:
+            ``forget_attempts`` (the unlearn counts as 1) and, after extra attempts,
+            ``forget_more_seconds``.
+        """
+        forget_more = getattr(self.strategy, "forget_more", None)
+        attempts, started = 1, time.perf_counter()
+        while forget_more is not None and attempts < self.settings.forget_max_attempts:
+            check = self._verify(job.task)
+            if check is None or check.verified:
+                break
+            log.warning("forgetting of %s not verified after %d attempt(s): %s", job.task, attempts, check.metrics)
+            final = attempts + 1 == self.settings.forget_max_attempts
+            if forget_more(job.task, attempts, self._progress(job), final=final) is None:
+                break
+            attempts += 1
+        result = {"forget_attempts": float(attempts)}
+        if attempts > 1:
+            result["forget_more_seconds"] = time.perf_counter() - started
+        return result
+
+    def _forget_samples(self, session: Session, task: str) -> tuple[ProbeSet | None, ProbeSet | None]:
+        """The (member, probe) samples of ``task`` still on disk."""
+        files = DataFileRepository(session)
+        members = next(iter(files.live(task=task, kind=DataFileKind.MEMBER)), None)
+        probe = next(iter(files.live(task=task, kind=DataFileKind.PROBE)), None)
+        return (
+            self.probes.get(members.path) if members else None,
+            self.probes.get(probe.path) if probe else None,
+        )
+
+    def _verify(self, task: str) -> ForgetCheck | None:
+        """Measure the just-unlearned ``task`` against its reference with the current model."""
+        with self.sessions() as session:
+            members, probe = self._forget_samples(session, task)
+        return verify_forgetting(
+            self.strategy.predictor(),
+            task,
+            members,
+            probe,
+            task_incremental=self.strategy.task_incremental,
+            tolerance=self.settings.forget_tolerance,
+        )
 
     # ---------------------------------------------------------- checkpoint
     def _checkpoint(self, job: Job, job_metrics: dict[str, float]) -> None:
@@ -426,6 +489,9 @@ class Worker:
             row.model_version = self.strategy.version
             row.metrics = {k: v for k, v in job_metrics.items() if not math.isnan(v)}
             row.message = "succeeded"
+            if job.kind == JobKind.UNLEARN and row.metrics.get("forget_verified") == 0.0:
+                # The data is purged all the same (the request is honoured); the model may still know it.
+                row.message = f"unlearned, forgetting NOT verified: {verdict(row.metrics)}"
             self.audit_log.append(
                 session,
                 principal=job.principal,
@@ -501,16 +567,34 @@ class Worker:
                     details={"why": learn.message},
                 )
         else:
-            members = next(iter(files.live(task=task.name, kind=DataFileKind.MEMBER)), None)
+            members, probe = self._forget_samples(session, task.name)
+            predictor = self.strategy.predictor()
+            incremental = self.strategy.task_incremental
             quality = forget_quality(
-                self.strategy.predictor(),
-                task.name,
-                self.probes.get(members.path) if members else None,
-                probes.get(task.name),
-                task_incremental=self.strategy.task_incremental,
-                seed=self.settings.seed,
+                predictor, task.name, members, probe, task_incremental=incremental, seed=self.settings.seed
             )
             job_metrics.update({k: v for k, v in quality.items() if not math.isnan(v)})
+            check = verify_forgetting(
+                predictor,
+                task.name,
+                members,
+                probe,
+                task_incremental=incremental,
+                tolerance=self.settings.forget_tolerance,
+            )
+            task.forget_verified = None if check is None else check.verified
+            if check is not None:
+                job_metrics.update(check.metrics)
+                job_metrics.setdefault("forget_attempts", 1.0)
+            if check is not None and not check.verified:
+                self.audit_log.append(
+                    session,
+                    principal=job.principal,
+                    action="unlearn.unverified",
+                    task=task.name,
+                    job_id=job.id,
+                    details={"why": verdict(job_metrics), "metrics": check.metrics},
+                )
             job_metrics["spill"] = metrics.spill(
                 previous, accuracies, task.name, [n for n in learned_now if n != task.name]
             )
@@ -647,3 +731,5 @@ class Worker:
             t.last_unlearn_spill.set(job_metrics["spill"] / 100.0)
         if "mia" in job_metrics:
             t.unlearn_mia.set(job_metrics["mia"] / 100.0)
+        if job.kind == JobKind.UNLEARN and job_metrics.get("forget_verified") == 0.0:
+            t.unverified_unlearns.inc()

@@ -41,7 +41,7 @@ def job_message(job: Job) -> pb.Job:
 
 
 def task_message(task: Task) -> pb.Task:
-    """A Task row as a ``lethe.v1.Task``; unknown accuracy and relapse are NaN."""
+    """A Task row as a ``lethe.v1.Task``; unknown accuracy and relapse are NaN, unknown ``forget_verified`` unset."""
     return pb.Task(
         name=task.name,
         state=task.state.name,
@@ -54,6 +54,7 @@ def task_message(task: Task) -> pb.Task:
         learned_at=timestamp(task.learned_at),
         unlearned_at=timestamp(task.unlearned_at),
         classes=task.classes,
+        forget_verified=task.forget_verified,
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Float,
     ForeignKey,
@@ -73,6 +74,8 @@ class Task(Base):
     accuracy: Mapped[float | None] = mapped_column(Float)
     relapse: Mapped[float | None] = mapped_column(Float)
     unlearned_accuracy: Mapped[float | None] = mapped_column(Float)
+    #: Whether the unlearn measured the task at its reference; None while not unlearned or unmeasured.
+    forget_verified: Mapped[bool | None] = mapped_column(Boolean)
     learned_version: Mapped[int | None] = mapped_column(Integer)
     unlearned_version: Mapped[int | None] = mapped_column(Integer)
     ops_since_unlearn: Mapped[int] = mapped_column(Integer, default=0)

@@ -192,3 +192,103 @@ def test_forgetting_matches_avalanche_bookkeeping_on_random_matrices() -> None:
             expected = _avalanche_like_stream_forgetting(matrix, step)
             assert metrics.forgetting(matrix, step=step) == pytest.approx(expected)
             assert metrics.backward_transfer(matrix, step=step) == pytest.approx(-expected)
+
+
+# ---------------------------------------------------------------- verified forgetting
+
+
+def _one_hot_logits(predicted: np.ndarray, classes: int) -> np.ndarray:
+    logits = np.full((predicted.size, classes), -np.inf)
+    logits[np.arange(predicted.size), predicted] = 1.0
+    return logits
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+@pytest.mark.parametrize("seed", range(5))
+def test_balanced_accuracy_matches_sklearn(seed: int) -> None:
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(seed)
+    labels = rng.choice([1, 4, 7], size=90, p=[0.6, 0.3, 0.1])
+    logits = rng.normal(size=(90, 10))
+    expected = 100.0 * balanced_accuracy_score(labels, logits.argmax(axis=1))
+    assert metrics.balanced_accuracy(logits, labels) == pytest.approx(expected, abs=1e-12)
+
+
+def test_balanced_accuracy_of_a_constant_answer_is_chance_whatever_the_shares() -> None:
+    labels = np.array([0] * 17 + [1] * 9)  # raw accuracy of "always 0" would be 65.4
+    logits = _one_hot_logits(np.zeros(26, dtype=np.int64), 2)
+    assert metrics.accuracy(logits, labels) == pytest.approx(100 * 17 / 26)
+    assert metrics.balanced_accuracy(logits, labels) == 50.0
+    assert math.isnan(metrics.balanced_accuracy(np.zeros((0, 2)), np.zeros(0)))
+
+
+def _wilson_by_hand(x: int, n: int) -> tuple[float, float]:
+    # Wilson (1927), written out independently: center ± half-width, z = Φ⁻¹(0.975).
+    z = 1.959963984540054
+    phat = x / n
+    lo = (phat + z**2 / (2 * n) - z * math.sqrt((phat * (1 - phat) + z**2 / (4 * n)) / n)) / (1 + z**2 / n)
+    hi = (phat + z**2 / (2 * n) + z * math.sqrt((phat * (1 - phat) + z**2 / (4 * n)) / n)) / (1 + z**2 / n)
+    return 100 * lo, 100 * hi
+
+
+@pytest.mark.parametrize(("x", "n"), [(19, 36), (0, 36), (36, 36), (18, 36), (130, 200), (1, 2)])
+def test_wilson_interval_matches_the_formula(x: int, n: int) -> None:
+    low, high = metrics.wilson_interval(x, n)
+    assert (low, high) == pytest.approx(_wilson_by_hand(x, n), abs=1e-9)
+    assert 0.0 <= low <= 100 * x / n <= high <= 100.0
+
+
+def test_wilson_interval_known_values() -> None:
+    # 19 of 36 (52.8%): the ±16-point interval of the README tour's probe.
+    low, high = metrics.wilson_interval(19, 36)
+    assert round(low, 1) == 37.0 and round(high, 1) == 68.0
+    assert all(math.isnan(v) for v in metrics.wilson_interval(0, 0))
+
+
+def test_balanced_accuracy_interval_is_wilson_with_the_sample_size() -> None:
+    assert metrics.balanced_accuracy_interval(50.0, 36) == pytest.approx(metrics.wilson_interval(18, 36))
+    assert all(math.isnan(v) for v in metrics.balanced_accuracy_interval(math.nan, 36))
+
+
+def test_mia_null_of_a_random_loss_attack_is_not_significant() -> None:
+    p_values = []
+    for seed in range(10):
+        rng = np.random.default_rng(100 + seed)
+        result = metrics.mia_with_null(rng.exponential(1.0, 36), rng.exponential(1.0, 36), seed=seed)
+        assert result.known and result.members == result.nonmembers == 36
+        assert result.null_low < 50.0 < result.null_high
+        assert result.null_high - result.null_low > 10.0  # 36+36 samples: a wide interval, not a point
+        p_values.append(result.p_value)
+    # Under the null the p-value is uniform: none of ten is tiny, and they are spread.
+    assert min(p_values) > 0.01 and float(np.median(p_values)) > 0.2, p_values
+
+
+def test_mia_null_of_a_separable_attack_is_significant() -> None:
+    rng = np.random.default_rng(0)
+    result = metrics.mia_with_null(rng.exponential(0.01, 36), rng.exponential(1.0, 36) + 0.5, permutations=200)
+    assert result.score == 100.0 and result.score > result.null_high
+    assert result.p_value == pytest.approx(1 / 201)
+
+
+def test_mia_null_uses_the_same_attack_as_mia() -> None:
+    from sklearn.model_selection import StratifiedKFold
+
+    rng = np.random.default_rng(4)
+    for seed in range(10):
+        members, nonmembers = rng.exponential(rng.uniform(0.1, 1.0), 50), rng.exponential(1.0, 61)
+        features, targets = metrics._attack_data(members, nonmembers, seed)  # type: ignore[misc]
+        splits = [[t for _, t in StratifiedKFold(5, shuffle=True, random_state=seed).split(features, targets)]]
+        fast = metrics._fold_scores(features[:, 0], targets[None], splits, c=1.0)[0]
+        assert fast == pytest.approx(metrics.mia(members, nonmembers, seed=seed), abs=1e-9)
+
+
+def test_mia_with_too_few_samples_is_unknown() -> None:
+    rng = np.random.default_rng(0)
+    few = metrics.mia_with_null(rng.exponential(1.0, 12), rng.exponential(1.0, 12))
+    assert not few.known and math.isnan(few.score) and (few.members, few.nonmembers) == (12, 12)
+    edge = metrics.MIA_MIN_SAMPLES
+    assert metrics.mia_with_null(rng.exponential(1.0, edge), rng.exponential(1.0, 40)).known
+    assert not metrics.mia_with_null(rng.exponential(1.0, edge - 1), rng.exponential(1.0, 40)).known
+    a, b = rng.exponential(1.0, 30), rng.exponential(1.0, 30)
+    assert metrics.mia_with_null(a, b, seed=3) == metrics.mia_with_null(a, b, seed=3)

@@ -393,6 +393,52 @@ class UncleStrategy:
         metrics["unlearn_seconds"] = time.perf_counter() - started
         return Report(metrics=metrics)
 
+    def forget_more(self, task: str, attempt: int, progress: Progress, *, final: bool = False) -> Report | None:
+        """Forget an unlearned ``task`` harder (the worker calls this while forgetting is not verified).
+
+        Before the ``final`` attempt: another burn-in of the task's recorded method, with twice the
+        configured ``burn_in`` steps. The final attempt also replaces the task's embedding by a fresh
+        random one (as ``discard-embedding``) and burns in on it. Methods ``none`` (an explicit
+        ablation, never overridden) and ``discard-embedding`` have nothing stronger. Committed as
+        one operation: the version is bumped; an exception leaves the strategy as it was.
+
+        Args:
+            task: an unlearned task.
+            attempt: 1 for the first extra attempt, 2 for the next, ...
+            progress: called after every burn-in step.
+            final: the last attempt the worker allows: use the strongest method.
+
+        Returns:
+            Metrics ``burn_in_steps``, ``forget_loss``, ``forget_more_attempt``, ``unlearn_seconds``
+            (and ``refit_residual`` when the refit ran); None when nothing more is done.
+        """
+        slot = self._slots.get(task)
+        if slot is None or not self._records[slot].unlearned:
+            raise UnlearnedTaskError(f"task {task!r} is not an unlearned task")
+        method = self._records[slot].method
+        if method not in _BURN_IN_METHODS:
+            return None
+        started, steps = time.perf_counter(), 2 * int(self.config.burn_in)
+        kept = self._embeddings[slot]
+        if final:  # _burn aligns the slot's embedding: put the replacement in first, restore it on failure
+            generator = seeded_generator(self.config.seed, self.version, "discarded-embedding")
+            fresh = init_task_embedding(self.config.embedding_dim, generator).to(self._device)
+            self._embeddings[slot] = nn.Parameter(fresh, requires_grad=False)
+        try:
+            hypernetwork, losses = self._burn(slot, method, steps, progress)
+        except BaseException:
+            self._embeddings[slot] = kept
+            raise
+        self._commit(hypernetwork)
+        return Report(
+            metrics={
+                **losses,
+                "burn_in_steps": float(steps),
+                "forget_more_attempt": float(attempt),
+                "unlearn_seconds": time.perf_counter() - started,
+            }
+        )
+
     def _burn(
         self, slot: int, method: str, steps: int, progress: Progress
     ) -> tuple[ChunkedHypernetwork, dict[str, float]]:
