@@ -9,7 +9,8 @@ it). Each count of tasks is measured in its own spawned process, so the process'
 1. the strategy is loaded with N tasks, then every task is predicted once (batch 64), which fills
    the cache of generated networks up to its budget (each of these is a miss: generation time);
 2. **Predict p50 of a cached task**: the most recently predicted task, ``predict_calls`` times;
-3. **RSS** after 1-2, and its growth over the 10-task process: goal, bounded by the cache budget;
+3. **RSS** after 1-2 (after ``malloc_trim``: memory in use, not freed heap glibc keeps; also
+   before it), and its growth over the 10-task process: goal, bounded by the cache budget;
 4. one **learn** of a new 2-class task (~360 samples, 1 epoch, batch 32: 12 steps): the median
    step (after the first, which includes building the target bank) and the whole operation's wall
    time, split into before the first step (target bank), the steps, and after the last step
@@ -26,6 +27,8 @@ One torch thread per process.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import io
 import itertools
@@ -42,6 +45,7 @@ import torch
 
 from benchmarks.common import BenchmarkResult, RunOptions, Stopwatch, compare
 from client.datasets import load_digits
+from server.engine.protocol import LearnOptions, TaskData, no_progress
 
 NAME = "scale"
 #: The issue's goals (ratios to the smallest count), and the default cache budget.
@@ -49,7 +53,8 @@ PREDICT_RATIO_GOAL = 1.2
 STEP_RATIO_GOAL = 1.5
 DEFAULT_BUDGET_MB = 512.0
 INPUT_SHAPE = (1, 8, 8)
-LEARN = {"epochs": 1, "batch_size": 32, "learning_rate": 1e-3}
+#: Every learn: 1 epoch, batch 32, Adam 1e-3.
+LEARN = LearnOptions(epochs=1, batch_size=32, learning_rate=1e-3, seed=0)
 
 
 @dataclass(frozen=True)
@@ -99,12 +104,10 @@ def _strategy(budget_mb: float) -> Any:
 
 def learned_state(count: int) -> bytes:
     """The saved state (``torch.save`` bytes) of a strategy that learned ``count`` 2-class tasks."""
-    from server.engine.protocol import LearnOptions, TaskData, no_progress
-
     torch.set_num_threads(1)
     strategy = _strategy(DEFAULT_BUDGET_MB)
     for index in range(count):
-        strategy.learn(f"task{index}", TaskData(*pair(index)), LearnOptions(**LEARN, seed=0), no_progress, {})
+        strategy.learn(f"task{index}", TaskData(*pair(index)), LEARN, no_progress, {})
     buffer = io.BytesIO()
     torch.save(strategy.state_dict(), buffer)
     return buffer.getvalue()
@@ -129,6 +132,15 @@ def extended(state: dict[str, Any], count: int) -> dict[str, Any]:
     return state
 
 
+def _rss_mib(*, trim: bool) -> float:
+    """This process's resident memory in MiB; with ``trim``, after handing glibc's free heap back (``malloc_trim``)."""
+    gc.collect()
+    if trim:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return _status_kib("VmRSS") / 1024
+
+
 def _status_kib(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -138,13 +150,12 @@ def _status_kib(field: str) -> float:
 
 def measure(state_bytes: bytes, count: int, budget_mb: float, settings: ScaleSettings) -> dict[str, float]:
     """Everything measured at one count, in this process (see the module docstring)."""
-    from server.engine.protocol import LearnOptions, TaskData
-
     torch.set_num_threads(1)
     state = extended(torch.load(io.BytesIO(state_bytes), weights_only=True), count)
     strategy = _strategy(budget_mb)
     strategy.load_state_dict(state)
     del state
+    loaded = _rss_mib(trim=True)
     x = torch.from_numpy(load_digits().inputs[: settings.predict_batch])
     predictor = strategy.predictor()
     misses = []
@@ -152,8 +163,8 @@ def measure(state_bytes: bytes, count: int, budget_mb: float, settings: ScaleSet
         with Stopwatch() as watch:
             predictor.predict(f"task{index}", x)
         misses.append(watch.seconds)
-    gc.collect()
-    rss = _status_kib("VmRSS") / 1024
+    untrimmed = _rss_mib(trim=False)
+    rss = _rss_mib(trim=True)
     cached = f"task{count - 1}"
     hits = []
     for _ in range(settings.predict_calls):
@@ -168,12 +179,14 @@ def measure(state_bytes: bytes, count: int, budget_mb: float, settings: ScaleSet
     def progress(fraction: float, message: str) -> None:
         stamps.append(time.perf_counter())
 
-    strategy.learn("new", TaskData(*pair(count)), LearnOptions(**LEARN, seed=0), progress, {})
+    strategy.learn("new", TaskData(*pair(count)), LEARN, progress, {})
     finished = time.perf_counter()
     steps = [b - a for a, b in itertools.pairwise(stamps)]
     step = statistics.median(steps)  # the first step's own time is taken to be the median
     return {
         "rss_mib": rss,
+        "untrimmed_rss_mib": untrimmed,
+        "predicted_rss_mib": rss - loaded,
         "peak_rss_mib": _status_kib("VmHWM") / 1024,
         "cache_mib": stats.bytes / 2**20,
         "cache_entries": float(stats.entries),
@@ -247,7 +260,7 @@ def report(
     for count, budget in [(n, DEFAULT_BUDGET_MB) for n in settings.tasks[1:]] + [(largest, small)]:
         where = f"{count:,} tasks" + ("" if budget == DEFAULT_BUDGET_MB else f", predict_cache_mb = {budget:g}")
         for case, unit, key in (
-            ("process RSS after predicting every task", "MiB", "rss_mib"),
+            ("process RSS in use after predicting every task", "MiB", "rss_mib"),
             (f"Predict p50, cached task, batch {settings.predict_batch}", "ms", "hit_ms"),
             ("learn step, median", "ms", "step_ms"),
             ("learn operation, wall time", "s", "learn_s"),
@@ -256,10 +269,8 @@ def report(
                 compare(f"{where}: {case}", unit, label, [r[key] for r in baseline], column(count, budget, key))
             )
 
-    def growth(budget: float) -> float:
-        return statistics.median(
-            b["rss_mib"] - a["rss_mib"] for a, b in zip(baseline, runs[(largest, budget)], strict=True)
-        )
+    def growth(budget: float, key: str = "rss_mib") -> float:
+        return statistics.median(b[key] - a[key] for a, b in zip(baseline, runs[(largest, budget)], strict=True))
 
     def ratio(key: str) -> float:
         return statistics.median(
@@ -272,7 +283,8 @@ def report(
     goals = [
         [
             f"RSS growth {base:,} → {largest:,} tasks, predict_cache_mb = {budget:g}",
-            f"+{growth(budget):,.1f} MiB (cache {_median(runs[(largest, budget)], 'cache_mib'):,.1f} MiB)",
+            f"{growth(budget):+,.1f} MiB in use ({growth(budget, 'untrimmed_rss_mib'):+,.1f} MiB untrimmed; "
+            f"cache {_median(runs[(largest, budget)], 'cache_mib'):,.1f} MiB)",
             f"≤ {budget:g} MiB",
             verdict(growth(budget) <= budget),
         ]
@@ -303,7 +315,9 @@ def report(
             f"{_median(runs[(n, budget)], 'evictions'):,.0f}",
             f"{_median(runs[(n, budget)], 'miss_ms'):.2f}",
             f"{_median(runs[(n, budget)], 'hit_ms'):.3f}",
+            f"{_median(runs[(n, budget)], 'predicted_rss_mib'):+,.1f}",
             f"{_median(runs[(n, budget)], 'rss_mib'):,.1f}",
+            f"{_median(runs[(n, budget)], 'untrimmed_rss_mib'):,.1f}",
             f"{_median(runs[(n, budget)], 'peak_rss_mib'):,.1f}",
         ]
         for n, budget in keys
@@ -335,7 +349,9 @@ def report(
                     "evictions",
                     "miss p50 (ms)",
                     "hit p50 (ms)",
-                    "RSS (MiB)",
+                    "RSS added by predicting (MiB)",
+                    "RSS in use (MiB)",
+                    "RSS untrimmed (MiB)",
                     "peak RSS (MiB)",
                 ],
                 cache,
@@ -363,8 +379,10 @@ def report(
             "torch threads": "1",
         },
         notes=[
-            f"Ratios are to the same round's {base:,}-task process; RSS is VmRSS of the process after every task "
-            "was predicted once, peak RSS its VmHWM at the end (after the learn). Most of the RSS is the "
+            f"Ratios are to the same round's {base:,}-task process. RSS is VmRSS of the process after every task "
+            "was predicted once: 'in use' after glibc's free heap was handed back (malloc_trim), 'untrimmed' "
+            "before; 'added by predicting' is in-use RSS after predicting minus before, in the same process; "
+            "peak RSS is VmHWM at the end (after the learn). Most of the RSS is the "
             "interpreter with torch and the server's libraries, the same at every count.",
         ],
         seconds=seconds,
