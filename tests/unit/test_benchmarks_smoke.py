@@ -100,3 +100,17 @@ def test_quick_run_writes_no_document_by_default(tmp_path: Path, monkeypatch: py
     assert not (tmp_path / "benchmarks.md").exists()
     assert bench.main(["--data-dir", str(tmp_path / "data")]) == 0  # a full run does write it
     assert (tmp_path / "benchmarks.md").exists()
+
+
+def test_scale_reports_goals_and_a_bounded_cache(quick_run: tuple[dict[str, Any], str]) -> None:
+    report, _doc = quick_run
+    scale = {r["name"]: r for r in report["results"]}["scale"]
+    cases = [c["case"] for c in scale["comparisons"]]
+    for case in ("RSS", "Predict p50, cached task", "learn step", "learn operation"):
+        assert any(case in c for c in cases), case
+    tables = {heading: rows for heading, _header, rows in scale["tables"]}
+    goals = [row[0] for row in tables["Goals"]]
+    assert any(goal.startswith("RSS growth") for goal in goals) and any("Predict p50" in goal for goal in goals)
+    cache = next(rows for heading, rows in tables.items() if heading.startswith("Cache of generated networks"))
+    small_budget = cache[-1]  # the largest count with the small budget: the cache evicted
+    assert float(small_budget[1]) < 1 and int(small_budget[4].replace(",", "")) > 0

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.uncle.config import CHUNK_EMBEDDING_TRAINING, UNLEARN_METHODS, UncleConfig
+from server.engine.uncle.config import CHUNK_EMBEDDING_TRAINING, SERVING_OPTIONS, UNLEARN_METHODS, UncleConfig
 from server.engine.uncle.hypernetwork import ChunkedHypernetwork, ParameterSlice, TargetLayout, auto_chunk_size
-from server.engine.uncle.predictor import UnclePredictor
+from server.engine.uncle.predictor import CacheStats, UnclePredictor
 from server.engine.uncle.strategy import UncleStrategy
 
 __all__ = [
     "CHUNK_EMBEDDING_TRAINING",
+    "SERVING_OPTIONS",
     "UNLEARN_METHODS",
+    "CacheStats",
     "ChunkedHypernetwork",
     "ParameterSlice",
     "TargetLayout",
@@ -62,6 +64,7 @@ def build_uncle(
     lr_gamma: float = 0.3,
     norm_scale: float = 0.1,
     target_cache_mb: float = 256.0,
+    predict_cache_mb: float = 512.0,
 ) -> UncleStrategy:
     """Build the ``uncle`` strategy.
 
@@ -104,6 +107,8 @@ def build_uncle(
         lr_gamma: see ``lr_milestones``.
         norm_scale: spread of generated normalization gains and shifts at init.
         target_cache_mb: memory for precomputed regularization targets of one operation.
+        predict_cache_mb: memory for generated networks kept for Predict (least recently used out first); 0 =
+            generate the network on every predict. Serving only: a checkpoint loads with any value.
 
     Returns:
         A fresh strategy at version 0.
@@ -144,5 +149,6 @@ def build_uncle(
         lr_gamma=float(lr_gamma),
         norm_scale=float(norm_scale),
         target_cache_mb=float(target_cache_mb),
+        predict_cache_mb=float(predict_cache_mb),
     )
     return UncleStrategy(config, torch.device(device))

@@ -19,6 +19,10 @@ CHUNK_EMBEDDING_TRAINING: tuple[str, ...] = ("always", "first-task")
 #: How a burn-in keeps the other tasks in place; the first is the default (see ``unlearn_update``).
 UNLEARN_UPDATES: tuple[str, ...] = ("projected", "penalty")
 
+#: Options that only steer serving, not the model: left out of :meth:`UncleConfig.as_dict`, so a
+#: saved state neither records nor checks them and an operator may change them across restarts.
+SERVING_OPTIONS: frozenset[str] = frozenset({"predict_cache_mb"})
+
 #: Default burn-in learning rate of each update rule (``unlearn_learning_rate = 0``).
 DEFAULT_UNLEARN_LEARNING_RATES: dict[str, float] = {"projected": 1e-2, "penalty": 1e-3}
 
@@ -91,6 +95,11 @@ class UncleConfig:
         norm_scale: standard deviation of generated normalization gains and shifts at init.
         target_cache_mb: regularization targets H(e_t', φ*) of one operation are computed once
             and kept while they fit in this many MiB; beyond it they are recomputed every step.
+        predict_cache_mb: each serving snapshot keeps the generated networks of the most recently
+            predicted tasks in at most this many MiB (parameter and buffer bytes; least recently
+            used out first) and generates the others on demand; 0 caches nothing (every predict
+            generates its network). Serving only (:data:`SERVING_OPTIONS`): not part of a saved
+            state, so it may change across restarts.
     """
 
     backbone: str
@@ -125,6 +134,7 @@ class UncleConfig:
     lr_gamma: float = 0.3
     norm_scale: float = 0.1
     target_cache_mb: float = 256.0
+    predict_cache_mb: float = 512.0
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -197,6 +207,10 @@ class UncleConfig:
             finite(self.target_cache_mb) and self.target_cache_mb >= 0,
             f"target_cache_mb must be >= 0, got {self.target_cache_mb!r}",
         )
+        need(
+            finite(self.predict_cache_mb) and self.predict_cache_mb >= 0,
+            f"predict_cache_mb must be >= 0, got {self.predict_cache_mb!r}",
+        )
         if errors:
             raise ValueError("invalid uncle configuration: " + "; ".join(errors))
 
@@ -205,6 +219,19 @@ class UncleConfig:
         """The burn-in's Adam learning rate: ``unlearn_learning_rate``, or the update rule's default."""
         return self.unlearn_learning_rate or DEFAULT_UNLEARN_LEARNING_RATES[self.unlearn_update]
 
+    @property
+    def predict_cache_bytes(self) -> int:
+        """``predict_cache_mb`` in bytes."""
+        return int(self.predict_cache_mb * 2**20)
+
     def as_dict(self) -> dict[str, Any]:
-        """Plain values (tuples as lists) for a state dict or ``ModelInfo.config``."""
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        """Plain values (tuples as lists) of the options that shape the model, for a state dict.
+
+        :data:`SERVING_OPTIONS` are left out: they are no model state, and a state saved with one
+        value must load with another.
+        """
+        return {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in asdict(self).items()
+            if key not in SERVING_OPTIONS
+        }

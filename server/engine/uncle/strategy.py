@@ -598,7 +598,7 @@ class UncleStrategy:
         """The immutable serving snapshot of the current version (the same object until the next operation).
 
         Committed tensors are never modified in place (operations train copies), so the snapshot
-        shares them instead of copying.
+        shares them instead of copying. Its cache of generated networks holds ``predict_cache_mb``.
         """
         if self._predictor is None:
             tasks = {
@@ -617,6 +617,7 @@ class UncleStrategy:
                 skeleton=self._skeleton,
                 input_shape=self.config.input_shape,
                 device=self._device,
+                cache_bytes=self.config.predict_cache_bytes,
             )
         return self._predictor
 
