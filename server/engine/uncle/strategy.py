@@ -138,6 +138,11 @@ class _TargetBank:
             return self._anchor.chunks(self.embeddings, rows, chunks)
 
 
+def _squared_distance(network: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> float:
+    """``‖network − target‖²`` over the valid (non-padding) values of raw chunks ``[C, chunk_size]``."""
+    return float(((network - target) * valid).double().square().sum())
+
+
 class UncleStrategy:
     """UnCLE: a hypernetwork generates each task's backbone; unlearning aligns it with noise.
 
@@ -345,7 +350,10 @@ class UncleStrategy:
             replay: ignored (unlearning is data-free).
 
         Returns:
-            Metrics ``unlearn_seconds``, ``burn_in_steps``, ``forget_loss`` (the last step's
+            Metrics ``unlearn_seconds``, ``burn_in_steps``, ``burn_in_residual`` (the share of the
+            forgotten network's squared distance from the target's mean the burn-in left, before
+            the refit: a ReLU network still classifies when shrunk, so this is a diagnostic, not a
+            verdict — the worker verifies forgetting on data), ``forget_loss`` (the last step's
             forgetting term, before γ), ``regularization_loss`` (last step, before λ_u; ``penalty``
             update only) and, with the refit (when it ran), ``refit_residual``.
 
@@ -374,7 +382,6 @@ class UncleStrategy:
             steps = round(self._burn_in)
             hypernetwork, losses = self._burn(slot, method, steps, progress)
             metrics.update(losses)
-            metrics["burn_in_steps"] = float(steps)
             burn_in = max(float(cfg.burn_in_min), self._burn_in * cfg.burn_in_decay)
         elif method == "discard-embedding":
             generator = seeded_generator(cfg.seed, self.version, "discarded-embedding")
@@ -433,7 +440,6 @@ class UncleStrategy:
         return Report(
             metrics={
                 **losses,
-                "burn_in_steps": float(steps),
                 "forget_more_attempt": float(attempt),
                 "unlearn_seconds": time.perf_counter() - started,
             }
@@ -471,6 +477,7 @@ class UncleStrategy:
         per_step = max(1, math.ceil(cfg.burn_in_chunks * num_chunks)) if edit is not None else num_chunks
         optimizer = torch.optim.Adam(parameters, lr=cfg.burn_in_learning_rate)
         forget = regularization = torch.zeros((), device=self._device)
+        start = _squared_distance(self._forgotten_network(hypernetwork, edit, forget_embedding), target, valid)
         for step in range(steps):
             if per_step < num_chunks:
                 chunks = torch.randperm(num_chunks, generator=generator)[:per_step].to(self._device)
@@ -493,7 +500,12 @@ class UncleStrategy:
             self._clip(parameters)
             optimizer.step()
             progress((step + 1) / (steps + 1), f"{method}: burn-in step {step + 1}/{steps}")
-        losses = {"forget_loss": forget.item()}
+        left = _squared_distance(self._forgotten_network(hypernetwork, edit, forget_embedding), target, valid)
+        losses = {
+            "forget_loss": forget.item(),
+            "burn_in_steps": float(steps),
+            "burn_in_residual": left / max(start, 1e-30),
+        }
         if edit is not None:
             edit.apply_to(hypernetwork)
         else:
@@ -515,6 +527,15 @@ class UncleStrategy:
             output_layer=self.config.projected_output_layer,
         )
         return ProjectedEdit(hypernetwork, bases, forget_embedding)
+
+    @torch.no_grad()
+    def _forgotten_network(
+        self, hypernetwork: ChunkedHypernetwork, edit: ProjectedEdit | None, forget_embedding: torch.Tensor
+    ) -> torch.Tensor:
+        """Every raw chunk ``[C, chunk_size]`` the burn-in currently generates for the forgotten task."""
+        if edit is not None:
+            return edit(torch.arange(hypernetwork.num_chunks, device=self._device))
+        return hypernetwork.all_chunks(forget_embedding)[0]
 
     # ------------------------------------------------------------------ helpers
 
