@@ -3,17 +3,28 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+PINS    := constraints.txt
 ARGS    ?=
 
-.PHONY: install serve test test-slow demo repro bench proto lint clean
+.PHONY: install pins serve test test-slow demo repro bench proto lint clean
 
-$(STAMP): pyproject.toml
+$(BIN)/uv:
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet --disable-pip-version-check uv
-	$(BIN)/uv pip install --python $(BIN)/python -e '.[server,dev]'
+
+# Installs exactly the versions pinned in $(PINS) (see `make pins`).
+$(STAMP): pyproject.toml $(PINS) | $(BIN)/uv
+	$(BIN)/uv pip install --python $(BIN)/python -c $(PINS) -e '.[server,dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolves $(PINS) from pyproject.toml, keeping every pin that still fits (no registry URLs in it).
+# Newer versions: make pins ARGS=--upgrade, or ARGS='--upgrade-package torch'; then make install.
+pins: | $(BIN)/uv
+	$(BIN)/uv pip compile pyproject.toml --extra server --extra dev --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --no-emit-index-url --no-emit-find-links \
+		--custom-compile-command 'make pins' --quiet -o $(PINS) $(ARGS)
 
 serve: $(STAMP)
 	$(BIN)/lethe serve --no-auth $(ARGS)
