@@ -102,10 +102,15 @@ def test_the_edit_generates_the_same_chunks_until_trained_and_writes_back_what_i
 def test_tasks_learned_after_many_projected_unlearns_still_learn() -> None:
     """The paper's permuted sequence with an aggressive burn-in (lr 0.02, a quarter of the chunks).
 
-    Edits in free directions the forgotten task barely uses need huge weights to move its output
-    (the output layer's norm grew 8x) and land on the inputs of tasks learned later: with every
-    free direction trainable (of the output layer too), tasks learned after the unlearns reached
-    only 67-84%. Now the lowest is 89% (95% when the output layer is trained as well).
+    Two causes of weak learning after unlearns, each fixed and held here:
+
+    * Edits in free directions the forgotten task barely uses need huge weights to move its
+      output (the output layer's norm grew 8x) and land on the inputs of tasks learned later:
+      with every free direction trainable, tasks learned after the unlearns reached 67-84%.
+    * The output-layer refit restored the unlearned tasks' noise-aligned networks exactly as
+      well, spending the layer's unknowns on them: tasks learned after three unlearns reached
+      83-92% (83.1% on an AMD EPYC with torch 2.15.0). The refit now restores learned tasks
+      only (the relapse guard still holds the unlearned ones): 96-98%, as without unlearns.
     """
     strategy = build(width=100, burn_in_chunks=0.25, unlearn_learning_rate=0.02)
     base = permuted_digits()["perm.0"]
@@ -117,14 +122,17 @@ def test_tasks_learned_after_many_projected_unlearns_still_learn() -> None:
             for split in (base.train, base.probe)
         )
 
-    learned, probes = {}, {}
+    learned, probes, unlearned = {}, {}, []
     for operation in ["L1", "L0", "U1", "L5", "L8", "L9", "L7", "U0", "L2", "L3", "L4", "U8", "U3", "U5", "L6"]:
         name = f"t{operation[1:]}"
         if operation[0] == "U":
             strategy.unlearn(name, "", no_progress, {})
             assert accuracy(strategy, name, probes[name]) <= 25.0
+            unlearned.append(name)
             continue
         train, probes[name] = task(int(operation[1:]))
         strategy.learn(name, train, OPTIONS, no_progress, {})
         learned[name] = accuracy(strategy, name, probes[name])
-    assert min(learned.values()) >= 85.0, learned
+    assert min(learned.values()) >= 92.0, learned
+    # Leaving them out of the refit does not revive the unlearned tasks (chance is 10%).
+    assert max(accuracy(strategy, name, probes[name]) for name in unlearned) <= 25.0
