@@ -51,7 +51,9 @@ NOTES: dict[str, str] = {
     "model.input_shape": "Shape of one sample, e.g. `[1, 8, 8]` or `[3, 32, 32]` (`1,8,8` in env and flags).",
     "model.num_classes": "Number of classes (output units), 2 to 100000.",
     "model.device": "`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.",
-    "model.seed": "Seed of initialization, data splits and sampling: the same seed and data give the same model.",
+    "model.seed": "Seed of initialization, data splits and sampling: on CPU the same configuration, seed and "
+    "request sequence give a bit-identical model on a given machine and thread count (see operations.md, "
+    "Reproducibility).",
     "model.cifar_stem": "ResNet backbones: 3x3 stride-1 first convolution and no max-pool, for small images.",
     "model.width": "Hidden width of the `mlp`/`cnn` backbones (0 = the backbone's default).",
     "model.options": (
