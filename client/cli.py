@@ -108,7 +108,7 @@ def forget_summary(metrics: Mapping[str, float]) -> list[str]:
             f"on {m.get('forget_samples', 0):.0f} probe samples; "
             f"members {m.get('forget_balanced_accuracy_members', math.nan):.1f}%; "
             f"{'verified' if verified else 'NOT verified'} (gap {m['forget_gap']:.1f}, "
-            f"{m['forget_excess']:.1f} beyond the 95% interval {'<=' if verified else '>'} "
+            f"{m['forget_excess']:.1f} counted {'<=' if verified else '>'} "
             f"{m['forget_tolerance']:.1f})" + (f" after {attempts} attempts" if attempts > 1 else "")
         )
     if "mia_known" in m:

@@ -115,8 +115,10 @@ class ForgetCheck:
     """Whether a forgotten task is measured at its reference (DESIGN.md section 9; docs/metrics.md).
 
     Attributes:
-        verified: on the probe set and on the member sample, the reference lies within
-            ``tolerance`` points of the 95% interval of the balanced accuracy.
+        verified: on the probe set and on the member sample, the balanced accuracy is within
+            ``tolerance`` points of an exact reference (chance), or the reference estimated on
+            the probe (class-incremental) lies within ``tolerance`` points of the members'
+            95% interval.
         metrics: the job metrics ``forget_*`` (percent or points).
     """
 
@@ -153,7 +155,8 @@ def verify_forgetting(
         members: samples the task was trained on (kept for this), or None.
         probe: its held-out samples, or None.
         task_incremental: whether Predict takes the task's name.
-        tolerance: points the reference may lie outside a measure's 95% interval.
+        tolerance: points a measure may lie from an exact reference, or an estimated reference
+            from the measure's 95% interval.
 
     Returns:
         The verdict and its metrics; None when there is nothing to measure (no samples, or no
@@ -187,7 +190,10 @@ def verify_forgetting(
         result[f"forget_accuracy{suffix}_high"] = high
         result[f"forget_samples{suffix}"] = float(n)
         result[f"forget_gap_{which}"] = balanced - reference
-        distances.append(_distance(reference, low, high))
+        # Chance is exact: the measure itself must be near it (a 36-sample interval spans ±16
+        # points and let 65.6% on the members pass). An estimated reference is itself noisy, so
+        # there only what lies beyond the interval counts.
+        distances.append(abs(balanced - reference) if task_incremental else _distance(reference, low, high))
     result["forget_gap"] = max(abs(result[f"forget_gap_{w}"]) for w in measured)
     result["forget_excess"] = max(distances)
     result["forget_tolerance"] = tolerance
@@ -205,7 +211,7 @@ def verdict(job_metrics: Mapping[str, float]) -> str:
         f"balanced accuracy {m.get('forget_balanced_accuracy', math.nan):.1f}% on the probe, "
         f"{m.get('forget_balanced_accuracy_members', math.nan):.1f}% on the members, "
         f"reference {m['forget_reference']:.1f}%; gap {m['forget_gap']:.1f} points, "
-        f"{m['forget_excess']:.1f} beyond the 95% interval (tolerance {m['forget_tolerance']:.1f})"
+        f"{m['forget_excess']:.1f} counted (tolerance {m['forget_tolerance']:.1f})"
     )
     attempts = int(m.get("forget_attempts", 1))
     return line + (f" after {attempts} attempts" if attempts > 1 else "")
