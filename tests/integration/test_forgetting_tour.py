@@ -72,18 +72,21 @@ def _unlearn_verified(client: LetheClient, task: str, data: Dataset) -> pb.Job:
     """Unlearn ``task``: the job succeeds verified and its own samples are at chance (balanced accuracy)."""
     job = client.wait(client.unlearn(task, reason="right to be forgotten").id)
     summary = _forget_summary(job)
+    measured = _assert_at_chance(client, task, data, summary)
+    print(f"{task}: balanced accuracy {measured:.1f}% on its samples; {summary}")  # shown with -rA or on failure
     assert job.state == pb.SUCCEEDED and job.metrics["forget_verified"] == 1.0, summary
-    _assert_at_chance(client, task, data, summary)
     return job
 
 
-def _assert_at_chance(client: LetheClient, task: str, data: Dataset, summary: str = "") -> None:
-    """The forgotten ``task`` answers its own samples within :data:`CHANCE_BOUND` points of chance."""
+def _assert_at_chance(client: LetheClient, task: str, data: Dataset, summary: str = "") -> float:
+    """The forgotten ``task`` answers its own samples within :data:`CHANCE_BOUND` points of chance; return
+    its balanced accuracy."""
     chance = 100.0 / len(data.classes)
     measured = _forgotten_balanced_accuracy(client, task, data)
     assert abs(measured - chance) <= CHANCE_BOUND, (
         f"{task}: balanced accuracy {measured:.1f}% on its {len(data.labels)} samples, chance {chance:.1f}%; {summary}"
     )
+    return measured
 
 
 def _assert_retained(client: LetheClient, tasks: Tasks, before: dict[str, float], forgotten: Sequence[str]) -> None:
