@@ -1,9 +1,11 @@
-"""Helpers shared by the integration tests: digits tasks and an in-process server on port 0."""
+"""Helpers shared by the integration tests: digits tasks, an in-process server on port 0, and `lethe serve`
+processes (at the server's defaults, or the fast test model)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -173,3 +175,82 @@ class ServerProcess:
         """SIGTERM and wait for the exit code."""
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout)
+
+
+@dataclass
+class DeployedServer:
+    """A ``lethe serve`` process at the server's defaults and a client connected to it."""
+
+    process: subprocess.Popen[bytes]
+    client: LetheClient
+    target: str
+    log: Path
+
+
+def _listening_target(process: subprocess.Popen[bytes], log: Path, timeout: float) -> str:
+    """The ``host:port`` a ``lethe serve --port 0`` printed, read from its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(r"^lethe listening on (\S+):(\d+)$", log.read_text(errors="replace"), re.MULTILINE)
+        if found:
+            return f"{found.group(1)}:{found.group(2)}"
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    raise TimeoutError(f"server printed no port after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def start_deployed(data_dir: Path, *settings: str, timeout: float = 120) -> DeployedServer:
+    """Start ``lethe serve`` as a user would, in a fresh process: every setting at its default except
+    ``--no-auth`` (every scope), port 0, a free metrics port, SQLite under ``data_dir``, and ``settings``
+    (``"model.seed=1"``, ... passed as ``--set``). No ``LETHE_*`` variable of the test's environment reaches
+    it; torch threads, width, epochs and strategy are the defaults. Wait until it serves."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir / "server.log"
+    args = [sys.executable, "-m", "server", "--data-dir", str(data_dir), "--port", "0", "--metrics-port", "0"]
+    args.append("--no-auth")
+    for setting in settings:
+        args += ["--set", setting]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LETHE_")} | {"PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        process = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        target = _listening_target(process, log, timeout)
+        wait_ready(target, process, log, timeout)
+    except BaseException:
+        stop_deployed_process(process)
+        raise
+    return DeployedServer(process, LetheClient(target, retries=3, timeout=60), target, log)
+
+
+def stop_deployed_process(process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """SIGTERM (a graceful drain), SIGKILL if it does not exit within ``timeout`` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(30)
+
+
+def stop_deployed(server: DeployedServer) -> None:
+    """Close the client and stop the server process."""
+    server.client.close()
+    stop_deployed_process(server.process)
+
+
+@contextlib.contextmanager
+def deployed_server(data_dir: Path, *settings: str, timeout: float = 120) -> Iterator[DeployedServer]:
+    """:func:`start_deployed` for the duration of a ``with`` block."""
+    server = start_deployed(data_dir, *settings, timeout=timeout)
+    try:
+        yield server
+    finally:
+        stop_deployed(server)
+
+
+def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean per-class recall in percent over the classes present in ``labels`` (chance: 100 / classes)."""
+    classes = np.unique(labels)
+    return float(100.0 * np.mean([np.mean(predicted[labels == c] == c) for c in classes]))
