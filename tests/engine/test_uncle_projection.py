@@ -109,8 +109,8 @@ def test_tasks_learned_after_many_projected_unlearns_still_learn() -> None:
       with every free direction trainable, tasks learned after the unlearns reached 67-84%.
     * The output-layer refit restored the unlearned tasks' noise-aligned networks exactly as
       well, spending the layer's unknowns on them: tasks learned after three unlearns reached
-      83-92% (83.1% on an AMD EPYC with torch 2.15.0). The refit now restores learned tasks
-      only (the relapse guard still holds the unlearned ones): 96-98%, as without unlearns.
+      83-92% (83.1% on an AMD EPYC with torch 2.15.0). Their rows now weigh 0.1 in the refit
+      (``refit_unlearned_weight``): 95-97%, as without unlearns, and they stay forgotten.
     """
     strategy = build(width=100, burn_in_chunks=0.25, unlearn_learning_rate=0.02)
     base = permuted_digits()["perm.0"]

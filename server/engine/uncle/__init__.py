@@ -64,6 +64,7 @@ def build_uncle(
     lr_gamma: float = 0.3,
     norm_scale: float = 0.1,
     target_cache_mb: float = 256.0,
+    refit_unlearned_weight: float = 0.1,
     predict_cache_mb: float = 512.0,
 ) -> UncleStrategy:
     """Build the ``uncle`` strategy.
@@ -107,6 +108,7 @@ def build_uncle(
         lr_gamma: see ``lr_milestones``.
         norm_scale: spread of generated normalization gains and shifts at init.
         target_cache_mb: memory for precomputed regularization targets of one operation.
+        refit_unlearned_weight: weight of unlearned tasks' rows in the output-layer refit (learned tasks: 1).
         predict_cache_mb: memory for generated networks kept for Predict (least recently used out first); 0 =
             generate the network on every predict. Serving only: a checkpoint loads with any value.
 
@@ -149,6 +151,7 @@ def build_uncle(
         lr_gamma=float(lr_gamma),
         norm_scale=float(norm_scale),
         target_cache_mb=float(target_cache_mb),
+        refit_unlearned_weight=float(refit_unlearned_weight),
         predict_cache_mb=float(predict_cache_mb),
     )
     return UncleStrategy(config, torch.device(device))

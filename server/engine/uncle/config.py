@@ -95,6 +95,12 @@ class UncleConfig:
         norm_scale: standard deviation of generated normalization gains and shifts at init.
         target_cache_mb: regularization targets H(e_t', φ*) of one operation are computed once
             and kept while they fit in this many MiB; beyond it they are recomputed every step.
+        refit_unlearned_weight: weight of the unlearned (relapse-guarded) tasks' rows in the
+            output-layer refit, against 1 for learned tasks. 1 restored them as exactly as the
+            learned ones and, once the rows outnumbered the layer's unknowns, compromised each
+            new task instead (tasks learned after three unlearns: 88-92%); 0 let them drift back
+            (a forgotten split-digits task from 52% to 73-82% at the default width). 0.1: new
+            tasks 95-97%, forgotten ones within 2-8 points of chance.
         predict_cache_mb: each serving snapshot keeps the generated networks of the most recently
             predicted tasks in at most this many MiB (parameter and buffer bytes; least recently
             used out first) and generates the others on demand; 0 caches nothing (every predict
@@ -134,6 +140,7 @@ class UncleConfig:
     lr_gamma: float = 0.3
     norm_scale: float = 0.1
     target_cache_mb: float = 256.0
+    refit_unlearned_weight: float = 0.1
     predict_cache_mb: float = 512.0
 
     def __post_init__(self) -> None:
@@ -206,6 +213,10 @@ class UncleConfig:
         need(
             finite(self.target_cache_mb) and self.target_cache_mb >= 0,
             f"target_cache_mb must be >= 0, got {self.target_cache_mb!r}",
+        )
+        need(
+            finite(self.refit_unlearned_weight) and 0 <= self.refit_unlearned_weight <= 1,
+            f"refit_unlearned_weight must be in [0, 1], got {self.refit_unlearned_weight!r}",
         )
         need(
             finite(self.predict_cache_mb) and self.predict_cache_mb >= 0,

@@ -130,15 +130,6 @@ class _TargetBank:
         with torch.no_grad():
             return self._anchor.all_chunks(self.embeddings[start:stop])
 
-    def restricted(self, keep: list[bool]) -> _TargetBank:
-        """The same targets for the rows where ``keep`` is True (shares the cache; computes nothing)."""
-        rows = [row for row, kept in enumerate(keep) if kept]
-        bank = copy.copy(self)
-        bank.slots = [self.slots[row] for row in rows]
-        bank.embeddings = self.embeddings[rows]
-        bank._cache = self._cache[rows] if self._cache is not None else None
-        return bank
-
     def targets(self, rows: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
         """Target chunks ``[B, chunk_size]`` of (bank row, chunk) pairs."""
         if self._cache is not None:
@@ -304,7 +295,7 @@ class UncleStrategy:
                 )
 
         refit = (
-            {"refit_residual": _refit_head(hypernetwork, self._learned(bank), embedding.detach()[None])}
+            {"refit_residual": _refit_head(hypernetwork, bank, embedding.detach()[None], self._refit_weights(bank))}
             if self._refits()
             else {}
         )
@@ -524,7 +515,7 @@ class UncleStrategy:
         else:
             losses["regularization_loss"] = regularization.item()
         if self._refits():
-            losses["refit_residual"] = _refit_head(hypernetwork, self._learned(bank), forget_embedding)
+            losses["refit_residual"] = _refit_head(hypernetwork, bank, forget_embedding, self._refit_weights(bank))
         return hypernetwork, losses
 
     def _projected_edit(
@@ -572,19 +563,19 @@ class UncleStrategy:
         )
         return _TargetBank(self._hypernetwork, embeddings, slots, self.config.target_cache_mb * 2**20)
 
-    def _learned(self, bank: _TargetBank) -> _TargetBank:
-        """The bank's learned tasks: the ones the output-layer refit restores exactly.
+    def _refit_weights(self, bank: _TargetBank) -> list[float]:
+        """Per bank row, its weight in the output-layer refit: 1 for learned tasks, ``refit_unlearned_weight`` else.
 
-        Unlearned tasks stay in the bank (the relapse guard regularizes them while learning), but
-        not in the refit: their noise-aligned networks share no structure with the learned ones,
-        and fitting them exactly spent the output layer's unknowns (F + 1 per output) on
-        arbitrary targets, so from the point where the rows outnumbered them, each new task's own
-        rows were the ones compromised. On the paper's permuted sequence (width 100, an
-        aggressive burn-in) tasks learned after three unlearns reached 88-92% instead of 95-98%;
-        without them in the refit, 96-98%, and every unlearned task stayed within 3 points of
-        chance to the end.
+        The refit restored the guarded unlearned tasks' noise-aligned networks as exactly as the
+        learned ones, spending the output layer's unknowns (F + 1 per output) on targets that
+        share nothing with the learned tasks; once the rows outnumbered them, each new task's
+        own rows were the ones compromised (on the paper's permuted sequence, width 100, tasks
+        learned after three unlearns reached 88-92% instead of 95-98%). Left out entirely, the
+        unlearned tasks drifted (a forgotten split-digits task went from 52% to 73-82% at the
+        default width after the next learn). A small weight keeps both: see the option.
         """
-        return bank.restricted([not self._records[slot].unlearned for slot in bank.slots])
+        weight = self.config.refit_unlearned_weight
+        return [weight if self._records[slot].unlearned else 1.0 for slot in bank.slots]
 
     def _regularization(
         self, hypernetwork: ChunkedHypernetwork, bank: _TargetBank, generator: torch.Generator
@@ -799,7 +790,9 @@ def _detached(buffers: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _refit_head(hypernetwork: ChunkedHypernetwork, bank: _TargetBank, keep: torch.Tensor) -> float:
+def _refit_head(
+    hypernetwork: ChunkedHypernetwork, bank: _TargetBank, keep: torch.Tensor, weights: list[float] | None = None
+) -> float:
     """Refit φ's output layer in closed form so the bank's tasks generate what they did before the operation.
 
     The output layer is linear in its weights: chunk ``c`` of task ``t`` is ``Θᵀ [h_tc; 1]``, with
@@ -811,6 +804,9 @@ def _refit_head(hypernetwork: ChunkedHypernetwork, bank: _TargetBank, keep: torc
     are met exactly: the operation changes no other task's network. Beyond that it is the closest
     fit in the least-squares sense. A tiny ridge term keeps Θ nearest the trained one where the
     rows do not determine it.
+
+    ``weights`` (one per bank row; default 1) scale each task's rows in the fit: a weighted least
+    squares, where rows of weight 0 are left out (see ``UncleStrategy._refit_weights``).
 
     Returns:
         The fit's relative residual over the bank's rows, ``‖AΘ − B‖ / ‖B‖`` (0 = exact; 0 for an
@@ -833,11 +829,14 @@ def _refit_head(hypernetwork: ChunkedHypernetwork, bank: _TargetBank, keep: torc
     gram += rows.T @ rows
     moment += rows.T @ (rows @ theta)
     for row in range(len(bank.slots)):  # one task at a time: a task's rows are [C, F+1] float64
+        weight = 1.0 if weights is None else weights[row]
+        if weight <= 0:
+            continue
         rows = rows_of(bank.embeddings[row : row + 1])
         targets = bank.all_targets(row, row + 1).double().flatten(0, 1)
-        bank_gram += rows.T @ rows
-        bank_moment += rows.T @ targets
-        bank_square += float(targets.square().sum())
+        bank_gram += weight * (rows.T @ rows)
+        bank_moment += weight * (rows.T @ targets)
+        bank_square += weight * float(targets.square().sum())
     gram += bank_gram
     moment += bank_moment
     ridge = 1e-6 * float(gram.diagonal().mean())
