@@ -145,6 +145,7 @@ class RunResult:
         unlearn_seconds, learn_seconds: per operation (strategy compute time).
         forget_accuracy_task: accuracy of each forgotten task right after its unlearn.
         wall_seconds: the whole run, server start to stop.
+        verification: per unlearn, the server's forgetting check (the job metrics in ``VERIFY``).
     """
 
     benchmark: str
@@ -165,6 +166,22 @@ class RunResult:
     learn_seconds: list[float]
     forget_accuracy_task: list[float]
     wall_seconds: float
+    verification: list[dict[str, float]] = field(default_factory=list)
+
+
+#: Job metrics of the server's forgetting check (DESIGN.md section 9) kept per unlearn.
+VERIFY: tuple[str, ...] = (
+    "forget_verified",
+    "forget_balanced_accuracy",
+    "forget_balanced_accuracy_members",
+    "forget_reference",
+    "forget_gap",
+    "forget_attempts",
+    "forget_accuracy_low",
+    "forget_accuracy_high",
+    "mia_p_value",
+    "mia_known",
+)
 
 
 def task_name(index: int) -> str:
@@ -234,6 +251,7 @@ def run_sequence(
     mia: list[float] = []
     uni: list[float] = []
     forget_task: list[float] = []
+    verification: list[dict[str, float]] = []
     with fresh_server(settings) as client:
         for op in benchmark.sequence:
             index = int(op[1:])
@@ -250,6 +268,7 @@ def run_sequence(
                 mia.append(m.get("mia", math.nan))
                 uni.append(m.get("uni", math.nan))
                 forget_task.append(m.get("forget_accuracy_task", math.nan))
+                verification.append({key: float(m.get(key, math.nan)) for key in VERIFY})
         rows = client.evaluations()
         tasks = {t.name: t for t in client.tasks()}
     accuracies = [{k: float(v) for k, v in row.accuracies.items()} for row in rows]
@@ -275,6 +294,7 @@ def run_sequence(
         learn_seconds=learn_s,
         forget_accuracy_task=forget_task,
         wall_seconds=time.perf_counter() - started,
+        verification=verification,
     )
 
 
@@ -330,7 +350,36 @@ def per_seed(run: RunResult) -> dict[str, float]:
         "unlearn_s": _mean(run.unlearn_seconds),
         "learn_s": _mean(run.learn_seconds),
         "time_ratio": _mean(run.unlearn_seconds) / _mean(run.learn_seconds),
+        **verified_of(run),
     }
+
+
+def verified_of(run: RunResult) -> dict[str, float]:
+    """Means over the run's unlearns of the server's forgetting check (NaN without it)."""
+    checks = run.verification
+
+    def mean(key: str) -> float:
+        return _mean([c.get(key, math.nan) for c in checks])
+
+    return {
+        "verified": 100 * mean("forget_verified"),
+        "forget_ba": mean("forget_balanced_accuracy"),
+        "forget_ba_members": mean("forget_balanced_accuracy_members"),
+        "forget_reference": mean("forget_reference"),
+        "forget_attempts": mean("forget_attempts"),
+        "mia_p": _mean([c.get("mia_p_value", math.nan) for c in checks if c.get("mia_known") == 1.0]),
+    }
+
+
+#: The verification table: key of ``per_seed`` and its column title.
+VERIFY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("verified", "unlearns verified %"),
+    ("forget_ba", "forget bal. acc. probe %"),
+    ("forget_ba_members", "forget bal. acc. members %"),
+    ("forget_reference", "reference %"),
+    ("forget_attempts", "attempts"),
+    ("mia_p", "MIA p-value"),
+)
 
 
 def aggregate(runs: Sequence[RunResult]) -> dict[str, Stat]:
@@ -516,10 +565,29 @@ def render(
                 "(five 10-class datasets) has chance 10%, so its FA is not comparable.",
                 "",
             ]
+        vrows = []
+        for variant_key, runs in by_variant.items():
+            checks = [c for r in runs for c in r.verification if math.isfinite(c.get("forget_verified", math.nan))]
+            if not checks:
+                continue
+            stats = stats_of[variant_key]
+            count = f"{sum(c['forget_verified'] == 1.0 for c in checks)}/{len(checks)}"
+            cells = [stats[key].format(2 if key in ("forget_attempts", "mia_p") else 1) for key, _ in VERIFY_COLUMNS]
+            vrows.append([labels[variant_key], f"{count} ({cells[0]})", *cells[1:]])
+        if vrows:
+            out += [
+                "Verified forgetting (the server's check of every unlearn, DESIGN.md section 9; mean over a "
+                "run's unlearns, then mean ± std over seeds; balanced accuracy of the forgotten task on its "
+                "probe set and on its kept member sample against the reference; attempts = 1 + the extra "
+                "burn-ins the server ran until verified; MIA p-value under the permutation null, where known):",
+                "",
+                _table(["configuration", *[title for _, title in VERIFY_COLUMNS]], vrows),
+                "",
+            ]
         if bench_key in plots:
             out += [f"![{benchmark.title}: accuracy of every task across the sequence]({plots[bench_key]})", ""]
         out += [
-            "Per seed (RA / FA / mean spill / mean relapse / unlearn s ÷ learn s):",
+            "Per seed (RA / FA / mean spill / mean relapse / unlearn s ÷ learn s / verified % / attempts / MIA p):",
             "",
         ]
         detail = []
@@ -527,9 +595,14 @@ def render(
             cells = []
             for run in runs:
                 s = per_seed(run)
+                checked = (
+                    f" / {s['verified']:.0f} / {s['forget_attempts']:.2f} / {s['mia_p']:.2f}"
+                    if math.isfinite(s["verified"])
+                    else ""
+                )
                 cells.append(
                     f"s{run.seed}: {s['ra']:.1f} / {s['fa']:.1f} / {s['spill']:.2f} / {s['relapse']:.2f} / "
-                    f"{100 * s['time_ratio']:.0f}%"
+                    f"{100 * s['time_ratio']:.0f}%{checked}"
                 )
             detail.append([labels[variant_key], "; ".join(cells)])
         out += [_table(["configuration", "per seed"], detail), ""]
@@ -645,7 +718,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"[{time.perf_counter() - started:6.0f}s] {bench_key:8s} {variant.key:18s} seed {seed}: "
                         f"RA {s['ra']:.1f} FA {s['fa']:.1f} spill {s['spill']:.2f} relapse {s['relapse']:.2f} "
-                        f"MIA {s['mia']:.1f} unlearn {s['unlearn_s']:.2f}s learn {s['learn_s']:.2f}s "
+                        f"MIA {s['mia']:.1f} (p {s['mia_p']:.2f}) verified {s['verified']:.0f}% "
+                        f"attempts {s['forget_attempts']:.2f} forget BA {s['forget_ba']:.1f}/"
+                        f"{s['forget_ba_members']:.1f} vs {s['forget_reference']:.1f} "
+                        f"unlearn {s['unlearn_s']:.2f}s learn {s['learn_s']:.2f}s "
                         f"({run.wall_seconds:.0f}s)",
                         flush=True,
                     )

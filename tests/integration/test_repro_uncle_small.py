@@ -31,7 +31,11 @@ def test_small_uncle_reproduction_learns_forgets_and_does_not_relapse() -> None:
     assert summary["fa"] <= 25, run.accuracies[-1]
     assert summary["spill"] <= 5, run.spills  # percentage points summed over the other tasks
     assert summary["relapse"] <= 5, run.relapses
-    assert all(30 <= m <= 70 for m in run.mia), run.mia
+    # The server's own verdicts: every unlearn verified at its reference (first attempt or after more
+    # burn-in), and the MIA indistinguishable from chance under its permutation null.
+    assert len(run.verification) == 2
+    assert all(c["forget_verified"] == 1.0 for c in run.verification), run.verification
+    assert all(c["mia_known"] == 1.0 and c["mia_p_value"] > 0.01 for c in run.verification), run.verification
     assert all(a <= 25 for a in run.forget_accuracy_task), run.forget_accuracy_task
 
     # The server's relapse is |a_u − a_e| of the accuracy matrix.
