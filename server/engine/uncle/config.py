@@ -100,7 +100,7 @@ class UncleConfig:
             learned ones and, once the rows outnumbered the layer's unknowns, compromised each
             new task instead (tasks learned after three unlearns: 88-92%); 0 let them drift back
             (a forgotten split-digits task from 52% to 73-82% at the default width). 0.1: new
-            tasks 95-97%, forgotten ones within 2-8 points of chance.
+            tasks 92-97% (one or two torch threads), forgotten ones within 2-8 points of chance.
         predict_cache_mb: each serving snapshot keeps the generated networks of the most recently
             predicted tasks in at most this many MiB (parameter and buffer bytes; least recently
             used out first) and generates the others on demand; 0 caches nothing (every predict
