@@ -140,4 +140,4 @@ def test_compose_and_provisioning_parse_as_yaml() -> None:
         provisioning = yaml.safe_load(read(DEPLOY / "grafana" / "provisioning" / path))
         assert provisioning["apiVersion"] == 1
     alerts = yaml.safe_load(read(DEPLOY / "alerts.yml"))
-    assert sum(len(g["rules"]) for g in alerts["groups"]) == 11
+    assert sum(len(g["rules"]) for g in alerts["groups"]) == 12

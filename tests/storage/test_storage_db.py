@@ -31,13 +31,14 @@ from server.storage.db import MIGRATIONS_DIR_ENV, migrations_dir
 #: For behaviour decided in Python before any SQL runs: one backend is enough.
 SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
-REVISION_0002 = '''"""Test-only follow-up revision."""
+#: ``HEAD`` is replaced by the project's newest revision, so the test revisions always follow it.
+REVISION_FOLLOW_UP = '''"""Test-only follow-up revision."""
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "9001"
+down_revision = "HEAD"
 branch_labels = None
 depends_on = None
 
@@ -50,13 +51,13 @@ def downgrade() -> None:
     pass
 '''
 
-BROKEN_REVISION_0003 = '''"""Test-only revision that fails half-way."""
+BROKEN_REVISION = '''"""Test-only revision that fails half-way."""
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+revision = "9002"
+down_revision = "9001"
 branch_labels = None
 depends_on = None
 
@@ -171,20 +172,27 @@ def test_check_schema_refuses_an_empty_database(database_url: str) -> None:
     assert raised.value.expected == head_revision()
 
 
+def _newer_migrations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+    """A copy of the migrations with the test revision 9001 after the project's head; returns it and that head."""
+    head = head_revision()
+    newer = tmp_path / "migrations"
+    shutil.copytree(migrations_dir(), newer, ignore=shutil.ignore_patterns("__pycache__"))
+    (newer / "versions" / "9001_follow_up.py").write_text(REVISION_FOLLOW_UP.replace('"HEAD"', repr(head)))
+    monkeypatch.setenv(MIGRATIONS_DIR_ENV, str(newer))
+    return newer, head
+
+
 def test_check_schema_refuses_an_older_revision_and_upgrade_fixes_it(
     migrated_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    newer = tmp_path / "migrations"
-    shutil.copytree(migrations_dir(), newer, ignore=shutil.ignore_patterns("__pycache__"))
-    (newer / "versions" / "0002_follow_up.py").write_text(REVISION_0002)
-    monkeypatch.setenv(MIGRATIONS_DIR_ENV, str(newer))
-    assert head_revision() == "0002"
+    _, head = _newer_migrations(tmp_path, monkeypatch)
+    assert head_revision() == "9001"
     engine = make_engine(migrated_url)
     try:
         with pytest.raises(SchemaError) as raised:
             check_schema(engine)
         message = str(raised.value)
-        assert "revision 0001" in message and "0002" in message and "older" in message
+        assert f"revision {head}" in message and "9001" in message and "older" in message
         assert "lethe db upgrade --database-url" in message
         upgrade(migrated_url)
         check_schema(engine)
@@ -195,17 +203,14 @@ def test_check_schema_refuses_an_older_revision_and_upgrade_fixes_it(
 def test_a_failing_upgrade_leaves_the_database_unchanged(
     migrated_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    newer = tmp_path / "migrations"
-    shutil.copytree(migrations_dir(), newer, ignore=shutil.ignore_patterns("__pycache__"))
-    (newer / "versions" / "0002_follow_up.py").write_text(REVISION_0002)
-    (newer / "versions" / "0003_broken.py").write_text(BROKEN_REVISION_0003)
-    monkeypatch.setenv(MIGRATIONS_DIR_ENV, str(newer))
+    newer, head = _newer_migrations(tmp_path, monkeypatch)
+    (newer / "versions" / "9002_broken.py").write_text(BROKEN_REVISION)
     with pytest.raises(DBAPIError):
         upgrade(migrated_url)
     db_engine = make_engine(migrated_url)
     try:
-        # All or nothing: 0002 succeeded but is rolled back with 0003, on both backends.
-        assert current_revision(db_engine) == "0001"
+        # All or nothing: 9001 succeeded but is rolled back with 9002, on both backends.
+        assert current_revision(db_engine) == head
         assert not {"step_one", "half_done"} & set(inspect(db_engine).get_table_names())
     finally:
         db_engine.dispose()
