@@ -381,10 +381,17 @@ class Worker:
             self.probes.get(probe.path) if probe else None,
         )
 
-    def _verify(self, task: str) -> ForgetCheck | None:
-        """Measure the just-unlearned ``task`` against its reference with the current model."""
-        with self.sessions() as session:
-            members, probe = self._forget_samples(session, task)
+    def _verify(self, task: str, samples: tuple[ProbeSet | None, ProbeSet | None] | None = None) -> ForgetCheck | None:
+        """Measure the just-unlearned ``task`` against its reference with the current model.
+
+        Args:
+            task: the unlearned task.
+            samples: its (member, probe) samples when the caller has them; else read here.
+        """
+        if samples is None:
+            with self.sessions() as session:
+                samples = self._forget_samples(session, task)
+        members, probe = samples
         return verify_forgetting(
             self.strategy.predictor(),
             task,
@@ -574,14 +581,7 @@ class Worker:
                 predictor, task.name, members, probe, task_incremental=incremental, seed=self.settings.seed
             )
             job_metrics.update({k: v for k, v in quality.items() if not math.isnan(v)})
-            check = verify_forgetting(
-                predictor,
-                task.name,
-                members,
-                probe,
-                task_incremental=incremental,
-                tolerance=self.settings.forget_tolerance,
-            )
+            check = self._verify(task.name, (members, probe))
             task.forget_verified = None if check is None else check.verified
             if check is not None:
                 job_metrics.update(check.metrics)
