@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 from sqlalchemy import Engine
 
 from server.config import Config
-from server.engine.protocol import Strategy
+from server.engine.protocol import LearnOptions, Strategy
 from server.engine.registry import build_strategy, resolve_device
-from server.jobs import JobEvents, JobService, QueueLimits, ServingState, Worker, WorkerSettings
+from server.jobs import JobEvents, JobService, QueueLimits, ServingState, Worker, WorkerSettings, on_outcome_commit
 from server.rpc import (
     SERVICE_NAME,
     AuthInterceptor,
@@ -41,10 +42,6 @@ from server.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 __version__ = "0.1.0"
-
-#: Learning rates used when neither the Learn header nor training.learning_rate sets one.
-DEFAULT_LEARNING_RATES = {"lure": 0.1}
-FALLBACK_LEARNING_RATE = 1e-3
 
 
 def prepare_database(config: Config) -> Engine:
@@ -98,10 +95,19 @@ class App:
     Args:
         config: the validated configuration.
         registry: Prometheus registry (tests pass an isolated one); a fresh one by default.
+        strategy_factory: builds the model (the seam where tests put named fakes such as a
+            strategy that fails or trains slowly); by default :meth:`build_strategy`.
     """
 
-    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: CollectorRegistry | None = None,
+        strategy_factory: Callable[[], Strategy] | None = None,
+    ) -> None:
         self.config = config
+        self.strategy_factory = strategy_factory or self.build_strategy
         self.registry = registry or CollectorRegistry()
         self.data_dir = Path(config.storage.data_dir).resolve()
         self.engine: Engine | None = None
@@ -112,13 +118,17 @@ class App:
         self.telemetry: Telemetry | None = None
         self._metrics_server: Any = None
 
-    def learning_rate(self) -> float:
-        """The learning rate a Learn gets when its header leaves it at zero."""
-        return (
-            self.config.training.learning_rate
-            or DEFAULT_LEARNING_RATES.get(self.config.model.strategy)
-            or FALLBACK_LEARNING_RATE
+    def learn_defaults(self, strategy: Strategy) -> LearnOptions:
+        """What a Learn header's zero fields become: the training section, then the strategy's own."""
+        t = self.config.training
+        configured = LearnOptions(
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            learning_rate=t.learning_rate,
+            holdout_fraction=t.holdout_fraction,
+            seed=self.config.model.seed,
         )
+        return configured.resolved(strategy.learn_defaults)
 
     def build_strategy(self) -> Strategy:
         """A fresh strategy exactly as configured (also used to restore after a failed job)."""
@@ -145,9 +155,10 @@ class App:
             self.registry, max_task_series=c.telemetry.max_task_series, version=__version__
         )
         on_audit_commit(sessions, lambda action: telemetry.audit_events.labels(action).inc())
+        on_outcome_commit(sessions, lambda kind, outcome: telemetry.jobs_total.labels(kind, outcome).inc())
         events, serving = JobEvents(), ServingState()
         self.worker = Worker(
-            self.build_strategy,
+            self.strategy_factory,
             sessions,
             events,
             serving,
@@ -159,8 +170,8 @@ class App:
                 forget_probe_ops=c.training.forget_probe_ops,
                 forget_tolerance=c.training.forget_tolerance,
                 forget_max_attempts=c.training.forget_max_attempts,
-                default_learning_rate=self.learning_rate(),
             ),
+            on_fatal=self._worker_died,
         )
         strategy = self.worker.strategy
         worker = self.worker
@@ -180,7 +191,7 @@ class App:
             backbone=c.model.backbone,
             input_shape=tuple(c.model.input_shape),
             num_classes=c.model.num_classes,
-            parameters=strategy.parameter_count(),
+            parameters=lambda: worker.strategy.parameter_count(),
             task_incremental=strategy.task_incremental,
             supports_temporary=strategy.supports_temporary,
             unlearn_methods=tuple(strategy.unlearn_methods),
@@ -188,10 +199,7 @@ class App:
             config={str(k): str(v) for k, v in c.model.options.items()},
         )
         defaults = LearnDefaults(
-            epochs=c.training.epochs,
-            batch_size=c.training.batch_size,
-            learning_rate=self.learning_rate(),
-            holdout_fraction=c.training.holdout_fraction,
+            options=self.learn_defaults(strategy),
             max_stream_bytes=c.limits.max_stream_bytes,
             max_stream_samples=c.limits.max_stream_samples,
             max_predict_samples=c.limits.max_predict_samples,
@@ -230,12 +238,20 @@ class App:
             )
             self.ports.metrics = self._metrics_server.server_port
         self.worker.recover()
+        jobs.mark_ready()
         self.worker.start()
         jobs.audit("system", "server.started", version=__version__, model_version=strategy.version)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         telemetry.ready.set(1)
         log.info("lethe serving on %s:%d (metrics %s)", c.server.host, port, self.ports.metrics)
         return self.ports
+
+    def _worker_died(self, error: BaseException) -> None:
+        """The worker could not record how a job ended and stopped: stop reporting ready."""
+        log.critical("the worker stopped (%s); the server is NOT ready until it is restarted", error)
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.telemetry is not None:
+            self.telemetry.ready.set(0)
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful stop: readiness NOT_SERVING, refuse new RPCs, finish in-flight ones, stop the worker."""

@@ -77,9 +77,10 @@ class ModelSection:
 class TrainingSection:
     """Defaults for a Learn header's zero fields, and data retention."""
 
-    epochs: int = 20
-    batch_size: int = 32
-    learning_rate: float = 0.0  # 0 = the strategy's own default
+    #: 0 = the strategy's own default (``Strategy.learn_defaults``), here and in the next two.
+    epochs: int = 0
+    batch_size: int = 0
+    learning_rate: float = 0.0
     holdout_fraction: float = 0.1
     max_probe_samples: int = 1000
     #: Operations after an unlearn for which the forgotten task's probe set is kept to measure relapse.
@@ -328,8 +329,11 @@ def validate(config: Config) -> list[str]:
         p.append(f"model.num_classes: must be in 2..100000, got {m.num_classes}")
     if m.device != "auto" and m.device != "cpu" and not m.device.startswith("cuda"):
         p.append(f"model.device: auto, cpu, cuda or cuda:N, got {m.device!r}")
-    if t.epochs < 1 or t.batch_size < 1:
-        p.append(f"training.epochs and training.batch_size: must be >= 1, got {t.epochs} and {t.batch_size}")
+    if t.epochs < 0 or t.batch_size < 0:
+        p.append(
+            f"training.epochs and training.batch_size: must be >= 0 (0 = strategy default), got {t.epochs} and "
+            f"{t.batch_size}"
+        )
     if t.learning_rate < 0:
         p.append(f"training.learning_rate: must be >= 0 (0 = strategy default), got {t.learning_rate}")
     if not 0 < t.holdout_fraction < 1:

@@ -60,8 +60,14 @@ NOTES: dict[str, str] = {
         "Strategy options, a table `[model.options]`, passed to the strategy's builder; an unknown option "
         "is refused at start-up with the list of allowed ones. Set one with `--set model.options.NAME=VALUE`."
     ),
-    "training.epochs": "Epochs per Learn when its header leaves `epochs` at 0.",
-    "training.batch_size": "Batch size when the Learn header leaves it at 0.",
+    "training.epochs": (
+        "Epochs per Learn when its header leaves `epochs` at 0; 0 = the strategy's own default "
+        "(uncle, finetune: 20; lure: `model.options.epochs`, 10)."
+    ),
+    "training.batch_size": (
+        "Batch size when the Learn header leaves it at 0; 0 = the strategy's own default "
+        "(uncle, finetune: 32; lure: `model.options.batch_size`, 64)."
+    ),
     "training.holdout_fraction": (
         "Share of each Learn stream held out as the task's probe set (never trained on), in (0, 1)."
     ),

@@ -7,6 +7,7 @@ cardinality: tasks beyond the cap are not given their own series.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -26,7 +27,8 @@ class Telemetry:
     def __init__(self, registry: CollectorRegistry, *, max_task_series: int = 100, version: str = "0") -> None:
         self.registry = registry
         self.max_task_series = max_task_series
-        self._task_series: set[str] = set()
+        #: Gauge → tasks that have a series in it (a task counts against the cap while it has any).
+        self._task_series: dict[str, set[str]] = {}
         self._lock = threading.Lock()
         r = registry
         self.build_info = Info("lethe_build", "Lethe build and model configuration", registry=r)
@@ -93,13 +95,15 @@ class Telemetry:
             gauge.set(math.nan)
         self.max_relapse.set(0)
 
-    def _tracked(self, task: str) -> bool:
+    def _tracked(self, gauge: Gauge, task: str) -> bool:
+        """Whether ``task`` may have a series in ``gauge`` (registers it while under the cap)."""
         with self._lock:
-            if task in self._task_series:
+            series = self._task_series.setdefault(gauge._name, set())
+            if task in series:
                 return True
-            if len(self._task_series) >= self.max_task_series:
+            if len(set().union(*self._task_series.values())) >= self.max_task_series:
                 return False
-            self._task_series.add(task)
+            series.add(task)
             return True
 
     def count_tasks_with(self, counts: Callable[[], Mapping[str, int]]) -> None:
@@ -111,12 +115,27 @@ class Telemetry:
         for state in TASK_STATES:
             self.tasks.labels(state).set_function(reader(state))
 
+    def _release(self, gauge: Gauge, keep: Iterable[str]) -> None:
+        """Drop ``gauge``'s series of tasks not in ``keep``, freeing their slots under the cap.
+
+        Without this, a long-lived server that saw ``max_task_series`` tasks would give every new
+        task no series at all.
+        """
+        kept = set(keep)
+        with self._lock:
+            series = self._task_series.setdefault(gauge._name, set())
+            for task in series - kept:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(task)
+            series &= kept
+
     def record_accuracies(
         self, accuracies: Mapping[str, float], learned: Iterable[str], unlearned: Iterable[str]
     ) -> None:
         """Publish per-task accuracy (percent in, ratio out), RA and FA after a job."""
+        self._release(self.task_accuracy, accuracies)
         for task, acc in accuracies.items():
-            if self._tracked(task):
+            if self._tracked(self.task_accuracy, task):
                 self.task_accuracy.labels(task).set(acc / 100.0)
         learned_acc = [accuracies[t] for t in learned if t in accuracies]
         forgot_acc = [accuracies[t] for t in unlearned if t in accuracies]
@@ -125,8 +144,9 @@ class Telemetry:
 
     def record_relapse(self, relapses: Mapping[str, float]) -> None:
         """Publish relapse per unlearned task (points in, ratio out) and the maximum."""
+        self._release(self.task_relapse, relapses)
         for task, value in relapses.items():
-            if self._tracked(task):
+            if self._tracked(self.task_relapse, task):
                 self.task_relapse.labels(task).set(value / 100.0)
         finite = [v for v in relapses.values() if not math.isnan(v)]
         self.max_relapse.set(max(finite) / 100.0 if finite else 0.0)

@@ -129,6 +129,7 @@ class FinetuneStrategy:
     task_incremental: bool = True
     needs_replay: bool = False
     supports_temporary: bool = False
+    learn_defaults: LearnOptions = LearnOptions(epochs=20, batch_size=32, learning_rate=1e-3, holdout_fraction=0.1)
     unlearn_methods: tuple[str, ...] = ("delete-head",)
 
     def __init__(

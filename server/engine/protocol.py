@@ -9,7 +9,7 @@ concurrently while the worker keeps training.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -40,12 +40,47 @@ class TaskData:
 
 @dataclass(frozen=True)
 class LearnOptions:
-    """Per-job training options; the server has already replaced zeros by its defaults."""
+    """Every per-job option of a Learn; a zero field means "the strategy's default".
 
-    epochs: int
-    batch_size: int
-    learning_rate: float
+    The server resolves zeros once, at submission (:meth:`resolved` against the configured
+    overrides, then the strategy's :attr:`Strategy.learn_defaults`), and stores the result on the
+    job, so the job row says exactly what ran.
+
+    Attributes:
+        epochs: passes over the task's training samples.
+        batch_size: samples per optimizer step.
+        learning_rate: the optimizer's (initial) learning rate.
+        holdout_fraction: share of the stream held out as the task's probe set (server-side split).
+        temporary: learn into an exactly forgettable side network (LearnMode.TEMPORARY).
+        seed: root of every random choice of the job.
+    """
+
+    epochs: int = 0
+    batch_size: int = 0
+    learning_rate: float = 0.0
+    holdout_fraction: float = 0.0
+    temporary: bool = False
     seed: int = 0
+
+    def resolved(self, defaults: LearnOptions) -> LearnOptions:
+        """These options with every zero number replaced by the value in ``defaults``."""
+        return replace(
+            self,
+            epochs=self.epochs or defaults.epochs,
+            batch_size=self.batch_size or defaults.batch_size,
+            learning_rate=self.learning_rate or defaults.learning_rate,
+            holdout_fraction=self.holdout_fraction or defaults.holdout_fraction,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (stored on the job row)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> LearnOptions:
+        """Read :meth:`as_dict` output back; unknown keys are ignored, missing ones are zero."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 @dataclass
@@ -100,6 +135,8 @@ class Strategy(Protocol):
     unlearn_methods: tuple[str, ...]
     #: Monotonic counter bumped by every successful learn or unlearn.
     version: int
+    #: What a Learn gets for each option it leaves at zero (and the server does not override).
+    learn_defaults: LearnOptions
 
     def learn(
         self,

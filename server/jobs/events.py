@@ -26,6 +26,7 @@ class JobEvents:
         self._cond = threading.Condition()
         self._counter = 0
         self._progress: dict[str, LiveProgress] = {}
+        self._cancels: dict[str, str] = {}
         self._closed = False
 
     @property
@@ -61,6 +62,23 @@ class JobEvents:
         """Live progress of ``job_id`` if it is running."""
         with self._cond:
             return self._progress.get(job_id)
+
+    def request_cancel(self, job_id: str, principal: str) -> None:
+        """Ask the worker to cancel running job ``job_id`` at its next progress report."""
+        with self._cond:
+            self._cancels[job_id] = principal
+            self._counter += 1
+            self._cond.notify_all()
+
+    def cancel_requested(self, job_id: str) -> str | None:
+        """Who asked to cancel running job ``job_id``, or None when nobody did."""
+        with self._cond:
+            return self._cancels.get(job_id)
+
+    def discard_cancel(self, job_id: str) -> None:
+        """Forget a cancel request of a job that has ended."""
+        with self._cond:
+            self._cancels.pop(job_id, None)
 
     def wait(self, seen: int, timeout: float) -> int:
         """Block until the counter differs from ``seen``, ``timeout`` passes, or close; return the counter."""

@@ -8,6 +8,8 @@ raises a domain error and changes nothing.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -17,13 +19,14 @@ from pathlib import Path
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.data import FileRecord, SpoolWriter, purge
-from server.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError
+from server.data import FileRecord, purge
+from server.engine.protocol import LearnOptions
+from server.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError, UnavailableError
 from server.jobs.events import JobEvents
+from server.jobs.lifecycle import Lifecycle
 from server.jobs.serving import ServingState
 from server.storage import (
     AuditEvent,
-    AuditLog,
     DataFile,
     DataFileKind,
     DataFileRepository,
@@ -44,15 +47,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LearnSubmission:
-    """A validated Learn header with server defaults already applied."""
+    """A validated Learn header with every option resolved (zeros replaced by defaults)."""
 
     task: str
     idempotency_key: str
-    temporary: bool
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    holdout_fraction: float
+    options: LearnOptions
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -72,10 +71,18 @@ class QueueLimits:
 
     max_queued_jobs: int
     max_tasks: int
+    #: Seconds a write waits for start-up recovery before UNAVAILABLE.
+    ready_wait_seconds: float = 30.0
+    #: Seconds CancelJob waits for a running job to stop.
+    cancel_wait_seconds: float = 30.0
 
 
 class JobService:
-    """Submits, cancels and reads jobs, tasks, evaluations and audit events."""
+    """Submits, cancels and reads jobs, tasks, evaluations and audit events.
+
+    Writes wait until :meth:`mark_ready` (start-up recovery done): before that, a new spool could
+    be swept as an orphan, or a state accepted here undone by the state reload.
+    """
 
     def __init__(
         self,
@@ -90,7 +97,17 @@ class JobService:
         self.events = events
         self.serving = serving
         self.limits = limits
-        self.audit_log = AuditLog()
+        self.lifecycle = Lifecycle()
+        self.audit_log = self.lifecycle.audit_log
+        self._ready = threading.Event()
+
+    def mark_ready(self) -> None:
+        """Recovery is done: accept writes."""
+        self._ready.set()
+
+    def _writable(self) -> None:
+        if not self._ready.wait(self.limits.ready_wait_seconds):
+            raise UnavailableError("the server is still recovering its state after a start; retry shortly")
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -99,11 +116,6 @@ class JobService:
             yield session
 
     # ----------------------------------------------------------------- learn
-    def new_spool(self) -> tuple[str, SpoolWriter]:
-        """Allocate a job id and a spool file for a Learn stream."""
-        job_id = uuid.uuid4().hex
-        return job_id, SpoolWriter(self.data_dir, f"spool/{job_id}.spool")
-
     def existing_job(self, idempotency_key: str, kind: JobKind, task: str) -> Job | None:
         """The job an earlier request with this idempotency key created, if any.
 
@@ -123,6 +135,7 @@ class JobService:
 
     def check_learn(self, submission: LearnSubmission) -> None:
         """Fail fast, before the stream is read, when the Learn cannot be accepted."""
+        self._writable()
         with self.sessions() as session:
             self._check_learn(session, submission.task)
 
@@ -156,32 +169,22 @@ class JobService:
         On any failure the spool file is deleted, so nothing accepted-but-unrecorded lingers.
         """
         try:
+            self._writable()
             with self.transaction() as session:
                 self._check_learn(session, submission.task)
-                now = utc_now()
-                task = Task(name=submission.task, state=TaskState.LEARNING, samples=samples, created_at=now)
-                task.classes = list(classes)
-                TaskRepository(session).add(task)
+                self.lifecycle.new_task(session, submission.task, samples, classes)
                 job = Job(
                     id=job_id,
                     kind=JobKind.LEARN,
-                    state=JobState.QUEUED,
                     task=submission.task,
                     idempotency_key=submission.idempotency_key or None,
                     principal=principal,
                     samples=samples,
                     bytes=spool.bytes,
-                    created_at=now,
+                    created_at=utc_now(),
                 )
-                job.options = {
-                    "epochs": submission.epochs,
-                    "batch_size": submission.batch_size,
-                    "learning_rate": submission.learning_rate,
-                    "holdout_fraction": submission.holdout_fraction,
-                    "temporary": submission.temporary,
-                    "metadata": submission.metadata,
-                }
-                JobRepository(session).add(job)
+                job.options = {**submission.options.as_dict(), "metadata": submission.metadata}
+                self.lifecycle.new_job(session, job)
                 DataFileRepository(session).add(
                     DataFile(
                         kind=DataFileKind.SPOOL,
@@ -203,6 +206,7 @@ class JobService:
                         "bytes": spool.bytes,
                         "sha256": spool.sha256,
                         "classes": sorted(int(c) for c in classes),
+                        "options": submission.options.as_dict(),
                         "metadata": submission.metadata,
                     },
                 )
@@ -230,6 +234,7 @@ class JobService:
         A task whose Learn job is still QUEUED has its job cancelled and its spool purged: the data
         never reaches the model and the returned unlearn job is already SUCCEEDED.
         """
+        self._writable()
         existing = self.existing_job(submission.idempotency_key, JobKind.UNLEARN, submission.task)
         if existing is not None:
             return existing
@@ -248,16 +253,14 @@ class JobService:
                 ):
                     raise FailedPreconditionError(f"task {submission.task!r} is already being unlearned")
                 # UNLEARNING with no active unlearn job: the previous attempt failed; this one retries.
-                now = utc_now()
                 job = Job(
                     id=uuid.uuid4().hex,
                     kind=JobKind.UNLEARN,
-                    state=JobState.QUEUED,
                     task=submission.task,
                     method=submission.method,
                     idempotency_key=submission.idempotency_key or None,
                     principal=principal,
-                    created_at=now,
+                    created_at=utc_now(),
                 )
                 job.options = {"reason": submission.reason}
                 queued_learn = jobs.list(
@@ -273,13 +276,14 @@ class JobService:
                 )
                 if task.learned_version is None and queued_learn:
                     # The data never reached the model: cancel the learn, purge its spool, done.
+                    self.lifecycle.task_unlearned(session, task)
                     for learn in queued_learn:
-                        self._cancel(session, learn, principal, "cancelled by an unlearn of its task")
-                    purged = self._mark_task_data_purged(session, submission.task, principal, job.id)
-                    task.state, task.unlearned_at, task.updated_at = TaskState.UNLEARNED, now, now
-                    job.state, job.started_at, job.finished_at, job.progress = JobState.SUCCEEDED, now, now, 1.0
+                        purged += self.lifecycle.cancel(
+                            session, learn, principal, "cancelled by an unlearn of its task"
+                        )
                     job.model_version = self.serving.predictor.version if self.serving.predictor else 0
                     job.message = "the task's data never reached the model; its learn job was cancelled"
+                    self.lifecycle.new_job(session, job, JobState.SUCCEEDED)
                     self.audit_log.append(
                         session,
                         principal=principal,
@@ -293,8 +297,8 @@ class JobService:
                         raise ResourceExhaustedError(
                             f"the job queue is full ({self.limits.max_queued_jobs} queued jobs); retry later"
                         )
-                    task.state, task.updated_at = TaskState.UNLEARNING, now
-                jobs.add(job)
+                    self.lifecycle.task_unlearning(session, task)
+                    self.lifecycle.new_job(session, job)
                 state = task.state
         except IntegrityError:
             existing = self.existing_job(submission.idempotency_key, JobKind.UNLEARN, submission.task)
@@ -309,60 +313,53 @@ class JobService:
 
     # ---------------------------------------------------------------- cancel
     def cancel(self, job_id: str, principal: str) -> Job:
-        """Cancel a QUEUED job; a running or finished job cannot be cancelled."""
+        """Cancel a QUEUED job at once, or a RUNNING learn at its next training step.
+
+        A running learn stops cooperatively; this waits (``cancel_wait_seconds``) until it has, and
+        the model is then exactly as before the job. A running unlearn is refused: forgetting, once
+        started, finishes.
+
+        Raises:
+            NotFoundError: no such job.
+            FailedPreconditionError: the job has ended, or is a running unlearn.
+        """
+        self._writable()
         purged: list[str] = []
         with self.transaction() as session:
             job = JobRepository(session).get_for_update(job_id)  # the worker cannot claim it meanwhile
             if job is None:
                 raise NotFoundError(f"job {job_id!r} does not exist")
-            if job.state != JobState.QUEUED:
-                raise FailedPreconditionError(f"job {job_id} is {job.state.value}; only queued jobs can be cancelled")
-            self._cancel(session, job, principal, "cancelled on request")
-            task = TaskRepository(session).get_for_update(job.task)
-            new_state: TaskState | None = None
-            if task is not None:
-                if job.kind == JobKind.LEARN and task.state == TaskState.LEARNING:
-                    purged = self._mark_task_data_purged(session, task.name, principal, job.id)
-                    session.delete(task)  # it never reached the model; the name is free again
-                elif job.kind == JobKind.UNLEARN and task.state == TaskState.UNLEARNING:
-                    task.state = TaskState.LEARNED if task.learned_version is not None else TaskState.LEARNING
-                    new_state = task.state
-                else:
-                    new_state = task.state
+            running = job.state == JobState.RUNNING
+            if running and job.kind == JobKind.UNLEARN:
+                raise FailedPreconditionError(
+                    f"job {job_id} is a running unlearn; forgetting, once started, finishes and cannot be cancelled"
+                )
+            if not running and job.state != JobState.QUEUED:
+                raise FailedPreconditionError(
+                    f"job {job_id} is {job.state.value}; only queued or running jobs can be cancelled"
+                )
+            if not running:
+                purged = self.lifecycle.cancel(session, job, principal, "cancelled on request")
+                task = TaskRepository(session).get(job.task)
+                new_state = task.state if task is not None else None
+        if running:
+            return self._cancel_running(job_id, principal)
         self._delete_files(purged)
         self.serving.set_task_state(job.task, new_state)
         self.events.notify()
         return job
 
-    def _cancel(self, session: Session, job: Job, principal: str, why: str) -> None:
-        now = utc_now()
-        job.state, job.finished_at, job.message = JobState.CANCELLED, now, why
-        self.audit_log.append(
-            session, principal=principal, action="job.cancelled", task=job.task, job_id=job.id, details={"why": why}
-        )
-
-    def _mark_task_data_purged(self, session: Session, task: str, principal: str, job_id: str) -> list[str]:
-        """Mark every live file of ``task`` purged and audit it; return the paths to delete after commit."""
-        files = DataFileRepository(session)
-        records = []
-        for data_file in files.live(task=task):
-            files.mark_purged(data_file.path)
-            records.append(data_file)
-        if records:
-            self.audit_log.append(
-                session,
-                principal=principal,
-                action="data.purged",
-                task=task,
-                job_id=job_id,
-                details={
-                    "files": [
-                        {"path": f.path, "kind": f.kind.value, "bytes": f.bytes, "sha256": f.sha256} for f in records
-                    ],
-                    "bytes": sum(f.bytes for f in records),
-                },
-            )
-        return [f.path for f in records]
+    def _cancel_running(self, job_id: str, principal: str) -> Job:
+        self.events.request_cancel(job_id, principal)
+        deadline = time.monotonic() + self.limits.cancel_wait_seconds
+        seen = self.events.counter
+        job = self.get_job(job_id)
+        while not job.state.terminal and time.monotonic() < deadline and not self.events.closed:
+            seen = self.events.wait(seen, timeout=min(1.0, max(deadline - time.monotonic(), 0.0)))
+            job = self.get_job(job_id)
+        if job.state == JobState.SUCCEEDED:
+            raise FailedPreconditionError(f"job {job_id} finished before it could be cancelled")
+        return job
 
     def _delete_files(self, paths: Sequence[str]) -> None:
         for path in paths:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -21,7 +21,7 @@ import torch
 from protos import lethe_pb2 as pb
 from protos import lethe_pb2_grpc as pb_grpc
 from protos.tensors import NUMPY_DTYPES, to_tensor
-from server.engine.protocol import UnknownTaskError, UnlearnedTaskError
+from server.engine.protocol import LearnOptions, UnknownTaskError, UnlearnedTaskError
 from server.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -30,7 +30,7 @@ from server.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from server.jobs import JobService, LearnSubmission, ServingState, UnlearnSubmission
+from server.jobs import JobService, LearnStream, LearnSubmission, ServingState, UnlearnSubmission
 from server.logs import log_context
 from server.rpc import validation as v
 from server.rpc.auth import current_principal
@@ -58,7 +58,8 @@ class ModelDescription:
     backbone: str
     input_shape: tuple[int, ...]
     num_classes: int
-    parameters: int
+    #: Trainable parameters now (it changes when a strategy grows or shrinks its model).
+    parameters: Callable[[], int]
     task_incremental: bool
     supports_temporary: bool
     unlearn_methods: tuple[str, ...]
@@ -68,12 +69,9 @@ class ModelDescription:
 
 @dataclass(frozen=True)
 class LearnDefaults:
-    """Server defaults for a Learn header's zero fields, and stream limits."""
+    """What a Learn header's zero fields become (configuration, then the strategy), and stream limits."""
 
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    holdout_fraction: float
+    options: LearnOptions
     max_stream_bytes: int
     max_stream_samples: int
     max_predict_samples: int
@@ -133,10 +131,8 @@ class LetheServicer(pb_grpc.LetheServicer):
         if existing is not None:
             return job_message(existing)
         self.jobs.check_learn(submission)
-        job_id, spool = self.jobs.new_spool()
         wire_bytes = 0
-        classes: set[int] = set()
-        with spool:
+        with LearnStream(self.jobs, submission) as stream:
             for index, message in enumerate(requests, start=1):
                 payload = message.WhichOneof("payload")
                 if payload == "header":
@@ -151,8 +147,8 @@ class LetheServicer(pb_grpc.LetheServicer):
                     chunk.inputs,
                     self.samples,
                     f"chunk[{index}].inputs",
-                    max(limit - spool.samples, 0),
-                    f"limits.max_stream_samples ({limit} per Learn stream, {spool.samples} already received)",
+                    max(limit - stream.samples, 0),
+                    f"limits.max_stream_samples ({limit} per Learn stream, {stream.samples} already received)",
                 )
                 labels = v.labels_tensor(chunk.labels, len(inputs), self.samples.num_classes, f"chunk[{index}].labels")
                 ids = v.sample_ids(list(chunk.sample_ids), len(inputs), f"chunk[{index}].sample_ids")
@@ -162,21 +158,14 @@ class LetheServicer(pb_grpc.LetheServicer):
                     raise ResourceExhaustedError(
                         f"chunk: the stream exceeds limits.max_stream_bytes ({self.defaults.max_stream_bytes} bytes)"
                     )
-                spool.append(inputs, labels, ids)
-                classes.update(int(c) for c in np.unique(labels))
-            if spool.samples < 2:
+                stream.append(inputs, labels, ids)
+            if stream.samples < 2:
                 raise InvalidArgumentError(
-                    "chunk", f"the stream must carry at least 2 samples (a probe set is held out), got {spool.samples}"
+                    "chunk", f"the stream must carry at least 2 samples (a probe set is held out), got {stream.samples}"
                 )
-            record = spool.commit()
-            if _ended_early(context):
-                spool.path.unlink(missing_ok=True)
-                raise UnavailableError("the Learn stream was cancelled before it ended; nothing was recorded")
-        job = self.jobs.submit_learn(
-            job_id, submission, record, spool.samples, sorted(classes), current_principal().name
-        )
+            job = stream.submit(current_principal().name, ended_early=_ended_early(context))
         self.telemetry.ingest_bytes.inc(wire_bytes)
-        self.telemetry.ingest_samples.inc(spool.samples)
+        self.telemetry.ingest_samples.inc(stream.samples)
         return job_message(job)
 
     def _submission(self, header: pb.LearnHeader) -> LearnSubmission:
@@ -188,15 +177,17 @@ class LetheServicer(pb_grpc.LetheServicer):
             raise FailedPreconditionError(
                 f"header.mode: TEMPORARY learning is not supported by strategy {self.model.strategy!r}"
             )
-        d = self.defaults
+        requested = LearnOptions(
+            epochs=header.epochs,
+            batch_size=header.batch_size,
+            learning_rate=header.learning_rate,
+            holdout_fraction=header.holdout_fraction,
+            temporary=temporary,
+        )
         return LearnSubmission(
             task=task,
             idempotency_key=key,
-            temporary=temporary,
-            epochs=header.epochs or d.epochs,
-            batch_size=header.batch_size or d.batch_size,
-            learning_rate=header.learning_rate or d.learning_rate,
-            holdout_fraction=header.holdout_fraction or d.holdout_fraction,
+            options=requested.resolved(self.defaults.options),
             metadata=dict(header.metadata),
         )
 
@@ -358,7 +349,7 @@ class LetheServicer(pb_grpc.LetheServicer):
                 version=predictor.version if predictor is not None else 0,
                 input_shape=list(m.input_shape),
                 num_classes=m.num_classes,
-                parameters=m.parameters,
+                parameters=m.parameters(),
                 config=m.config,
                 task_incremental=m.task_incremental,
                 unlearn_methods=list(m.unlearn_methods),

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.storage.enums import JobKind, JobState
@@ -68,18 +68,28 @@ class EvaluationRepository:
         statement = select(Evaluation.task, Evaluation.accuracy).where(Evaluation.job_seq == job_seq)
         return {task: float(accuracy) for task, accuracy in self.session.execute(statement)}
 
+    def last_evaluated_job(self) -> Job | None:
+        """The successful job with evaluation rows that was applied last (execution order).
+
+        Jobs run out of submission order (unlearns first), so "last" is the highest model version,
+        then the latest finish, not the highest ``seq``.
+        """
+        statement = (
+            select(Job)
+            .where(Job.state == JobState.SUCCEEDED, Job.seq.in_(select(Evaluation.job_seq)))
+            .order_by(Job.model_version.desc(), Job.finished_at.desc(), Job.seq.desc())
+            .limit(1)
+        )
+        return self.session.scalars(statement).one_or_none()
+
     def latest_accuracies(self) -> dict[str, float]:
-        """Returns task → accuracy (%) after the newest successful job that has evaluation rows.
+        """Returns task → accuracy (%) after the last applied successful job that has evaluation rows.
 
         This is ``a_{u-1}`` when called before the current job's rows are added (spill needs it).
         Empty when no job has been evaluated yet.
         """
-        newest = self.session.scalar(
-            select(func.max(Evaluation.job_seq))
-            .join(Job, Job.seq == Evaluation.job_seq)
-            .where(Job.state == JobState.SUCCEEDED)
-        )
-        return {} if newest is None else self.for_job(int(newest))
+        newest = self.last_evaluated_job()
+        return {} if newest is None else self.for_job(newest.seq)
 
     def matrix(self, after_job_seq: int = 0, limit: int = 100) -> list[EvaluationRow]:
         """Returns the accuracy matrix, oldest job first, one row per SUCCEEDED job.

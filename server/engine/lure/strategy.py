@@ -87,6 +87,9 @@ class LureStrategy:
         """Build the initial network of ``config`` on ``device`` (seeded by ``config.seed``)."""
         self.config = config
         self.needs_replay: bool = config.replay.mode != "none"
+        self.learn_defaults = LearnOptions(
+            epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.lr, holdout_fraction=0.1
+        )
         self.version = 0
         self._device = torch.device(device)
         self._model: nn.Module = self._fresh_network(derive_seed(config.seed, "lure-init")).to(self._device)

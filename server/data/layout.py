@@ -1,0 +1,64 @@
+"""Where every file lives under the data directory: the only module that spells a path.
+
+Files a job writes carry the job's attempt number, so a job that runs again after a restart
+never reuses the name of a file its interrupted attempt recorded (every name is recorded once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.storage.enums import DataFileKind
+
+#: Folder of each kind of task data.
+FOLDERS: dict[DataFileKind, str] = {
+    DataFileKind.SPOOL: "spool",
+    DataFileKind.PROBE: "probes",
+    DataFileKind.MEMBER: "members",
+    DataFileKind.RETAINED: "retained",
+}
+#: Folder of model checkpoints.
+CHECKPOINTS = "checkpoints"
+#: Suffixes of files being written (a crash can leave them; they are never recorded).
+TEMPORARY_SUFFIXES = (".partial", ".tmp")
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """Paths under one data directory; every path handed out is relative to ``root``."""
+
+    root: Path
+
+    def absolute(self, relative: str) -> Path:
+        """The absolute path of a relative data path."""
+        return self.root / relative
+
+    @staticmethod
+    def spool(job_id: str) -> str:
+        """The spool file of a Learn job."""
+        return f"{FOLDERS[DataFileKind.SPOOL]}/{job_id}.spool"
+
+    @staticmethod
+    def job_file(kind: DataFileKind, job_id: str, attempt: int) -> str:
+        """A probe, member or retained file written by attempt ``attempt`` of job ``job_id``."""
+        return f"{FOLDERS[kind]}/{job_id}-{attempt}.npz"
+
+    @property
+    def checkpoints(self) -> Path:
+        """The checkpoint directory."""
+        return self.root / CHECKPOINTS
+
+    def task_files(self) -> list[str]:
+        """Every file in the task-data folders, as relative paths (what the start-up sweep checks)."""
+        found: list[str] = []
+        for folder in FOLDERS.values():
+            directory = self.root / folder
+            if directory.is_dir():
+                found += [f"{folder}/{p.name}" for p in sorted(directory.iterdir()) if p.is_file()]
+        return found
+
+    @staticmethod
+    def is_temporary(relative: str) -> bool:
+        """Whether a file is a leftover of an interrupted write."""
+        return relative.endswith(TEMPORARY_SUFFIXES)

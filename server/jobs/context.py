@@ -1,0 +1,151 @@
+"""What every job handler works with: the model, storage, data layout and the running job's state."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.checkpoints import CheckpointMeta, CheckpointStore
+from server.data import FileRecord, load_arrays
+from server.data.layout import DataLayout
+from server.engine.protocol import Progress, Strategy, TaskData
+from server.jobs.evaluation import ProbeCache
+from server.jobs.events import JobEvents
+from server.jobs.lifecycle import Lifecycle
+from server.jobs.retry import retry_database
+from server.jobs.serving import ServingState
+from server.storage import DataFileKind, DataFileRepository, Job
+from server.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What the worker needs from the configuration."""
+
+    data_dir: Path
+    seed: int
+    max_probe_samples: int
+    forget_probe_ops: int
+    #: Points the reference may lie outside the forgotten task's 95% interval (training.forget_tolerance).
+    forget_tolerance: float = 5.0
+    #: Forgetting operations per unlearn, the first included (training.forget_max_attempts).
+    forget_max_attempts: int = 3
+
+
+@dataclass
+class JobRun:
+    """One attempt of one job, as the handlers see it.
+
+    Attributes:
+        job: the job row as claimed (detached; re-read it inside a transaction to change it).
+        progress: report progress; raises when the job must stop (cancel, shutdown).
+        started: ``time.monotonic()`` when the attempt started.
+        changed_model: whether the computation changed the model (an unlearn of a task whose data
+            never reached it does not).
+        metrics: the job's metrics, filled by the computation, the measurements and the commit.
+        files: files the attempt wrote, with digests, for the commit to record.
+    """
+
+    job: Job
+    progress: Progress
+    started: float = field(default_factory=time.monotonic)
+    changed_model: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+    files: list[FileRecord] = field(default_factory=list)
+
+
+class JobContext:
+    """The strategy the worker owns and everything a handler needs around it."""
+
+    def __init__(
+        self,
+        strategy_factory: Callable[[], Strategy],
+        sessions: sessionmaker[Session],
+        events: JobEvents,
+        serving: ServingState,
+        telemetry: Telemetry,
+        settings: WorkerSettings,
+    ) -> None:
+        self.factory = strategy_factory
+        self.strategy = strategy_factory()
+        self.sessions = sessions
+        self.events = events
+        self.serving = serving
+        self.telemetry = telemetry
+        self.settings = settings
+        self.layout = DataLayout(settings.data_dir)
+        self.checkpoints = CheckpointStore(settings.data_dir)
+        self.probes = ProbeCache(settings.data_dir)
+        self.lifecycle = Lifecycle()
+        self.stopping = threading.Event()
+        self.deadline = math.inf
+
+    # -------------------------------------------------------------- database
+    def must_stop(self) -> bool:
+        """The server is stopping and the grace period is over."""
+        return self.stopping.is_set() and time.monotonic() > self.deadline
+
+    def retry(self, work: Callable[[], R], what: str) -> R:
+        """Run one transaction, retrying while the database is away (see :func:`retry_database`)."""
+        return retry_database(work, stopping=self.must_stop, wake=self.stopping, what=what)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on any exception."""
+        with self.sessions() as session, session.begin():
+            yield session
+
+    def read(self, query: Callable[[Session], R], what: str) -> R:
+        """Run a read-only query, retrying while the database is away."""
+
+        def work() -> R:
+            with self.sessions() as session:
+                return query(session)
+
+        return self.retry(work, what)
+
+    # ----------------------------------------------------------------- model
+    def replay(self, exclude: str | None = None) -> dict[str, TaskData]:
+        """Retained data of every live task but ``exclude``, for strategies that replay."""
+        if not self.strategy.needs_replay:
+            return {}
+        files = self.read(lambda s: DataFileRepository(s).live(kind=DataFileKind.RETAINED), "reading replay data")
+        replay: dict[str, TaskData] = {}
+        for f in files:
+            if f.task != exclude and f.bytes > 0:
+                arrays = load_arrays(self.layout.absolute(f.path))
+                replay[f.task] = TaskData(torch.from_numpy(arrays["inputs"]), torch.from_numpy(arrays["labels"]))
+        return replay
+
+    def checkpoint(self, job: Job, metrics: dict[str, float]) -> None:
+        """Write the model after ``job`` (it becomes the model's only once the job commits)."""
+        self.checkpoints.save(CheckpointMeta(self.strategy.version, job.id, metrics), self.strategy.state_dict())
+
+    def restore(self, discard_job: str | None = None) -> None:
+        """Rebuild the model from the newest checkpoint, first deleting one written by ``discard_job``.
+
+        A job that failed after its checkpoint was written never committed: its checkpoint must not
+        become the model (it would hold a job SQL says failed).
+        """
+        newest = self.checkpoints.load_latest()
+        if newest is not None and discard_job is not None and newest.meta.last_job_id == discard_job:
+            log.warning("discarding checkpoint %s of job %s, which did not commit", newest.path.name, discard_job)
+            newest.path.unlink(missing_ok=True)
+            newest = self.checkpoints.load_latest()
+        self.strategy = self.factory()
+        if newest is not None:
+            self.strategy.load_state_dict(newest.strategy_state)
+        self.serving.publish(self.strategy.predictor())

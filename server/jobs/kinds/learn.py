@@ -1,0 +1,114 @@
+"""LEARN: train the model on a spooled stream; keep its probe, member and retained samples."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+
+import numpy as np
+import torch
+from sqlalchemy.orm import Session
+
+from server.data import FileRecord, read_spool, save_arrays, sha256_file
+from server.engine.protocol import LearnOptions, TaskData
+from server.jobs.context import JobContext, JobRun
+from server.jobs.snapshot import Evaluated
+from server.storage import DataFile, DataFileKind, DataFileRepository, Job, TaskRepository
+
+
+def split(seed: int, task: str, n: int, holdout: float, max_probe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Deterministic (train, probe, member) index arrays for a stream of ``n`` samples.
+
+    Seeded by the task's name, not the queue position, so the same mega-batch is split the same
+    way whatever came before it (LURE's exact unlearning equals retraining only then).
+    """
+    n_probe = min(max(1, round(n * holdout)), max_probe, n - 1)
+    task_seed = int.from_bytes(hashlib.sha256(task.encode()).digest()[:8], "little")
+    order = np.random.default_rng([seed, task_seed]).permutation(n)
+    probe, train = order[:n_probe], order[n_probe:]
+    member = train[: min(n_probe, len(train))]  # trained on, kept only to measure membership inference
+    return train, probe, member
+
+
+class LearnHandler:
+    """Runs LEARN jobs."""
+
+    cancellable = True
+
+    def compute(self, ctx: JobContext, run: JobRun) -> dict[str, float]:
+        """Train on the job's spool, then record and write its probe, member and retained files."""
+        job, layout = run.job, ctx.layout
+        inputs, labels, _ids = read_spool(layout.absolute(layout.spool(job.id)))
+        options = LearnOptions.from_dict(job.options)
+        if "seed" not in job.options:  # queued by a version that resolved the seed in the worker
+            options = replace(options, seed=ctx.settings.seed)
+        train, probe, member = split(
+            ctx.settings.seed, job.task, len(labels), options.holdout_fraction, ctx.settings.max_probe_samples
+        )
+        data = TaskData(torch.from_numpy(inputs[train]), torch.from_numpy(labels[train]))
+        report = ctx.strategy.learn(job.task, data, options, run.progress, ctx.replay(exclude=job.task))
+        check_finite(ctx, job.task, inputs[probe])
+        arrays = {
+            DataFileKind.PROBE: (inputs[probe], labels[probe]),
+            DataFileKind.MEMBER: (inputs[member], labels[member]),
+        }
+        if report.retain is not None:
+            arrays[DataFileKind.RETAINED] = (report.retain.inputs.numpy(), report.retain.labels.numpy())
+        paths = {kind: layout.job_file(kind, job.id, job.attempts) for kind in arrays}
+        ctx.retry(lambda: self._record_intent(ctx, job, paths), "recording the job's files")
+        for kind, (x, y) in arrays.items():
+            save_arrays(layout.absolute(paths[kind]), inputs=x, labels=y)
+        metrics = {k: float(v) for k, v in report.metrics.items()}
+        metrics.setdefault("samples", float(len(train)))
+        metrics["probe_samples"] = float(len(probe))
+        return metrics
+
+    @staticmethod
+    def _record_intent(ctx: JobContext, job: Job, paths: dict[DataFileKind, str]) -> None:
+        """One row per file before it is written, so no byte of task data is ever unaccounted for."""
+        with ctx.transaction() as session:
+            files = DataFileRepository(session)
+            for kind, path in paths.items():
+                if files.get(path) is None:  # recorded by this attempt before a database blip
+                    files.add(DataFile(kind=kind, task=job.task, job_id=job.id, path=path, bytes=0, sha256=""))
+
+    def measure(self, ctx: JobContext, run: JobRun, evaluated: Evaluated) -> dict[str, float]:
+        """Digest the files the computation wrote (outside the transaction: it reads them all)."""
+        run.files = []
+        for kind in (DataFileKind.PROBE, DataFileKind.MEMBER, DataFileKind.RETAINED):
+            path = ctx.layout.job_file(kind, run.job.id, run.job.attempts)
+            absolute = ctx.layout.absolute(path)
+            if absolute.exists():
+                run.files.append(FileRecord(path, absolute.stat().st_size, sha256_file(absolute)))
+        return {}
+
+    def commit(self, ctx: JobContext, session: Session, run: JobRun, job: Job, evaluated: Evaluated) -> list[str]:
+        """Complete the file rows, consume the spool, mark the task learned."""
+        files = DataFileRepository(session)
+        for record in run.files:
+            row = files.get(record.path)
+            if row is not None:
+                row.bytes, row.sha256 = record.bytes, record.sha256
+        spool = ctx.layout.spool(job.id)
+        files.mark_purged(spool)  # consumed: the training data now lives only in the model
+        task = TaskRepository(session).get_for_update(job.task)
+        if task is not None:
+            ctx.lifecycle.task_learned(session, task, ctx.strategy.version)
+            task.accuracy = evaluated.accuracies.get(task.name)
+        return [spool]
+
+
+def check_finite(ctx: JobContext, task: str, inputs: np.ndarray) -> None:
+    """Refuse a model whose outputs are no longer finite (training diverged, e.g. on huge inputs).
+
+    Raising here fails the job before its checkpoint, and the model is restored from the last one,
+    so a single bad stream cannot corrupt every other task.
+    """
+    name = task if ctx.strategy.task_incremental else None
+    batch = torch.from_numpy(np.ascontiguousarray(inputs[:256]))
+    logits = ctx.strategy.predictor().predict(name, batch)
+    if torch.isnan(logits).any() or torch.isposinf(logits).any():
+        raise ValueError(
+            "training diverged: the model's outputs are not finite after this learn; it was rolled back "
+            "(check the input scale: features are expected roughly in [0, 1] or standardized)"
+        )
