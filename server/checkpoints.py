@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from server.data.files import FileRecord, purge, write_atomic
+from server.data.layout import CHECKPOINTS
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^ckpt-(\d{10})\.pt$")
@@ -46,7 +47,7 @@ class Checkpoint:
 class CheckpointStore:
     """The checkpoints directory under the data directory."""
 
-    def __init__(self, data_dir: Path, subdir: str = "checkpoints") -> None:
+    def __init__(self, data_dir: Path, subdir: str = CHECKPOINTS) -> None:
         self.data_dir = data_dir
         self.subdir = subdir
         self.directory = data_dir / subdir

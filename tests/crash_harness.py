@@ -83,6 +83,36 @@ def data_files_rows(engine: Engine) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in rows]
 
 
+def unaccounted_files(data_dir: Path, database_url: str, settle_seconds: float = 5.0) -> dict[str, list[str]]:
+    """How the data directory differs from "live ``data_files`` rows ∪ the newest checkpoint"; {} when equal.
+
+    Files of a job that just ended are deleted right after its commit, so a difference is re-read
+    for up to ``settle_seconds`` before it is reported.
+    """
+    deadline = time.monotonic() + settle_seconds
+    while True:
+        engine = create_engine(database_url, poolclass=NullPool)
+        try:
+            with engine.connect() as connection:
+                live = {
+                    str(r[0]) for r in connection.execute(text("SELECT path FROM data_files WHERE purged_at IS NULL"))
+                }
+        finally:
+            engine.dispose()
+        on_disk = {str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file()}
+        on_disk -= {p for p in on_disk if p.startswith("lethe.db") or p == "audit-head.json"}
+        checkpoints = sorted((p for p in on_disk if p.startswith("checkpoints/")), reverse=True)
+        diff = {
+            "on disk, not a live row": sorted(on_disk - live - set(checkpoints[:1])),
+            "live row, not on disk": sorted(live - on_disk),
+            "older checkpoints": checkpoints[1:],
+        }
+        diff = {k: v for k, v in diff.items() if v}
+        if not diff or time.monotonic() > deadline:
+            return diff
+        time.sleep(0.1)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Everything a rejected request must leave unchanged."""
@@ -361,6 +391,7 @@ class CrashHarness:
         spool = self.data_dir / "spool"
         assert not (list(spool.iterdir()) if spool.is_dir() else []), "spool files of finished jobs remain"
         assert data_dir_leftovers(self.data_dir) == []
+        assert unaccounted_files(self.data_dir, self.database_url) == {}
         newest = self.checkpoints()[0] if self.checkpoints() else None
         if expected_version:
             assert newest == f"ckpt-{expected_version:010d}.pt", f"newest checkpoint {newest}, model {expected_version}"

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from client import LetheClient
 from client.datasets import load_digits
 from server.app import App
 from server.config import Config, load_config
+from server.engine.protocol import Strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,9 +71,11 @@ class Running:
 
 
 @contextlib.contextmanager
-def running_app(config: Config, token: str | None = None) -> Iterator[Running]:
-    """Start an App on port 0, yield it with a client, stop it afterwards."""
-    app = App(config, registry=CollectorRegistry())
+def running_app(
+    config: Config, token: str | None = None, strategy_factory: Callable[[], Strategy] | None = None
+) -> Iterator[Running]:
+    """Start an App on port 0 (with a named fake model if given), yield it with a client, stop it afterwards."""
+    app = App(config, registry=CollectorRegistry(), strategy_factory=strategy_factory)
     ports = app.start()
     client = LetheClient(f"127.0.0.1:{ports.grpc}", token=token, retries=3, timeout=30)
     try:

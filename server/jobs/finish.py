@@ -32,6 +32,7 @@ from server.storage import (
     Job,
     JobKind,
     JobRepository,
+    JobState,
     TaskRepository,
     TaskState,
 )
@@ -70,13 +71,18 @@ def finish(ctx: JobContext, run: JobRun, handler: JobHandler) -> None:
     evaluated = evaluate_model(ctx)
     run.metrics.update(handler.measure(ctx, run, evaluated))
     committed = ctx.retry(lambda: _commit(ctx, run, handler, evaluated), "committing the job")
+    if committed is None:  # a retry after a commit whose acknowledgement was lost: it is done
+        ctx.serving.publish(evaluated.predictor)
+        return
     _after_commit(ctx, run, committed)
 
 
-def _commit(ctx: JobContext, run: JobRun, handler: JobHandler, evaluated: Evaluated) -> Committed:
+def _commit(ctx: JobContext, run: JobRun, handler: JobHandler, evaluated: Evaluated) -> Committed | None:
     with ctx.transaction() as session:
         job = JobRepository(session).get_for_update(run.job.id)
         assert job is not None, f"job {run.job.id} vanished"
+        if job.state == JobState.SUCCEEDED:
+            return None
         to_delete = handler.commit(ctx, session, run, job, evaluated)
         relapses, purged = _relapse(ctx, session, job, evaluated)
         metrics = run.metrics

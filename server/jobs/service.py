@@ -357,6 +357,8 @@ class JobService:
         while not job.state.terminal and time.monotonic() < deadline and not self.events.closed:
             seen = self.events.wait(seen, timeout=min(1.0, max(deadline - time.monotonic(), 0.0)))
             job = self.get_job(job_id)
+        if job.state.terminal:
+            self.events.discard_cancel(job_id)
         if job.state == JobState.SUCCEEDED:
             raise FailedPreconditionError(f"job {job_id} finished before it could be cancelled")
         return job

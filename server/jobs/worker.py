@@ -30,7 +30,7 @@ from server.jobs.kinds import HANDLERS, handler_for
 from server.jobs.retry import JobInterruptedError
 from server.jobs.serving import ServingState
 from server.logs import log_context
-from server.storage import Job, JobRepository, TaskRepository, TaskState
+from server.storage import Job, JobRepository, JobState, TaskRepository, TaskState
 from server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,8 @@ class Worker:
             with self.ctx.transaction() as session:
                 row = JobRepository(session).get_for_update(job.id)
                 assert row is not None, f"job {job.id} vanished"
-                paths = transition(session, row)
+                # Not RUNNING: a retry after a commit whose acknowledgement was lost; it is recorded.
+                paths = transition(session, row) if row.state == JobState.RUNNING else []
                 task = TaskRepository(session).get(job.task)
                 return paths, (task.state if task is not None else None)
 

@@ -1,0 +1,194 @@
+"""The job layer end to end: cancel of running jobs, failures in every phase, database outages.
+
+Each test runs a real server (real SQL, real files) and, where a failure must be provoked, a
+named fake from :mod:`tests.fakes` wrapping a real strategy. After every test the data directory
+holds exactly the live ``data_files`` rows and the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.pool import NullPool
+
+from client import pb
+from server.app import App
+from server.config import Config
+from tests.crash_harness import unaccounted_files
+from tests.fakes import FailingStrategy, SlowStrategy, factory
+from tests.support import digits, make_config, running_app
+
+#: The server's own model and training defaults (uncle, mlp, default width, its 20 epochs of 32).
+DEFAULTS = {"model.strategy": "uncle", "model.width": 0, "training.epochs": 0, "training.batch_size": 0}
+
+
+def _config(tmp_path: Path, database_url: str, **overrides: object) -> Config:
+    return make_config(tmp_path / "data", database_url, **{**DEFAULTS, **overrides})
+
+
+def _jobs_total(app: object, kind: str, outcome: str) -> float:
+    value = app.registry.get_sample_value("lethe_jobs_total", {"kind": kind, "outcome": outcome})  # type: ignore[attr-defined]
+    return float(value or 0.0)
+
+
+def _wait_running(client: object, job_id: str, timeout: float = 120) -> pb.Job:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.job(job_id)  # type: ignore[attr-defined]
+        if job.state == pb.RUNNING and job.progress > 0:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not start running")
+
+
+def test_cancel_of_a_running_learn_restores_the_model_bit_for_bit(tmp_path: Path, database_url: str) -> None:
+    """At the server's defaults on digits: cancelled within 5 s, same version, same predictions."""
+    with running_app(_config(tmp_path, database_url)) as server:
+        c = server.client
+        x, y = digits([0, 1])
+        c.wait(c.learn("kept", x, y, epochs=2).id)
+        before = c.predict("kept", x[:64], probabilities=True)
+        version = c.model().version
+        xb, yb = digits([2, 3])
+        job = c.learn("endless", xb, yb, epochs=100_000)  # would run for hours
+        _wait_running(c, job.id)
+        started = time.monotonic()
+        cancelled = c.cancel(job.id)
+        elapsed = time.monotonic() - started
+        assert cancelled.state == pb.CANCELLED, cancelled
+        assert elapsed <= 5.0, f"cancel took {elapsed:.1f} s"
+        assert c.model().version == version
+        after = c.predict("kept", x[:64], probabilities=True)
+        assert after.outputs.tobytes() == before.outputs.tobytes()  # bit-identical
+        with pytest.raises(grpc.RpcError) as gone:
+            c.task("endless")
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND  # never reached the model: name free
+        actions = [e.action for e in c.audit_events(task="endless")]
+        assert actions.count("job.cancelled") == 1 and "data.purged" in actions
+        assert _jobs_total(server.app, "learn", "cancelled") == 1
+        assert unaccounted_files(tmp_path / "data", database_url) == {}
+        assert c.wait(c.learn("endless", xb, yb, epochs=1).id).state == pb.SUCCEEDED
+
+
+def test_cancel_of_a_running_unlearn_is_refused(tmp_path: Path, database_url: str) -> None:
+    release, started = threading.Event(), threading.Event()
+    config = make_config(tmp_path / "data", database_url)
+    slow = factory(App(config).build_strategy, lambda s: SlowStrategy(s, release, started))
+    with running_app(config, strategy_factory=slow) as server:
+        c = server.client
+        x, y = digits([0, 1])
+        release.set()
+        c.wait(c.learn("a", x, y).id)
+        release.clear()
+        unlearn = c.unlearn("a")
+        _wait_running(c, unlearn.id)
+        with pytest.raises(grpc.RpcError) as refused:
+            c.cancel(unlearn.id)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "once started, finishes" in refused.value.details()
+        release.set()
+        assert c.wait(unlearn.id).state == pb.SUCCEEDED
+        assert c.task("a").state == pb.UNLEARNED
+
+
+@pytest.mark.parametrize("fail_at", ["learn", "commit"])
+def test_a_failed_learn_leaves_nothing_in_the_model_or_on_disk(tmp_path: Path, database_url: str, fail_at: str) -> None:
+    """Whichever phase fails, the model is as before the job, and its name and data are gone."""
+    config = make_config(tmp_path / "data", database_url)
+    fired = threading.Event()
+    build = App(config).build_strategy
+    wrap = factory(build, lambda s: FailingStrategy(s, "broken", fail_at, fired))
+    with running_app(config, strategy_factory=wrap) as server:
+        c = server.client
+        x, y = digits([0, 1])
+        c.wait(c.learn("kept", x, y).id)
+        before = c.predict("kept", x[:64], probabilities=True)
+        version = c.model().version
+        job = c.wait(c.learn("broken", *digits([2, 3])).id)
+        assert job.state == pb.FAILED and "injected failure" in job.message
+        assert fired.is_set()
+        assert c.model().version == version
+        assert c.predict("kept", x[:64], probabilities=True).outputs.tobytes() == before.outputs.tobytes()
+        assert [t.name for t in c.tasks()] == ["kept"]
+        assert _jobs_total(server.app, "learn", "failed") == 1
+        assert unaccounted_files(tmp_path / "data", database_url) == {}
+        # The name is free and the same data learns now; an exact unlearn later is unaffected.
+        assert c.wait(c.learn("broken", *digits([2, 3])).id).state == pb.SUCCEEDED
+    with running_app(config) as restarted:  # the failed job's checkpoint never became the model
+        assert restarted.client.model().version == version + 1
+        assert (
+            restarted.client.predict("kept", x[:64], probabilities=True).outputs.tobytes() == before.outputs.tobytes()
+        )
+
+
+def test_instant_unlearn_and_queued_cancel_are_counted(tmp_path: Path, database_url: str) -> None:
+    """lethe_jobs_total agrees with the audit trail for every outcome."""
+    release = threading.Event()
+    config = make_config(tmp_path / "data", database_url)
+    build = App(config).build_strategy
+    with running_app(config, strategy_factory=factory(build, lambda s: SlowStrategy(s, release))) as server:
+        c = server.client
+        x, y = digits([0, 1])
+        blocking = c.learn("blocking", x, y)
+        _wait_running(c, blocking.id)
+        queued_a = c.learn("a", x, y)
+        queued_b = c.learn("b", x, y)
+        assert c.cancel(queued_a.id).state == pb.CANCELLED
+        assert c.unlearn("b").state == pb.SUCCEEDED  # its data never reached the model
+        assert c.job(queued_b.id).state == pb.CANCELLED
+        release.set()
+        c.wait(blocking.id)
+        assert _jobs_total(server.app, "learn", "cancelled") == 2
+        assert _jobs_total(server.app, "unlearn", "succeeded") == 1
+        assert _jobs_total(server.app, "learn", "succeeded") == 1
+        assert unaccounted_files(tmp_path / "data", database_url) == {}
+
+
+@pytest.mark.postgres
+def test_database_outage_during_a_running_learn_does_not_fail_it(tmp_path: Path, database_url: str) -> None:
+    """PostgreSQL goes away while a learn trains and comes back: the learn SUCCEEDS, nothing is lost."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("the outage is simulated on a PostgreSQL database")
+    url = make_url(database_url)
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    release, started = threading.Event(), threading.Event()
+    config = make_config(tmp_path / "data", database_url)
+    build = App(config).build_strategy
+    with running_app(config, strategy_factory=factory(build, lambda s: SlowStrategy(s, release, started))) as server:
+        c = server.client
+        x, y = digits([0, 1])
+        job = c.learn("during", x, y)
+        assert started.wait(60)
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{url.database}" ALLOW_CONNECTIONS false'))
+            conn.execute(
+                text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{url.database}'")
+            )
+        try:
+            time.sleep(3)  # progress flushes fail meanwhile
+            release.set()  # training ends while the database is away: the commit must wait, not fail
+            time.sleep(3)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'ALTER DATABASE "{url.database}" ALLOW_CONNECTIONS true'))
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                final = c.wait(job.id)
+                break
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert final.state == pb.SUCCEEDED, final.message
+        assert c.task("during").state == pb.LEARNED
+        assert np.asarray(c.predict("during", x[:8]).classes).shape == (8,)
+        assert server.app.worker is not None and server.app.worker.alive
+        assert unaccounted_files(tmp_path / "data", database_url) == {}
+    admin.dispose()
