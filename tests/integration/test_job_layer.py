@@ -56,7 +56,7 @@ def test_cancel_of_a_running_learn_restores_the_model_bit_for_bit(tmp_path: Path
         before = c.predict("kept", x[:64], probabilities=True)
         version = c.model().version
         xb, yb = digits([2, 3])
-        job = c.learn("endless", xb, yb, epochs=100_000)  # would run for hours
+        job = c.learn("endless", xb, yb, epochs=10_000)  # would run for hours
         _wait_running(c, job.id)
         started = time.monotonic()
         cancelled = c.cancel(job.id)
@@ -110,7 +110,7 @@ def test_a_failed_learn_leaves_nothing_in_the_model_or_on_disk(tmp_path: Path, d
         c.wait(c.learn("kept", x, y).id)
         before = c.predict("kept", x[:64], probabilities=True)
         version = c.model().version
-        job = c.wait(c.learn("broken", *digits([2, 3])).id)
+        job = c.wait(c.learn("broken", *digits([2, 3])).id, check=False)
         assert job.state == pb.FAILED and "injected failure" in job.message
         assert fired.is_set()
         assert c.model().version == version
@@ -120,11 +120,11 @@ def test_a_failed_learn_leaves_nothing_in_the_model_or_on_disk(tmp_path: Path, d
         assert unaccounted_files(tmp_path / "data", database_url) == {}
         # The name is free and the same data learns now; an exact unlearn later is unaffected.
         assert c.wait(c.learn("broken", *digits([2, 3])).id).state == pb.SUCCEEDED
-    with running_app(config) as restarted:  # the failed job's checkpoint never became the model
+        served = c.predict("kept", x[:64], probabilities=True).outputs.tobytes()
+    with running_app(config) as restarted:  # the model restarts as served: the failed job is nowhere
         assert restarted.client.model().version == version + 1
-        assert (
-            restarted.client.predict("kept", x[:64], probabilities=True).outputs.tobytes() == before.outputs.tobytes()
-        )
+        assert restarted.client.predict("kept", x[:64], probabilities=True).outputs.tobytes() == served
+        assert unaccounted_files(tmp_path / "data", database_url) == {}
 
 
 def test_instant_unlearn_and_queued_cancel_are_counted(tmp_path: Path, database_url: str) -> None:
