@@ -212,6 +212,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print_job(client.cancel(args.id))
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     with _client(args) as client:
         events = client.audit_events(task=args.task or "")
@@ -349,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("id", nargs="?")
     jobs.add_argument("--limit", type=int, default=100)
     jobs.set_defaults(func=cmd_jobs)
+    cancel = sub.add_parser("cancel", help="cancel a job and show it (an unlearn job needs the admin scope)")
+    cancel.add_argument("id")
+    cancel.set_defaults(func=cmd_cancel)
     audit = sub.add_parser("audit", help="show the audit trail; --verify checks its hash chain")
     audit.add_argument("--verify", action="store_true")
     audit.add_argument("--task")
@@ -358,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--principal", required=True)
     token.add_argument("--scopes", required=True, help="comma-separated: predict, learn, unlearn, admin")
     token.set_defaults(func=cmd_token)
-    for p in (learn, unlearn, predict, jobs, audit, sub.choices["tasks"], sub.choices["model"]):
+    for p in (learn, unlearn, predict, jobs, cancel, audit, sub.choices["tasks"], sub.choices["model"]):
         _add_client_options(p)
 
     from client.report import cmd_report  # matplotlib is imported only when a report is written

@@ -1,24 +1,26 @@
-"""Database fixtures: every database test runs on SQLite and, when configured, on PostgreSQL.
+"""Database fixtures: every database test runs on SQLite and on PostgreSQL.
 
-PostgreSQL tests need ``LETHE_TEST_DATABASE_URL``, an account allowed to create databases, e.g.
-``postgresql+psycopg://postgres@127.0.0.1:5432/test``; each test gets a fresh database, dropped after.
+The PostgreSQL variant uses ``LETHE_TEST_DATABASE_URL`` when it is set (and fails when that does
+not answer), otherwise a local PostgreSQL if one answers, otherwise it is skipped; see
+:mod:`tests.databases`. Each test gets a fresh database, dropped after.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import NullPool
 
-from server.storage import make_engine, make_session_factory, normalize_url, upgrade
+from server.storage import make_engine, make_session_factory, upgrade
+from tests.databases import describe_postgres, fresh_postgres_database, postgres_admin_url
 
-TEST_DATABASE_URL_ENV = "LETHE_TEST_DATABASE_URL"
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Says in the run's header which PostgreSQL the PostgreSQL variants use, or why they are skipped."""
+    return describe_postgres()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -27,13 +29,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'lethe.db'}"
         return
-    admin_url = os.environ.get(TEST_DATABASE_URL_ENV)
-    if not admin_url:
-        pytest.skip(
-            f"{TEST_DATABASE_URL_ENV} is not set; set it to run the PostgreSQL variant, "
-            "e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test"
-        )
-    yield from _fresh_postgres_database(admin_url)
+    yield from fresh_postgres_database(postgres_admin_url())
 
 
 @pytest.fixture
@@ -55,20 +51,3 @@ def db_engine(migrated_url: str) -> Iterator[Engine]:
 def session_factory(db_engine: Engine) -> sessionmaker[Session]:
     """The server's session factory on the migrated database."""
     return make_session_factory(db_engine)
-
-
-def _fresh_postgres_database(admin_url: str) -> Iterator[str]:
-    """Creates a uniquely named database, yields its URL, and drops it (closing leftover connections)."""
-    admin = normalize_url(admin_url)
-    name = f"lethe_test_{uuid.uuid4().hex[:16]}"
-    admin_engine = create_engine(admin, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        with admin_engine.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield admin.set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin_engine.connect() as connection:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin_engine.dispose()

@@ -5,7 +5,6 @@ and the kill -9 / restart harness used by ``tests/integration/test_crash.py``.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -24,7 +23,7 @@ from client import LetheClient, pb
 from client.audit import verify_chain
 from protos import lethe_pb2_grpc as pb_grpc
 from protos.tensors import to_tensor
-from tests.conftest import TEST_DATABASE_URL_ENV, _fresh_postgres_database
+from tests.databases import fresh_postgres_database, postgres_admin_url
 from tests.support import ServerProcess, digits
 
 TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
@@ -38,10 +37,7 @@ def module_database_url(backend: str, tmp: Path) -> Iterator[str]:
     if backend == "sqlite":
         yield f"sqlite:///{tmp / 'lethe.db'}"
         return
-    admin_url = os.environ.get(TEST_DATABASE_URL_ENV)
-    if not admin_url:
-        pytest.skip(f"{TEST_DATABASE_URL_ENV} is not set; the PostgreSQL variant needs it")
-    yield from _fresh_postgres_database(admin_url)
+    yield from fresh_postgres_database(postgres_admin_url())
 
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]

@@ -1,18 +1,21 @@
 """Strategy conformance suite: the properties every strategy must have (DESIGN.md section 8).
 
-Use it by subclassing :class:`StrategyConformance` in a ``test_*.py`` module, in a class whose name
-starts with ``Test``, and implementing :meth:`StrategyConformance.make_strategy`::
+Every strategy in the registry (``server.engine.registry.STRATEGIES``) must have at least one
+conformance class; ``test_conformance_coverage.py`` fails for a registered strategy that has none.
+A conformance class subclasses :class:`StrategyConformance` in a ``test_*.py`` module of
+``tests/engine``, is named ``Test...``, and says which registered strategy it tests; the strategy is
+then built through the registry, as the server builds it::
 
-    class TestFinetuneConformance(StrategyConformance):
-        def make_strategy(self, seed: int) -> Strategy:
-            return build_finetune(backbone="mlp", input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES,
-                                  device=torch.device("cpu"), seed=seed)
+    class TestFinetuneCNNConformance(StrategyConformance):
+        strategy_name = "finetune"
+        backbone = "cnn"
+        build_options = {"width": 8}
 
-The class attributes (options, tolerances) can be overridden per strategy. The data is real:
-sklearn's bundled digits scaled to [0, 1], shape ``[n, 1, 8, 8]``, split into two-class tasks with a
-held-out probe set each. Task-incremental strategies are asked with the task name, class-incremental
-ones with ``task=None``. Replaying strategies get their retained data back as ``replay``, as the
-server would pass it.
+The other class attributes (learn options, tolerances) can be overridden per strategy, each with
+its reason. The data is real: sklearn's bundled digits scaled to [0, 1], shape ``[n, 1, 8, 8]``,
+split into two-class tasks with a held-out probe set each. Task-incremental strategies are asked
+with the task name, class-incremental ones with ``task=None``. Replaying strategies get their
+retained data back as ``replay``, as the server would pass it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -40,6 +44,7 @@ from server.engine.protocol import (
     UnlearnedTaskError,
     no_progress,
 )
+from server.engine.registry import build_strategy
 
 INPUT_SHAPE: tuple[int, ...] = (1, 8, 8)
 NUM_CLASSES = 10
@@ -129,8 +134,14 @@ def serialized(state: Mapping[str, object]) -> dict[str, object]:
 
 
 class StrategyConformance:
-    """Tests every strategy must pass. Subclass it (as ``Test...``) and implement :meth:`make_strategy`."""
+    """Tests every strategy must pass. Subclass it (as ``Test...``) and set :attr:`strategy_name`."""
 
+    #: The registry name of the strategy under test (a key of ``server.engine.registry.STRATEGIES``).
+    strategy_name: ClassVar[str]
+    #: Backbone the strategy is built with.
+    backbone: ClassVar[str] = "mlp"
+    #: The strategy's own builder options (``build_strategy(..., options=...)``); empty = its defaults.
+    build_options: ClassVar[Mapping[str, Any]] = {}
     #: Training options for every learn (small, for speed).
     options = LearnOptions(epochs=5, batch_size=32, learning_rate=1e-3, seed=0)
     #: Seed of the strategies the suite builds.
@@ -149,8 +160,19 @@ class StrategyConformance:
     atomic_learn = True
 
     def make_strategy(self, seed: int) -> Strategy:
-        """Return a fresh strategy for ``INPUT_SHAPE`` and ``NUM_CLASSES`` seeded with ``seed``."""
-        raise NotImplementedError
+        """Return a fresh strategy for ``INPUT_SHAPE`` and ``NUM_CLASSES`` seeded with ``seed``.
+
+        Builds :attr:`strategy_name` through the registry, as the server does, on the CPU.
+        """
+        return build_strategy(
+            self.strategy_name,
+            backbone=self.backbone,
+            input_shape=INPUT_SHAPE,
+            num_classes=NUM_CLASSES,
+            device=torch.device("cpu"),
+            seed=seed,
+            options=self.build_options,
+        )
 
     def harness(self, seed: int | None = None) -> Harness:
         return Harness(self.make_strategy(self.seed if seed is None else seed), self.options)
@@ -160,7 +182,7 @@ class StrategyConformance:
     def test_satisfies_the_protocol(self) -> None:
         strategy = self.make_strategy(self.seed)
         assert isinstance(strategy, Strategy)
-        assert isinstance(strategy.name, str) and strategy.name
+        assert strategy.name == self.strategy_name, "a strategy reports the name it is registered under"
         for flag in (strategy.task_incremental, strategy.needs_replay, strategy.supports_temporary):
             assert isinstance(flag, bool)
         assert strategy.unlearn_methods and all(isinstance(m, str) and m for m in strategy.unlearn_methods)

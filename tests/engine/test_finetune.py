@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 
 from server.engine import build_finetune, build_strategy
 from server.engine.finetune import FinetuneStrategy
-from server.engine.protocol import LearnOptions, Strategy, TaskData, no_progress
+from server.engine.protocol import LearnOptions, TaskData, no_progress
 
 from .conformance import INPUT_SHAPE, NUM_CLASSES, TASK_A, TASK_B, StrategyConformance, digits_tasks
 
@@ -21,22 +23,20 @@ def _finetune(backbone: str = "mlp", seed: int = 0, **options: int) -> FinetuneS
 
 
 class TestFinetuneMLPConformance(StrategyConformance):
+    strategy_name = "finetune"
     # Deleting the head is finetune's whole unlearning: the trunk keeps the task's features, so the
     # allow_unlearned answer (a fresh seeded head on that trunk) can score anywhere from well below
     # to near 100% on a two-class task depending on the seed. Finetune promises refusal, not a drop.
     min_forget_drop = None
 
-    def make_strategy(self, seed: int) -> Strategy:
-        return _finetune("mlp", seed)
-
 
 class TestFinetuneCNNConformance(StrategyConformance):
     """The CNN has BatchNorm: checks eval mode in snapshots and train/eval separation."""
 
+    strategy_name = "finetune"
+    backbone = "cnn"
+    build_options: ClassVar[dict[str, int]] = {"width": 8}
     min_forget_drop = None  # see TestFinetuneMLPConformance
-
-    def make_strategy(self, seed: int) -> Strategy:
-        return _finetune("cnn", seed, width=8)
 
 
 OPTIONS = LearnOptions(epochs=3, batch_size=32, learning_rate=1e-3)

@@ -9,31 +9,24 @@ spill bound stays); ``max_retained_logit_change`` is therefore not checked.
 
 from __future__ import annotations
 
-import torch
+from typing import ClassVar
 
-from server.engine.lure import build_lure
-from server.engine.protocol import LearnOptions, Strategy
+from server.engine.protocol import LearnOptions
 
-from .conformance import INPUT_SHAPE, NUM_CLASSES, StrategyConformance
-
-CPU = torch.device("cpu")
+from .conformance import StrategyConformance
 
 
 class TestLureMLPConformance(StrategyConformance):
+    strategy_name = "lure"
     options = LearnOptions(epochs=5, batch_size=32, learning_rate=0.05, seed=0)
     max_retained_logit_change = None  # exact unlearning retrains the shared network (see module docstring)
-
-    def make_strategy(self, seed: int) -> Strategy:
-        return build_lure(backbone="mlp", input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES, device=CPU, seed=seed)
 
 
 class TestLureCNNConformance(StrategyConformance):
     """The CNN has BatchNorm: eval-mode snapshots, buffers restored after importance scoring."""
 
+    strategy_name = "lure"
+    backbone = "cnn"
+    build_options: ClassVar[dict[str, int]] = {"width": 8}
     options = LearnOptions(epochs=6, batch_size=32, learning_rate=0.05, seed=0)
     max_retained_logit_change = None
-
-    def make_strategy(self, seed: int) -> Strategy:
-        return build_lure(
-            backbone="cnn", width=8, input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES, device=CPU, seed=seed
-        )

@@ -7,29 +7,20 @@ logits move slightly; ``max_retained_logit_change`` is not checked, the spill bo
 
 from __future__ import annotations
 
-import torch
+from typing import ClassVar
 
-from server.engine.protocol import Strategy
-from server.engine.uncle import build_uncle
-
-from .conformance import INPUT_SHAPE, NUM_CLASSES, StrategyConformance
-
-CPU = torch.device("cpu")
+from .conformance import StrategyConformance
 
 
 class TestUncleMLPConformance(StrategyConformance):
+    strategy_name = "uncle"
     max_retained_logit_change = None  # see the module docstring
-
-    def make_strategy(self, seed: int) -> Strategy:
-        return build_uncle(backbone="mlp", input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES, device=CPU, seed=seed)
 
 
 class TestUncleCNNConformance(StrategyConformance):
     """The CNN has BatchNorm: per-task statistics, eval-mode snapshots."""
 
+    strategy_name = "uncle"
+    backbone = "cnn"
+    build_options: ClassVar[dict[str, int]] = {"width": 8}
     max_retained_logit_change = None
-
-    def make_strategy(self, seed: int) -> Strategy:
-        return build_uncle(
-            backbone="cnn", width=8, input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES, device=CPU, seed=seed
-        )

@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import grpc
 import pytest
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 from client import LetheClient, pb
+from server.storage import normalize_url
+from tests.databases import postgres_admin_url
 from tests.support import digits, make_config, running_app
 
 
-def _admin(url: str):  # type: ignore[no-untyped-def]
-    admin = os.environ["LETHE_TEST_DATABASE_URL"]
+def _admin(url: str) -> tuple[Engine, str | None]:
+    """An AUTOCOMMIT engine on the tests' PostgreSQL account, and the name of ``url``'s database."""
+    admin = normalize_url(postgres_admin_url())
     return create_engine(admin, isolation_level="AUTOCOMMIT", poolclass=NullPool), make_url(url).database
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # the outage is simulated on PostgreSQL
 def test_postgres_outage_gives_unavailable_then_recovers(tmp_path: Path, database_url: str) -> None:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("the outage is simulated on a PostgreSQL database")
     engine, name = _admin(database_url)
     config = make_config(tmp_path / "data", database_url, **{"training.epochs": 2})
     with running_app(config) as server:

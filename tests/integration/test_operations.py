@@ -83,6 +83,28 @@ def test_cli_tour(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert lethe(["learn", "x", "--dataset", "/nonexistent.npz", *at]) == 2
 
 
+def test_cli_cancel_prints_the_cancelled_job_and_fails_with_the_servers_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with running_app(make_config(tmp_path / "data", f"sqlite:///{tmp_path / 'db.sqlite'}")) as server:
+        at, client = ["--server", server.target], server.client
+        busy = client.learn("busy", *digits(list(range(10))), epochs=200)  # holds the worker
+        waiting = client.learn("waiting", *digits([2, 3]))
+        assert lethe(["cancel", waiting.id, *at]) == 0
+        out = capsys.readouterr().out
+        assert re.fullmatch(rf"{waiting.id}\s+learn\s+waiting\s+cancelled\s+v0\s+.*", out.strip()), out
+        assert client.job(waiting.id).state == pb.CANCELLED
+        assert [job.state for job in client.jobs()] in ([pb.QUEUED, pb.CANCELLED], [pb.RUNNING, pb.CANCELLED])
+
+        assert lethe(["cancel", waiting.id, *at]) == 1  # the server's refusal, as the other commands print it
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.startswith(f"lethe: FAILED_PRECONDITION: job {waiting.id} is cancelled"), captured.err
+        assert lethe(["cancel", "0" * 32, *at]) == 1
+        assert "NOT_FOUND" in capsys.readouterr().err
+        assert client.job(busy.id).state in (pb.QUEUED, pb.RUNNING)  # untouched; interrupted by the stop
+
+
 def test_token_create_prints_a_usable_config_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert lethe(["token", "create", "--principal", "alice", "--scopes", "learn,predict"]) == 0
     out = capsys.readouterr().out
