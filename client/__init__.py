@@ -245,7 +245,7 @@ class LetheClient:
         return job
 
     def cancel(self, job_id: str) -> pb.Job:
-        """Cancel a queued job."""
+        """Cancel a queued job, or a running learn (returns once it has stopped, the model as before it)."""
         return self.stub.CancelJob(pb.GetJobRequest(id=job_id), metadata=self.metadata, timeout=self.timeout)
 
     def jobs(
