@@ -355,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("id", nargs="?")
     jobs.add_argument("--limit", type=int, default=100)
     jobs.set_defaults(func=cmd_jobs)
-    cancel = sub.add_parser("cancel", help="cancel a queued job or a running learn and show it (an unlearn job needs the admin scope)")
+    cancel = sub.add_parser(
+        "cancel", help="cancel a queued job or a running learn and show it (an unlearn needs the admin scope)"
+    )
     cancel.add_argument("id")
     cancel.set_defaults(func=cmd_cancel)
     audit = sub.add_parser("audit", help="show the audit trail; --verify checks its hash chain")

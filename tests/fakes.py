@@ -11,8 +11,11 @@ from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
+from sqlalchemy.orm import Session
 
 from server.engine.protocol import LearnOptions, Predictor, Progress, Report, Strategy, TaskData
+from server.jobs.lifecycle import Lifecycle
+from server.storage import Job
 
 
 class _Wrapper:
@@ -97,3 +100,10 @@ def factory(make: Callable[[], Strategy], wrap: Callable[[Strategy], _Wrapper]) 
 def predictions(predictor: Predictor, task: str | None, inputs: torch.Tensor) -> torch.Tensor:
     """Logits of ``inputs`` (for bit-identity checks)."""
     return predictor.predict(task, inputs)
+
+
+class UnrecordableFailures(Lifecycle):
+    """A lifecycle whose ``fail`` raises a non-database error: the end of a failed job cannot be recorded."""
+
+    def fail(self, session: Session, job: Job, message: str) -> list[str]:
+        raise RuntimeError("injected: the job's failure cannot be recorded")

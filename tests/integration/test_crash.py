@@ -71,7 +71,8 @@ def _random_phase(harness: CrashHarness, trial: int, prefix: str) -> None:
     """Queue learns, an unlearn and a slow upload; kill at a point chosen at random by ``trial``; restart.
 
     The point: a random job while it runs past a random progress, the moment a random job has
-    finished (its files are being purged, its snapshot published), or a random delay.
+    finished (its files are being purged, its snapshot published), a random delay, or just after a
+    cancel of a running learn was requested (the kill lands before, during or after the cancel).
     """
     rng = random.Random(trial)
     client = harness.api
@@ -99,8 +100,19 @@ def _random_phase(harness: CrashHarness, trial: int, prefix: str) -> None:
 
     uploader = threading.Thread(target=slow_upload)
     uploader.start()
-    target, point = rng.choice(jobs), rng.choice(["running", "running", "finished", "delay"])
-    if point == "running":
+    target, point = rng.choice(jobs), rng.choice(["running", "running", "finished", "delay", "cancel"])
+    if point == "cancel":
+        target = rng.choice([jobs[0], jobs[1], jobs[3]])  # the learns
+        harness.wait_state(target.id, (pb.RUNNING, pb.SUCCEEDED), min_progress=rng.uniform(0, 0.5), interval=0.002)
+
+        def cancel() -> None:
+            with contextlib.suppress(grpc.RpcError):  # killed meanwhile, or already finished
+                client.cancel(target.id)
+
+        canceller = threading.Thread(target=cancel)
+        canceller.start()
+        time.sleep(rng.uniform(0, 0.3))
+    elif point == "running":
         harness.wait_state(target.id, (pb.RUNNING, pb.SUCCEEDED), min_progress=rng.uniform(0, 0.9), interval=0.002)
     elif point == "finished":
         harness.wait_state(target.id, (pb.SUCCEEDED,), interval=0.002)
@@ -108,6 +120,8 @@ def _random_phase(harness: CrashHarness, trial: int, prefix: str) -> None:
         time.sleep(rng.uniform(0, 2))
     harness.kill()
     uploader.join(60)
+    if point == "cancel":
+        canceller.join(60)
 
     client = harness.start()
     # A client retries an unanswered Learn with its idempotency key: the job exists once either way.

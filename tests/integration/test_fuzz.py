@@ -31,7 +31,7 @@ from client import pb
 from client.audit import verify_chain
 from protos import lethe_pb2_grpc as pb_grpc
 from protos.tensors import to_tensor
-from tests.crash_harness import BACKENDS, health_status, module_database_url, wait_for
+from tests.crash_harness import BACKENDS, health_status, module_database_url, unaccounted_files, wait_for
 from tests.support import Running, digits, make_config, running_app
 
 #: Examples per backend; with a few RPCs each, the module stays well under a minute.
@@ -47,6 +47,7 @@ class FuzzEnv:
     running: Running
     stub: pb_grpc.LetheStub
     data_dir: Path
+    database_url: str
     job_ids: list[str] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=dict)
 
@@ -61,7 +62,7 @@ def fuzz_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         with running_app(make_config(tmp / "data", url, **overrides)) as running:
             running.client.wait(running.client.learn("seed", X[:100], Y[:100]).id)
             with grpc.insecure_channel(running.target) as channel:
-                env = FuzzEnv(running, pb_grpc.LetheStub(channel), tmp / "data")
+                env = FuzzEnv(running, pb_grpc.LetheStub(channel), tmp / "data", url)
                 env.calls["backend"] = EXAMPLES[request.param]
                 yield env
     finally:
@@ -346,6 +347,8 @@ def test_server_is_healthy_after_fuzzing(fuzz_env: FuzzEnv) -> None:
     assert set(prediction.classes) <= {0, 1, 2, 3}
     assert verify_chain(client.audit_events()) is None
     assert not list((fuzz_env.data_dir / "spool").glob("*.partial"))
+    # Every byte on disk is accounted for: the files are exactly the live rows and the newest checkpoint.
+    assert unaccounted_files(fuzz_env.data_dir, fuzz_env.database_url) == {}
 
 
 @pytest.mark.parametrize("how", ["cancel", "unlearn"])
@@ -388,6 +391,7 @@ def test_cancel_and_unlearn_racing_the_worker_are_consistent(
                 if e.job_id == job_id and e.action in ("learn.succeeded", "learn.failed", "job.cancelled")
             ]
             assert len(endings) == 1, f"job {job_id} ended {endings}"
+        assert unaccounted_files(tmp_path / "data", database_url) == {}
 
 
 def test_an_accepted_unlearn_is_never_undone_by_a_finishing_job(

@@ -20,8 +20,8 @@ from sqlalchemy.pool import NullPool
 from client import pb
 from server.app import App
 from server.config import Config
-from tests.crash_harness import unaccounted_files
-from tests.fakes import FailingStrategy, SlowStrategy, factory
+from tests.crash_harness import health_status, unaccounted_files, wait_for
+from tests.fakes import FailingStrategy, SlowStrategy, UnrecordableFailures, factory
 from tests.support import digits, make_config, running_app
 
 #: The server's own model and training defaults (uncle, mlp, default width, its 20 epochs of 32).
@@ -192,3 +192,29 @@ def test_database_outage_during_a_running_learn_does_not_fail_it(tmp_path: Path,
         assert server.app.worker is not None and server.app.worker.alive
         assert unaccounted_files(tmp_path / "data", database_url) == {}
     admin.dispose()
+
+
+def test_worker_stops_loudly_when_the_end_of_a_job_cannot_be_recorded(tmp_path: Path, database_url: str) -> None:
+    """Not running on with a job stuck RUNNING: the worker stops, readiness and lethe_worker_up drop,
+    and the next start runs the job again, once."""
+    config = make_config(tmp_path / "data", database_url)
+    fired = threading.Event()
+    wrap = factory(App(config).build_strategy, lambda s: FailingStrategy(s, "broken", "learn", fired))
+    with running_app(config, strategy_factory=wrap) as server:
+        c, worker = server.client, server.app.worker
+        assert worker is not None
+        c.wait(c.learn("kept", *digits([0, 1])).id)
+        version = c.model().version
+        worker.ctx.lifecycle = UnrecordableFailures()
+        job = c.learn("broken", *digits([2, 3]))
+        wait_for(lambda: not worker.alive, 60, "the worker to stop")
+        assert c.job(job.id).state == pb.RUNNING
+        assert health_status(server.target) == 2  # NOT_SERVING
+        assert health_status(server.target, "") == 1  # alive: an operator can still read everything
+        assert server.app.registry.get_sample_value("lethe_worker_up") == 0
+        assert server.app.registry.get_sample_value("lethe_ready") == 0
+    with running_app(config, strategy_factory=wrap) as restarted:
+        done = restarted.client.wait(job.id)
+        assert done.state == pb.SUCCEEDED and done.model_version == version + 1
+        assert restarted.client.model().version == version + 1
+        assert unaccounted_files(tmp_path / "data", database_url) == {}
