@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, cast
 
 import torch
 from sqlalchemy.orm import Session
 
+from server.checkpoints import CheckpointStore
+from server.data import FileRecord
 from server.engine.protocol import LearnOptions, Predictor, Progress, Report, Strategy, TaskData
 from server.jobs.lifecycle import Lifecycle
 from server.storage import Job
@@ -107,3 +110,10 @@ class UnrecordableFailures(Lifecycle):
 
     def fail(self, session: Session, job: Job, message: str) -> list[str]:
         raise RuntimeError("injected: the job's failure cannot be recorded")
+
+
+class UnprunableCheckpoints(CheckpointStore):
+    """A checkpoint store whose ``prune`` fails (an error after a job has committed)."""
+
+    def prune(self, keep: Path) -> list[FileRecord]:
+        raise OSError("injected: cannot delete old checkpoints")

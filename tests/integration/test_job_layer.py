@@ -21,7 +21,7 @@ from client import pb
 from server.app import App
 from server.config import Config
 from tests.crash_harness import health_status, unaccounted_files, wait_for
-from tests.fakes import FailingStrategy, SlowStrategy, UnrecordableFailures, factory
+from tests.fakes import FailingStrategy, SlowStrategy, UnprunableCheckpoints, UnrecordableFailures, factory
 from tests.support import digits, make_config, running_app
 
 #: The server's own model and training defaults (uncle, mlp, default width, its 20 epochs of 32).
@@ -217,4 +217,24 @@ def test_worker_stops_loudly_when_the_end_of_a_job_cannot_be_recorded(tmp_path: 
         done = restarted.client.wait(job.id)
         assert done.state == pb.SUCCEEDED and done.model_version == version + 1
         assert restarted.client.model().version == version + 1
+        assert unaccounted_files(tmp_path / "data", database_url) == {}
+
+
+def test_an_error_after_the_commit_never_turns_success_into_failure(tmp_path: Path, database_url: str) -> None:
+    """Pruning old checkpoints fails after each commit: every job still SUCCEEDS, ends once, and the
+    next start prunes what was left."""
+    config = make_config(tmp_path / "data", database_url)
+    with running_app(config) as server:
+        c, worker = server.client, server.app.worker
+        assert worker is not None
+        worker.ctx.checkpoints = UnprunableCheckpoints(tmp_path / "data")
+        first = c.wait(c.learn("a", *digits([0, 1])).id)
+        second = c.wait(c.learn("b", *digits([2, 3])).id)
+        assert (first.state, second.state) == (pb.SUCCEEDED, pb.SUCCEEDED)
+        assert worker.alive
+        endings = [e.action for e in c.audit_events() if e.job_id == second.id and "." in e.action]
+        assert endings.count("learn.succeeded") == 1 and "learn.failed" not in endings
+        assert _jobs_total(server.app, "learn", "succeeded") == 2 and _jobs_total(server.app, "learn", "failed") == 0
+        assert len(list((tmp_path / "data" / "checkpoints").iterdir())) == 2
+    with running_app(config):
         assert unaccounted_files(tmp_path / "data", database_url) == {}
