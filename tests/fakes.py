@@ -95,6 +95,18 @@ class FailingStrategy(_Wrapper):
         return self.inner.predictor()
 
 
+class GrowingStrategy(_Wrapper):
+    """A real strategy whose model has :data:`GROWTH` more parameters once it has learned anything, like
+    a strategy that adds capacity per task (what GetModel reports must follow it)."""
+
+    #: Parameters added by the first learn.
+    GROWTH = 1000
+
+    def parameter_count(self) -> int:
+        # Derived from the version (in every checkpoint), so a restored or restarted model agrees.
+        return int(self.inner.parameter_count()) + (self.GROWTH if self.inner.version > 0 else 0)
+
+
 def factory(make: Callable[[], Strategy], wrap: Callable[[Strategy], _Wrapper]) -> Callable[[], Strategy]:
     """A strategy factory that wraps every model ``make`` builds (the worker rebuilds it on restore)."""
     return lambda: cast(Strategy, wrap(make()))
