@@ -99,9 +99,8 @@ class Telemetry:
         """Whether ``task`` may have a series in ``gauge`` (registers it while under the cap)."""
         with self._lock:
             series = self._task_series.setdefault(gauge._name, set())
-            if task in series:
-                return True
-            if len(set().union(*self._task_series.values())) >= self.max_task_series:
+            holders = set().union(*self._task_series.values())  # the cap counts tasks, not series
+            if task not in holders and len(holders) >= self.max_task_series:
                 return False
             series.add(task)
             return True

@@ -70,6 +70,7 @@ class LearnOptions:
             batch_size=self.batch_size or defaults.batch_size,
             learning_rate=self.learning_rate or defaults.learning_rate,
             holdout_fraction=self.holdout_fraction or defaults.holdout_fraction,
+            seed=self.seed or defaults.seed,
         )
 
     def as_dict(self) -> dict[str, Any]:

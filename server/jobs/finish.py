@@ -137,7 +137,8 @@ def _relapse(ctx: JobContext, session: Session, job: Job, evaluated: Evaluated) 
         if t.name in accuracies and t.unlearned_accuracy is not None:
             t.relapse = m.relapse(t.unlearned_accuracy, accuracies[t.name])
             t.accuracy = accuracies[t.name]
-        if t.relapse is not None:
+            # Exported while measured; once the probe set is purged the value is frozen in SQL and
+            # its series released, so forgotten tasks do not hold per-task series slots forever.
             relapses[t.name] = t.relapse
         if t.ops_since_unlearn >= ctx.settings.forget_probe_ops and t.name in probe_files:
             doomed.append(probe_files[t.name])

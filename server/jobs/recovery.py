@@ -87,4 +87,7 @@ def load_serving_state(ctx: JobContext) -> None:
     ctx.serving.publish(ctx.strategy.predictor())
     ctx.telemetry.model_version.set(ctx.strategy.version)
     ctx.telemetry.retained_bytes.set(retained)
-    ctx.telemetry.record_relapse({t.name: t.relapse for t in tasks if t.relapse is not None})
+    measured = ctx.settings.forget_probe_ops
+    ctx.telemetry.record_relapse(
+        {t.name: t.relapse for t in tasks if t.relapse is not None and t.ops_since_unlearn < measured}
+    )

@@ -91,11 +91,6 @@ def test_learn_options_round_trip_through_the_job_row(session_factory: sessionma
     assert LearnOptions.from_dict(stored) == options
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/rpc/servicer.py _submission builds LearnOptions with seed 0 and LearnOptions.resolved "
-    "(server/engine/protocol.py) never takes the seed from the defaults, so model.seed never reaches a job",
-)
 def test_the_configured_seed_is_the_seed_of_every_job(tmp_path: Path) -> None:
     """A Learn header has no seed: a job's seed is ``model.seed`` (as App.learn_defaults says, and as the
     worker used before the options path was rebuilt)."""

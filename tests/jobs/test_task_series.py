@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.storage import DataFileKind, DataFileRepository, TaskRepository
@@ -41,11 +40,6 @@ def test_the_accuracy_series_of_a_purged_probe_set_goes_at_the_next_evaluation(
     assert all(_series(h, ACCURACY, t) is not None for t in ("b", "c", "d"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/jobs/finish.py _relapse reports the frozen relapse of every unlearned task after every job, "
-    "so forgotten tasks keep lethe_task_relapse_ratio series and their max_task_series slots forever",
-)
 def test_a_forgotten_task_no_longer_measured_gives_its_slot_to_a_new_task(
     session_factory: sessionmaker[Session], tmp_path: Path
 ) -> None:
