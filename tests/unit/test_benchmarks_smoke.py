@@ -114,3 +114,36 @@ def test_scale_reports_goals_and_a_bounded_cache(quick_run: tuple[dict[str, Any]
     cache = next(rows for heading, rows in tables.items() if heading.startswith("Cache of generated networks"))
     small_budget = cache[-1]  # the largest count with the small budget: the cache evicted
     assert float(small_budget[1]) < 1 and int(small_budget[4].replace(",", "")) > 0
+
+
+def test_submit_latency_reports_idle_and_unlearn_windows(quick_run: tuple[dict[str, Any], str]) -> None:
+    report, _doc = quick_run
+    submit = {r["name"]: r for r in report["results"]}["submit"]
+    cases = [c["case"] for c in submit["comparisons"]]
+    assert any("p99" in case and "RUNNING window" in case for case in cases)
+    tables = {heading: rows for heading, _header, rows in submit["tables"]}
+    (goal,) = tables["Goals"]
+    assert "idle p99" in goal[0] and goal[2] == "≤ 2"
+    latency = next(rows for heading, rows in tables.items() if heading.startswith("Learn submission latency"))
+    idle, running, strategy, evaluation = latency
+    assert idle[0].startswith("idle") and int(idle[1]) >= 1 and float(idle[2].replace(",", "")) > 0
+    assert int(running[1]) == int(strategy[1]) + int(evaluation[1]) >= 1
+    (unlearn,) = tables["Each unlearn"]
+    running_s, strategy_s, evaluation_s = (float(cell) for cell in unlearn[2:5])
+    assert running_s > 0 and evaluation_s >= 0 and abs(strategy_s + evaluation_s - running_s) < 0.02
+
+
+def test_submit_latency_windows_follow_the_polls() -> None:
+    from benchmarks.bench_submit_latency import Poll, Submission, windows
+    from protos import lethe_pb2 as pb
+
+    def poll(at: float, state: int, progress: float) -> Poll:
+        return Poll(at, at + 0.01, state, progress, "")
+
+    polls = [poll(1, pb.RUNNING, 0.0), poll(2, pb.RUNNING, 0.5), poll(3, pb.RUNNING, 1.0), poll(4, pb.RUNNING, 1.0)]
+    running, evaluation = windows(0.5, [*polls, poll(5, pb.SUCCEEDED, 1.0)])
+    assert running == (0.5, 5.01) and evaluation == (2.01, 5.01)  # from the reply before the final value
+    assert windows(0.5, [poll(1, pb.RUNNING, 1.0), poll(5, pb.SUCCEEDED, 1.0)])[1] == (0.5, 5.01)
+    with pytest.raises(ValueError, match="never saw"):
+        windows(0.5, polls)
+    assert Submission(1.9, 0.2).overlaps(evaluation) and not Submission(1.0, 0.5).overlaps(evaluation)
