@@ -125,7 +125,13 @@ class JobService:
         if not idempotency_key:
             return None
         with self.sessions() as session:
-            job = JobRepository(session).by_idempotency_key(idempotency_key)
+            return self._matching(session, idempotency_key, kind, task)
+
+    @staticmethod
+    def _matching(session: Session, idempotency_key: str, kind: JobKind, task: str) -> Job | None:
+        if not idempotency_key:
+            return None
+        job = JobRepository(session).by_idempotency_key(idempotency_key)
         if job is not None and (job.kind != kind or job.task != task):
             raise FailedPreconditionError(
                 f"idempotency_key {idempotency_key!r} was already used for a {job.kind.value} of task "
@@ -133,11 +139,19 @@ class JobService:
             )
         return job
 
-    def check_learn(self, submission: LearnSubmission) -> None:
-        """Fail fast, before the stream is read, when the Learn cannot be accepted."""
+    def check_learn(self, submission: LearnSubmission) -> Job | None:
+        """Fail fast, before the stream is read, when the Learn cannot be accepted.
+
+        Returns:
+            The job of an earlier request with the same idempotency key (answer with it, read
+            nothing more), or None: go on.
+        """
         self._writable()
         with self.sessions() as session:
-            self._check_learn(session, submission.task)
+            existing = self._matching(session, submission.idempotency_key, JobKind.LEARN, submission.task)
+            if existing is None:
+                self._check_learn(session, submission.task)
+            return existing
 
     def _check_learn(self, session: Session, task_name: str) -> None:
         tasks, jobs = TaskRepository(session), JobRepository(session)
@@ -171,6 +185,11 @@ class JobService:
         try:
             self._writable()
             with self.transaction() as session:
+                # A retry racing its first attempt: the key decides, before the task name does.
+                existing = self._matching(session, submission.idempotency_key, JobKind.LEARN, submission.task)
+                if existing is not None:
+                    purge(self.data_dir, spool.path)
+                    return existing
                 self._check_learn(session, submission.task)
                 self.lifecycle.new_task(session, submission.task, samples, classes)
                 job = Job(
@@ -243,6 +262,10 @@ class JobService:
             with self.transaction() as session:
                 tasks, jobs = TaskRepository(session), JobRepository(session)
                 task = tasks.get_for_update(submission.task)
+                # A retry racing its first attempt (which holds the task row until it commits).
+                existing = self._matching(session, submission.idempotency_key, JobKind.UNLEARN, submission.task)
+                if existing is not None:
+                    return existing
                 if task is None:
                     raise NotFoundError(f"task {submission.task!r} does not exist")
                 if task.state == TaskState.UNLEARNED:

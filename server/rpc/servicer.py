@@ -127,10 +127,9 @@ class LetheServicer(pb_grpc.LetheServicer):
         if first.WhichOneof("payload") != "header":
             raise InvalidArgumentError("header", "the first message must carry the header, not a chunk")
         submission = self._submission(first.header)
-        existing = self.jobs.existing_job(submission.idempotency_key, JobKind.LEARN, submission.task)
+        existing = self.jobs.check_learn(submission)
         if existing is not None:
             return job_message(existing)
-        self.jobs.check_learn(submission)
         wire_bytes = 0
         with LearnStream(self.jobs, submission) as stream:
             for index, message in enumerate(requests, start=1):

@@ -7,7 +7,7 @@ transaction, so one job transition, its evaluation rows and its audit events com
     check_schema(engine)
     sessions = make_session_factory(engine)
     with sessions.begin() as session:
-        job, created = JobRepository(session).add_idempotent(Job(kind=JobKind.LEARN, task="digits-0"))
+        job = JobRepository(session).add(Job(kind=JobKind.LEARN, task="digits-0", state=JobState.QUEUED))
         AuditLog().append(session, principal="alice", action="learn.queued", task=job.task, job_id=job.id)
 
 Imports only SQLAlchemy, Alembic and the standard library.

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from datetime import datetime
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from server.storage.column_types import utc_now
@@ -48,7 +47,7 @@ class JobRepository:
 
         Raises:
             sqlalchemy.exc.IntegrityError: If the idempotency key or id is taken. On PostgreSQL
-                the transaction is then aborted; see :meth:`add_idempotent` for a safe variant.
+                the transaction is then aborted (the job service answers with the winner's job).
         """
         if not job.id:
             job.id = uuid.uuid4().hex
@@ -57,31 +56,6 @@ class JobRepository:
         self.session.add(job)
         self.session.flush()
         return job
-
-    def add_idempotent(self, job: Job) -> tuple[Job, bool]:
-        """Inserts ``job`` unless a job with its idempotency key exists; safe under concurrent callers.
-
-        The insert runs in a savepoint, so losing a race to a concurrent transaction with the same
-        key leaves the caller's transaction usable and returns the winner's job.
-
-        Returns:
-            ``(job, True)`` if inserted, ``(existing_job, False)`` if the key was taken.
-        """
-        key = job.idempotency_key
-        if key is None:
-            return self.add(job), True
-        existing = self.by_idempotency_key(key)
-        if existing is not None:
-            return existing, False
-        try:
-            with self.session.begin_nested():
-                self.add(job)
-        except IntegrityError:
-            existing = self.by_idempotency_key(key)
-            if existing is None:
-                raise
-            return existing, False
-        return job, True
 
     def list(
         self,

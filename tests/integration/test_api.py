@@ -93,10 +93,12 @@ def test_watch_streams_until_terminal(server) -> None:  # type: ignore[no-untype
     x, y = digits([4, 5])
     job = server.client.learn("four-five", x, y, epochs=20)
     updates = list(server.client.watch(job.id))
-    assert updates[-1].state == pb.SUCCEEDED
-    assert updates[0].state in (pb.QUEUED, pb.RUNNING)
-    progress = [u.progress for u in updates]
-    assert progress == sorted(progress) or updates[-1].progress == 1.0
+    states = [u.state for u in updates]
+    assert states[-1] == pb.SUCCEEDED and states.count(pb.SUCCEEDED) == 1
+    assert states == sorted(states, key=[pb.QUEUED, pb.RUNNING, pb.SUCCEEDED].index)  # never backwards
+    running = [u.progress for u in updates if u.state == pb.RUNNING]
+    assert len(running) >= 2 and running == sorted(running)  # progress is streamed, and only grows
+    assert updates[-1].progress == 1.0
 
 
 def test_idempotent_retries_create_one_job(server) -> None:  # type: ignore[no-untyped-def]

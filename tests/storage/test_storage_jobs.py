@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import threading
 
 import pytest
 from sqlalchemy.exc import IntegrityError
@@ -115,44 +114,3 @@ def test_idempotency_key_is_unique_in_the_database(session_factory: sessionmaker
         found = JobRepository(session).by_idempotency_key("key-1")
         assert found is not None and found.task == "a"
         assert JobRepository(session).by_idempotency_key("key-2") is None
-
-
-def test_add_idempotent_returns_the_existing_job(session_factory: sessionmaker[Session]) -> None:
-    with session_factory.begin() as session:
-        first, created = JobRepository(session).add_idempotent(Job(kind=JobKind.LEARN, task="a", idempotency_key="k"))
-        assert created
-    with session_factory.begin() as session:
-        again, created = JobRepository(session).add_idempotent(Job(kind=JobKind.LEARN, task="a", idempotency_key="k"))
-        assert not created
-        assert again.id == first.id
-
-
-def test_add_idempotent_under_concurrent_requests_creates_one_job(session_factory: sessionmaker[Session]) -> None:
-    barrier = threading.Barrier(8)
-    results: list[tuple[str, bool]] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-
-    def request() -> None:
-        try:
-            barrier.wait()
-            with session_factory.begin() as session:
-                job, created = JobRepository(session).add_idempotent(
-                    Job(kind=JobKind.LEARN, task="a", idempotency_key="same")
-                )
-                job_id = job.id
-            with lock:
-                results.append((job_id, created))
-        except BaseException as error:  # collected and re-raised in the test thread
-            errors.append(error)
-
-    threads = [threading.Thread(target=request) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
-    assert len({job_id for job_id, _ in results}) == 1
-    assert sum(created for _, created in results) == 1
-    with session_factory() as session:
-        assert len(JobRepository(session).list()) == 1
