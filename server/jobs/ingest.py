@@ -9,6 +9,7 @@ crash left without a row).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from types import TracebackType
 
 import numpy as np
@@ -40,14 +41,19 @@ class LearnStream:
         self._spool.append(inputs, labels, sample_ids)
         self.classes.update(int(c) for c in np.unique(labels))
 
-    def submit(self, principal: str, *, ended_early: bool) -> Job:
+    def submit(self, principal: str, *, ended_early: Callable[[], bool]) -> Job:
         """Make the spool durable and queue its job; discard it if the client gave up meanwhile.
+
+        Args:
+            principal: who sent the stream.
+            ended_early: whether the client cancelled the call; asked after the fsync, which gives a
+                cancellation racing the stream's end the time to arrive.
 
         Raises:
             UnavailableError: the client cancelled the stream before it ended.
         """
         record = self._spool.commit()
-        if ended_early:
+        if ended_early():
             purge(self.jobs.data_dir, record.path)
             raise UnavailableError("the Learn stream was cancelled before it ended; nothing was recorded")
         return self.jobs.submit_learn(

@@ -149,14 +149,17 @@ class JobService:
         self._writable()
         with self.sessions() as session:
             existing = self._matching(session, submission.idempotency_key, JobKind.LEARN, submission.task)
-            if existing is None:
-                self._check_learn(session, submission.task)
-            return existing
+            return existing or self._check_learn(session, submission)
 
-    def _check_learn(self, session: Session, task_name: str) -> None:
-        tasks, jobs = TaskRepository(session), JobRepository(session)
+    def _check_learn(self, session: Session, submission: LearnSubmission) -> Job | None:
+        """None when the Learn may go on; the first attempt's job when this is its retry."""
+        tasks, jobs, task_name = TaskRepository(session), JobRepository(session), submission.task
         task = tasks.get(task_name)
         if task is not None:
+            # The first attempt of a retry may have committed since the key was looked up.
+            existing = self._matching(session, submission.idempotency_key, JobKind.LEARN, task_name)
+            if existing is not None:
+                return existing
             if task.state in (TaskState.UNLEARNING, TaskState.UNLEARNED):
                 raise FailedPreconditionError(
                     f"task {task_name!r} is {task.state.value}; task names are never reused, choose a new name"
@@ -168,6 +171,7 @@ class JobService:
             raise ResourceExhaustedError(
                 f"the job queue is full ({self.limits.max_queued_jobs} queued jobs); retry later"
             )
+        return None
 
     def submit_learn(
         self,
@@ -187,10 +191,10 @@ class JobService:
             with self.transaction() as session:
                 # A retry racing its first attempt: the key decides, before the task name does.
                 existing = self._matching(session, submission.idempotency_key, JobKind.LEARN, submission.task)
+                existing = existing or self._check_learn(session, submission)
                 if existing is not None:
                     purge(self.data_dir, spool.path)
                     return existing
-                self._check_learn(session, submission.task)
                 self.lifecycle.new_task(session, submission.task, samples, classes)
                 job = Job(
                     id=job_id,

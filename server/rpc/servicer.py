@@ -162,7 +162,7 @@ class LetheServicer(pb_grpc.LetheServicer):
                 raise InvalidArgumentError(
                     "chunk", f"the stream must carry at least 2 samples (a probe set is held out), got {stream.samples}"
                 )
-            job = stream.submit(current_principal().name, ended_early=_ended_early(context))
+            job = stream.submit(current_principal().name, ended_early=lambda: _ended_early(context))
         self.telemetry.ingest_bytes.inc(wire_bytes)
         self.telemetry.ingest_samples.inc(stream.samples)
         return job_message(job)

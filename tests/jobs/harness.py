@@ -80,7 +80,7 @@ class Harness:
         submission = LearnSubmission(task=task, idempotency_key="", options=self.options(epochs, learning_rate))
         with LearnStream(self.jobs, submission) as stream:
             stream.append(x, y, [])
-            return stream.submit(PRINCIPAL, ended_early=False)
+            return stream.submit(PRINCIPAL, ended_early=lambda: False)
 
     def submit_unlearn(self, task: str) -> Job:
         """An Unlearn request for ``task`` with the strategy's default method."""

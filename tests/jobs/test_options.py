@@ -85,7 +85,7 @@ def test_learn_options_round_trip_through_the_job_row(session_factory: sessionma
     submission = LearnSubmission(task="t", idempotency_key="", options=options, metadata={"source": "test"})
     with LearnStream(jobs, submission) as stream:
         stream.append(x, y, [])
-        job = stream.submit("tester", ended_early=False)
+        job = stream.submit("tester", ended_early=lambda: False)
     stored = jobs.get_job(job.id).options
     assert stored["metadata"] == {"source": "test"}
     assert LearnOptions.from_dict(stored) == options

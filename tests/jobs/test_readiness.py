@@ -41,7 +41,7 @@ def _learn(jobs: JobService, task: str) -> Job:
     x, y = digits([0, 1])
     with LearnStream(jobs, LearnSubmission(task=task, idempotency_key="", options=OPTIONS)) as stream:
         stream.append(x, y, [])
-        return stream.submit("tester", ended_early=False)
+        return stream.submit("tester", ended_early=lambda: False)
 
 
 def _rows(sessions: sessionmaker[Session]) -> dict[str, int]:
