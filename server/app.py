@@ -17,7 +17,16 @@ from sqlalchemy import Engine
 from server.config import Config
 from server.engine.protocol import LearnOptions, Strategy
 from server.engine.registry import build_strategy, resolve_device
-from server.jobs import JobEvents, JobService, QueueLimits, ServingState, Worker, WorkerSettings, on_outcome_commit
+from server.jobs import (
+    JobContext,
+    JobEvents,
+    JobService,
+    QueueLimits,
+    ServingState,
+    Worker,
+    WorkerSettings,
+    on_outcome_commit,
+)
 from server.rpc import (
     SERVICE_NAME,
     AuthInterceptor,
@@ -157,7 +166,7 @@ class App:
         on_audit_commit(sessions, lambda action: telemetry.audit_events.labels(action).inc())
         on_outcome_commit(sessions, lambda kind, outcome: telemetry.jobs_total.labels(kind, outcome).inc())
         events, serving = JobEvents(), ServingState()
-        self.worker = Worker(
+        context = JobContext(
             self.strategy_factory,
             sessions,
             events,
@@ -171,8 +180,8 @@ class App:
                 forget_tolerance=c.training.forget_tolerance,
                 forget_max_attempts=c.training.forget_max_attempts,
             ),
-            on_fatal=self._worker_died,
         )
+        self.worker = Worker(context, on_fatal=self._worker_died)
         strategy = self.worker.strategy
         worker = self.worker
         telemetry.worker_up.set_function(lambda: float(worker.alive))

@@ -1,6 +1,6 @@
 """The durable job queue and the single worker thread that owns the training model."""
 
-from server.jobs.context import WorkerSettings
+from server.jobs.context import JobContext, WorkerSettings
 from server.jobs.events import JobEvents
 from server.jobs.ingest import LearnStream
 from server.jobs.lifecycle import IllegalTransitionError, Lifecycle, on_outcome_commit
@@ -11,6 +11,7 @@ from server.jobs.worker import Worker
 
 __all__ = [
     "IllegalTransitionError",
+    "JobContext",
     "JobEvents",
     "JobService",
     "LearnStream",

@@ -18,20 +18,15 @@ import threading
 import time
 from collections.abc import Callable
 
-from sqlalchemy.orm import Session, sessionmaker
-
 from server.data import purge
 from server.engine.protocol import Progress, Strategy, no_progress
 from server.jobs import recovery
 from server.jobs.context import JobContext, JobRun, WorkerSettings
-from server.jobs.events import JobEvents
 from server.jobs.finish import finish
 from server.jobs.kinds import HANDLERS, handler_for
 from server.jobs.retry import JobInterruptedError
-from server.jobs.serving import ServingState
 from server.logs import log_context
 from server.storage import Job, JobRepository, JobState, TaskRepository, TaskState
-from server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +46,9 @@ class Worker:
             record how a job ended; the server then reports itself not ready.
     """
 
-    def __init__(
-        self,
-        strategy_factory: Callable[[], Strategy],
-        sessions: sessionmaker[Session],
-        events: JobEvents,
-        serving: ServingState,
-        telemetry: Telemetry,
-        settings: WorkerSettings,
-        on_fatal: Callable[[BaseException], None] | None = None,
-    ) -> None:
-        self.ctx = JobContext(strategy_factory, sessions, events, serving, telemetry, settings)
-        self.events = events
+    def __init__(self, ctx: JobContext, on_fatal: Callable[[BaseException], None] | None = None) -> None:
+        self.ctx = ctx
+        self.events = ctx.events
         self._on_fatal = on_fatal
         self._thread: threading.Thread | None = None
         self._last_flush = 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -240,34 +241,40 @@ def test_an_error_after_the_commit_never_turns_success_into_failure(tmp_path: Pa
         assert unaccounted_files(tmp_path / "data", database_url) == {}
 
 
+def _all_at_once(count: int, call: Callable[[], str]) -> list[str]:
+    """Run ``call`` on ``count`` threads released together; return every answer (errors re-raised)."""
+    barrier = threading.Barrier(count)
+    answers: list[str] = []
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            barrier.wait()
+            answers.append(call())
+        except BaseException as error:  # reported in the test thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=send) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    return answers
+
+
 def test_concurrent_retries_with_one_idempotency_key_create_one_job(tmp_path: Path, database_url: str) -> None:
     """Eight clients send the same Learn with the same key at once: one job, one task, one spool; every
     answer names it (the race is decided by the database's unique key, not by a lookup)."""
     config = make_config(tmp_path / "data", database_url)
     x, y = digits([0, 1])
     with running_app(config) as server:
-        barrier = threading.Barrier(8)
-        answers: list[str] = []
-        errors: list[BaseException] = []
-
-        def send() -> None:
-            try:
-                barrier.wait()
-                answers.append(server.client.learn("same", x, y, idempotency_key="retry-key").id)
-            except BaseException as error:  # reported in the test thread
-                errors.append(error)
-
-        threads = [threading.Thread(target=send) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert errors == [] and len(answers) == 8 and len(set(answers)) == 1
-        jobs = server.client.jobs()
-        assert [j.id for j in jobs] == answers[:1]
-        assert server.client.wait(answers[0]).state == pb.SUCCEEDED
-        requested = [e for e in server.client.audit_events(task="same") if e.action == "learn.requested"]
-        assert len(requested) == 1
+        c = server.client
+        answers = _all_at_once(8, lambda: c.learn("same", x, y, idempotency_key="retry-key").id)
+        assert len(answers) == 8 and len(set(answers)) == 1
+        assert [j.id for j in c.jobs()] == answers[:1]
+        assert c.wait(answers[0]).state == pb.SUCCEEDED
+        assert [e.action for e in c.audit_events(task="same")].count("learn.requested") == 1
         assert unaccounted_files(tmp_path / "data", database_url) == {}
 
 
@@ -276,22 +283,7 @@ def test_concurrent_unlearn_retries_with_one_idempotency_key_create_one_job(tmp_
     with running_app(config) as server:
         c = server.client
         c.wait(c.learn("gone", *digits([0, 1])).id)
-        barrier = threading.Barrier(8)
-        answers: list[str] = []
-        errors: list[BaseException] = []
-
-        def send() -> None:
-            try:
-                barrier.wait()
-                answers.append(c.unlearn("gone", idempotency_key="forget-once").id)
-            except BaseException as error:  # reported in the test thread
-                errors.append(error)
-
-        threads = [threading.Thread(target=send) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert errors == [] and len(set(answers)) == 1 and len(answers) == 8
+        answers = _all_at_once(8, lambda: c.unlearn("gone", idempotency_key="forget-once").id)
+        assert len(answers) == 8 and len(set(answers)) == 1
         assert c.wait(answers[0]).state == pb.SUCCEEDED
         assert [e.action for e in c.audit_events(task="gone")].count("unlearn.requested") == 1
