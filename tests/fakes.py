@@ -11,7 +11,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
-import torch
 from sqlalchemy.orm import Session
 
 from server.checkpoints import CheckpointStore
@@ -110,11 +109,6 @@ class GrowingStrategy(_Wrapper):
 def factory(make: Callable[[], Strategy], wrap: Callable[[Strategy], _Wrapper]) -> Callable[[], Strategy]:
     """A strategy factory that wraps every model ``make`` builds (the worker rebuilds it on restore)."""
     return lambda: cast(Strategy, wrap(make()))
-
-
-def predictions(predictor: Predictor, task: str | None, inputs: torch.Tensor) -> torch.Tensor:
-    """Logits of ``inputs`` (for bit-identity checks)."""
-    return predictor.predict(task, inputs)
 
 
 class UnrecordableFailures(Lifecycle):
