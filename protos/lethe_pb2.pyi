@@ -164,7 +164,7 @@ class PredictResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Union[Tensor, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "kind", "state", "task", "progress", "message", "model_version", "created_at", "started_at", "finished_at", "metrics", "seq", "samples", "method")
+    __slots__ = ("id", "kind", "state", "task", "progress", "message", "model_version", "created_at", "started_at", "finished_at", "metrics", "seq", "samples", "method", "sample_id_prefix", "sample_ids")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +186,8 @@ class Job(_message.Message):
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_ID_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: JobKind
     state: JobState
@@ -200,7 +202,9 @@ class Job(_message.Message):
     seq: int
     samples: int
     method: str
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., task: _Optional[str] = ..., progress: _Optional[float] = ..., message: _Optional[str] = ..., model_version: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., seq: _Optional[int] = ..., samples: _Optional[int] = ..., method: _Optional[str] = ...) -> None: ...
+    sample_id_prefix: str
+    sample_ids: int
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., task: _Optional[str] = ..., progress: _Optional[float] = ..., message: _Optional[str] = ..., model_version: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., seq: _Optional[int] = ..., samples: _Optional[int] = ..., method: _Optional[str] = ..., sample_id_prefix: _Optional[str] = ..., sample_ids: _Optional[int] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)
@@ -273,7 +277,7 @@ class ListTasksResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...
 
 class AuditEvent(_message.Message):
-    __slots__ = ("seq", "at", "principal", "action", "task", "job_id", "details_json", "prev_hash", "hash")
+    __slots__ = ("seq", "at", "principal", "action", "task", "job_id", "details_json", "prev_hash", "hash", "signature")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +287,7 @@ class AuditEvent(_message.Message):
     DETAILS_JSON_FIELD_NUMBER: _ClassVar[int]
     PREV_HASH_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     seq: int
     at: _timestamp_pb2.Timestamp
     principal: str
@@ -292,7 +297,8 @@ class AuditEvent(_message.Message):
     details_json: str
     prev_hash: str
     hash: str
-    def __init__(self, seq: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., principal: _Optional[str] = ..., action: _Optional[str] = ..., task: _Optional[str] = ..., job_id: _Optional[str] = ..., details_json: _Optional[str] = ..., prev_hash: _Optional[str] = ..., hash: _Optional[str] = ...) -> None: ...
+    signature: str
+    def __init__(self, seq: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., principal: _Optional[str] = ..., action: _Optional[str] = ..., task: _Optional[str] = ..., job_id: _Optional[str] = ..., details_json: _Optional[str] = ..., prev_hash: _Optional[str] = ..., hash: _Optional[str] = ..., signature: _Optional[str] = ...) -> None: ...
 
 class ListAuditEventsRequest(_message.Message):
     __slots__ = ("after_seq", "limit", "task")
@@ -392,3 +398,58 @@ class ListEvaluationsResponse(_message.Message):
     EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
     evaluations: _containers.RepeatedCompositeFieldContainer[Evaluation]
     def __init__(self, evaluations: _Optional[_Iterable[_Union[Evaluation, _Mapping]]] = ...) -> None: ...
+
+class LocateSamplesRequest(_message.Message):
+    __slots__ = ("sample_ids",)
+    SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
+    sample_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sample_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LocateSamplesResponse(_message.Message):
+    __slots__ = ("tasks", "unknown")
+    class TasksEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.ScalarMap[str, int]
+    unknown: int
+    def __init__(self, tasks: _Optional[_Mapping[str, int]] = ..., unknown: _Optional[int] = ...) -> None: ...
+
+class GetAuditHeadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AuditHead(_message.Message):
+    __slots__ = ("seq", "hash", "signature", "public_key")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    hash: str
+    signature: str
+    public_key: str
+    def __init__(self, seq: _Optional[int] = ..., hash: _Optional[str] = ..., signature: _Optional[str] = ..., public_key: _Optional[str] = ...) -> None: ...
+
+class GetForgettingCertificateRequest(_message.Message):
+    __slots__ = ("task", "job_id")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    job_id: str
+    def __init__(self, task: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class ForgettingCertificate(_message.Message):
+    __slots__ = ("document", "signature", "public_key")
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    document: bytes
+    signature: str
+    public_key: str
+    def __init__(self, document: _Optional[bytes] = ..., signature: _Optional[str] = ..., public_key: _Optional[str] = ...) -> None: ...

@@ -99,6 +99,21 @@ class LetheStub:
                 request_serializer=protos_dot_lethe__pb2.ListEvaluationsRequest.SerializeToString,
                 response_deserializer=protos_dot_lethe__pb2.ListEvaluationsResponse.FromString,
                 _registered_method=True)
+        self.LocateSamples = channel.unary_unary(
+                '/lethe.v1.Lethe/LocateSamples',
+                request_serializer=protos_dot_lethe__pb2.LocateSamplesRequest.SerializeToString,
+                response_deserializer=protos_dot_lethe__pb2.LocateSamplesResponse.FromString,
+                _registered_method=True)
+        self.GetAuditHead = channel.unary_unary(
+                '/lethe.v1.Lethe/GetAuditHead',
+                request_serializer=protos_dot_lethe__pb2.GetAuditHeadRequest.SerializeToString,
+                response_deserializer=protos_dot_lethe__pb2.AuditHead.FromString,
+                _registered_method=True)
+        self.GetForgettingCertificate = channel.unary_unary(
+                '/lethe.v1.Lethe/GetForgettingCertificate',
+                request_serializer=protos_dot_lethe__pb2.GetForgettingCertificateRequest.SerializeToString,
+                response_deserializer=protos_dot_lethe__pb2.ForgettingCertificate.FromString,
+                _registered_method=True)
 
 
 class LetheServicer:
@@ -188,6 +203,27 @@ class LetheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LocateSamples(self, request, context):
+        """Records-level right to be forgotten: which tasks hold these sample ids (admin scope, audited).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAuditHead(self, request, context):
+        """The newest signed audit chain head and the server's Ed25519 public key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetForgettingCertificate(self, request, context):
+        """A self-contained, signed forgetting certificate for an unlearned task or an unlearn job (admin scope).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LetheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -255,6 +291,21 @@ def add_LetheServicer_to_server(servicer, server):
                     servicer.ListEvaluations,
                     request_deserializer=protos_dot_lethe__pb2.ListEvaluationsRequest.FromString,
                     response_serializer=protos_dot_lethe__pb2.ListEvaluationsResponse.SerializeToString,
+            ),
+            'LocateSamples': grpc.unary_unary_rpc_method_handler(
+                    servicer.LocateSamples,
+                    request_deserializer=protos_dot_lethe__pb2.LocateSamplesRequest.FromString,
+                    response_serializer=protos_dot_lethe__pb2.LocateSamplesResponse.SerializeToString,
+            ),
+            'GetAuditHead': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuditHead,
+                    request_deserializer=protos_dot_lethe__pb2.GetAuditHeadRequest.FromString,
+                    response_serializer=protos_dot_lethe__pb2.AuditHead.SerializeToString,
+            ),
+            'GetForgettingCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetForgettingCertificate,
+                    request_deserializer=protos_dot_lethe__pb2.GetForgettingCertificateRequest.FromString,
+                    response_serializer=protos_dot_lethe__pb2.ForgettingCertificate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -608,6 +659,87 @@ class Lethe:
             '/lethe.v1.Lethe/ListEvaluations',
             protos_dot_lethe__pb2.ListEvaluationsRequest.SerializeToString,
             protos_dot_lethe__pb2.ListEvaluationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LocateSamples(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lethe.v1.Lethe/LocateSamples',
+            protos_dot_lethe__pb2.LocateSamplesRequest.SerializeToString,
+            protos_dot_lethe__pb2.LocateSamplesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuditHead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lethe.v1.Lethe/GetAuditHead',
+            protos_dot_lethe__pb2.GetAuditHeadRequest.SerializeToString,
+            protos_dot_lethe__pb2.AuditHead.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetForgettingCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lethe.v1.Lethe/GetForgettingCertificate',
+            protos_dot_lethe__pb2.GetForgettingCertificateRequest.SerializeToString,
+            protos_dot_lethe__pb2.ForgettingCertificate.FromString,
             options,
             channel_credentials,
             insecure,

@@ -170,6 +170,31 @@ class Strategy(Protocol):
     # bumped, all-or-nothing like every operation) and returns its metrics, or returns None, changing
     # nothing, when it has nothing stronger (e.g. an explicit ablation such as method ``none``).
     # A strategy without it has nothing stronger.
+    #
+    # Records-level forgetting (DESIGN.md section 9), optional, looked up with getattr:
+    #
+    #     def sample_forgetting(self) -> str | None
+    #
+    # None when ``forget_samples`` can run with this configuration; otherwise the reason it cannot,
+    # naming what would work (the server refuses a records unlearn with FAILED_PRECONDITION and this
+    # text). A strategy that supports it returns from ``learn`` ``Report(retain=data)``, the very
+    # object it was given: the server keeps that as the task's training data, in order.
+    #
+    #     def forget_samples(self, kept: Mapping[str, TaskData], progress: Progress,
+    #                        replay: Mapping[str, TaskData]) -> Report
+    #
+    # Forget some training samples of the live tasks named in ``kept``: afterwards the model is what
+    # the strategy would hold had each such task been learned from ``kept[task]`` (its remaining
+    # training samples, in stream order) instead. ``replay`` holds the retained training data of the
+    # other live tasks. One committed operation (version bumped once, all-or-nothing, may be
+    # cancelled by ``progress`` raising). Metrics as for ``unlearn`` (``unlearn_seconds``, ...).
+    #
+    #     def rollback_predictor(self, tasks: Collection[str]) -> Predictor | None
+    #
+    # A serving snapshot of a model that never saw any data of ``tasks`` (class-incremental
+    # strategies: the model before the first of them was learned), with ``version`` the model version
+    # it was live at; None when there is none. Called from gRPC threads while the worker trains: it
+    # must read only immutable state and must not touch global RNG state.
 
     def predictor(self) -> Predictor:
         """Return the current immutable serving snapshot."""

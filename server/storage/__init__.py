@@ -39,6 +39,7 @@ from server.storage.models import (
     DataFile,
     Evaluation,
     Job,
+    Sample,
     Task,
 )
 from server.storage.tasks import TaskRepository
@@ -66,6 +67,7 @@ __all__ = [
     "SchemaError",
     "StrEnumType",
     "Task",
+    "Sample",
     "TaskRepository",
     "TaskState",
     "UTCDateTime",

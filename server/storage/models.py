@@ -44,6 +44,7 @@ NAME_LENGTH = 128
 STATE_LENGTH = 16
 JOB_ID_LENGTH = 32
 HASH_LENGTH = 64
+SIGNATURE_LENGTH = 128
 
 
 def _one_of(column: str, enum_class: type[StrEnum]) -> str:
@@ -185,6 +186,8 @@ class AuditEvent(Base):
     details_json: Mapped[str] = mapped_column(Text, default="{}")
     prev_hash: Mapped[str] = mapped_column(String(HASH_LENGTH))
     hash: Mapped[str] = mapped_column(String(HASH_LENGTH))
+    #: Ed25519 signature (hex) of ``hash`` by the server's audit key; "" on events from before signing.
+    signature: Mapped[str] = mapped_column(String(SIGNATURE_LENGTH), default="")
 
     @property
     def details(self) -> dict[str, Any]:
@@ -209,6 +212,8 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
     last_hash: Mapped[str] = mapped_column(String(HASH_LENGTH), default=GENESIS_HASH)
+    #: Ed25519 signature (hex) of the head (see :mod:`server.storage.audit`); "" before signing.
+    signature: Mapped[str] = mapped_column(String(SIGNATURE_LENGTH), default="")
 
 
 class DataFile(Base):
@@ -229,6 +234,28 @@ class DataFile(Base):
 
     def __repr__(self) -> str:
         return f"DataFile(path={self.path!r}, kind={self.kind!s}, bytes={self.bytes!r})"
+
+
+class Sample(Base):
+    """One sample the server holds data of, indexed for records-level forgetting.
+
+    ``digest`` is HMAC-SHA-256 of the sample id under the server's sample-id key (the id itself is
+    never stored). A row lives while any file of its task may hold the sample's data; a records
+    unlearn claims rows by setting ``forget_job_id`` and deletes them when it commits.
+    """
+
+    __tablename__ = "samples"
+    __table_args__ = (UniqueConstraint("task", "digest"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    #: The Learn job whose stream carried the sample.
+    job_id: Mapped[str] = mapped_column(String(JOB_ID_LENGTH), index=True)
+    digest: Mapped[str] = mapped_column(String(HASH_LENGTH), index=True)
+    forget_job_id: Mapped[str | None] = mapped_column(String(JOB_ID_LENGTH), index=True)
+
+    def __repr__(self) -> str:
+        return f"Sample(task={self.task!r}, digest={self.digest[:12]!r})"
 
 
 def _numeric(values: dict[str, Any]) -> dict[str, float]:
