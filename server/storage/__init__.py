@@ -14,7 +14,14 @@ Imports only SQLAlchemy, Alembic and the standard library.
 """
 
 from protos.audit_chain import GENESIS_HASH, canonical_json, chain_hash, encode_details, format_timestamp
-from server.storage.audit import AUDIT_HEAD_ID, AuditLog, AuditVerification, on_audit_commit
+from server.storage.audit import (
+    AUDIT_HEAD_ID,
+    AuditLog,
+    AuditSigner,
+    AuditVerification,
+    on_audit_commit,
+    on_audit_head_commit,
+)
 from server.storage.column_types import StrEnumType, UTCDateTime, utc_now
 from server.storage.data_files import DataFileRepository, normalize_data_path
 from server.storage.db import (
@@ -52,6 +59,7 @@ __all__ = [
     "AuditEvent",
     "AuditHead",
     "AuditLog",
+    "AuditSigner",
     "AuditVerification",
     "Base",
     "DataFile",
@@ -64,10 +72,10 @@ __all__ = [
     "JobKind",
     "JobRepository",
     "JobState",
+    "Sample",
     "SchemaError",
     "StrEnumType",
     "Task",
-    "Sample",
     "TaskRepository",
     "TaskState",
     "UTCDateTime",
@@ -86,6 +94,7 @@ __all__ = [
     "normalize_data_path",
     "normalize_url",
     "on_audit_commit",
+    "on_audit_head_commit",
     "upgrade",
     "utc_now",
 ]

@@ -1,11 +1,16 @@
-"""The tamper-evident audit log: hash-chained, append-only events.
+"""The tamper-evident audit log: hash-chained, signed, append-only events.
 
 Every event stores the hash of its predecessor and its own hash (see
 :mod:`protos.audit_chain`); the ``audit_head`` row stores the newest seq and hash. Editing
 any field of any event, deleting an event anywhere (including the newest ones), or editing the head
-makes :meth:`AuditLog.verify` fail. Rewriting the whole chain from some point on, head included, is
-not detectable from inside the database: anchor ``audit_head.last_hash`` outside it (logs,
-backups) if that matters.
+makes :meth:`AuditLog.verify` fail.
+
+Hashes alone do not stop someone who can write the database: they can rewrite the chain from some
+point on and recompute every hash and the head. So an :class:`AuditLog` built with a signer (the
+server's Ed25519 audit key) also signs each event's hash and the head; :meth:`AuditLog.verify` with
+the public key names the first rewritten event, and a head published outside the database (see
+:func:`on_audit_head_commit`) shows deletions of the newest events. Events written before signing
+existed (empty signature) are accepted only as a prefix.
 """
 
 from __future__ import annotations
@@ -15,17 +20,37 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import event, exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from protos.audit_chain import GENESIS_HASH, canonical_json, chain_hash, encode_details
+from protos.audit_chain import (
+    ChainHead,
+    ChainReport,
+    ChainVerifier,
+    canonical_json,
+    chain_hash,
+    encode_details,
+    event_signing_message,
+    head_signing_message,
+)
 from server.storage.column_types import utc_now
 from server.storage.models import AuditEvent, AuditHead
 
+if TYPE_CHECKING:
+    from protos.audit_signing import AuditPublicKey
+
 #: Primary key of the single ``audit_head`` row (inserted by the initial migration).
 AUDIT_HEAD_ID = 1
+
+
+class AuditSigner(Protocol):
+    """Signs audit messages (:class:`protos.audit_signing.AuditSigningKey` is one)."""
+
+    def sign(self, message: bytes) -> str:
+        """The signature of ``message`` as lowercase hex."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -38,16 +63,21 @@ class AuditVerification:
         first_bad_seq: The first seq that is edited or missing, ``None`` when ``ok`` (or when only
             the head row itself is missing).
         reason: What was found, in words.
+        unsigned: Events accepted without a signature (the prefix from before signing existed);
+            counted only when a public key was given.
     """
 
     ok: bool
     checked: int
     first_bad_seq: int | None
     reason: str
+    unsigned: int = 0
 
 
 #: ``session.info`` key under which :meth:`AuditLog.append` lists the actions of the open transaction.
 PENDING_ACTIONS = "lethe_audit_actions"
+#: ``session.info`` key of the newest head the open transaction appended.
+PENDING_HEAD = "lethe_audit_head"
 
 
 def on_audit_commit(sessions: sessionmaker[Session], callback: Callable[[str], None]) -> None:
@@ -64,17 +94,42 @@ def on_audit_commit(sessions: sessionmaker[Session], callback: Callable[[str], N
     event.listen(sessions, "after_rollback", rolled_back)
 
 
+def on_audit_head_commit(sessions: sessionmaker[Session], callback: Callable[[ChainHead], None]) -> None:
+    """Call ``callback(head)`` with the newest head of every transaction that appended, once committed.
+
+    Commits of concurrent transactions may reach their callbacks in either order: the callback keeps
+    the head with the highest seq (see :class:`server.audit_head.AuditHeadPublisher`).
+    """
+
+    def committed(session: Session) -> None:
+        head = session.info.pop(PENDING_HEAD, None)
+        if head is not None:
+            callback(head)
+
+    def rolled_back(session: Session) -> None:
+        session.info.pop(PENDING_HEAD, None)
+
+    event.listen(sessions, "after_commit", committed)
+    event.listen(sessions, "after_rollback", rolled_back)
+
+
 class AuditLog:
     """Appends to and verifies the audit log inside the caller's transaction (never commits).
 
     Args:
         clock: Source of event timestamps (aware datetimes).
         batch_size: Events read per query while verifying.
+        signer: The server's audit key: signs every event and the head. Without one (tests, tools)
+            events and head get empty signatures, which a verification with a public key accepts
+            only before the first signed event.
     """
 
-    def __init__(self, clock: Callable[[], datetime] = utc_now, batch_size: int = 1000) -> None:
+    def __init__(
+        self, clock: Callable[[], datetime] = utc_now, batch_size: int = 1000, signer: AuditSigner | None = None
+    ) -> None:
         self.clock = clock
         self.batch_size = batch_size
+        self.signer = signer
 
     def append(
         self,
@@ -133,6 +188,7 @@ class AuditLog:
             details=json.loads(details_json),
         )
         digest = chain_hash(head.last_hash, canonical)
+        signature = self.signer.sign(event_signing_message(digest)) if self.signer else ""
         event = AuditEvent(
             seq=seq,
             at=at,
@@ -143,14 +199,31 @@ class AuditLog:
             details_json=details_json,
             prev_hash=head.last_hash,
             hash=digest,
+            signature=signature,
         )
         session.add(event)
         head.last_seq = seq
         head.last_hash = digest
+        head.signature = self.signer.sign(head_signing_message(seq, digest)) if self.signer else ""
         session.flush()
-        # Listeners (metrics) read this after the transaction commits; see audit_actions_committed.
+        # Listeners (metrics, the published head) read these after the transaction commits.
         session.info.setdefault(PENDING_ACTIONS, []).append(action)
+        session.info[PENDING_HEAD] = ChainHead(seq, digest, head.signature)
         return event
+
+    @staticmethod
+    def head(session: Session) -> ChainHead:
+        """The stored head (seq, hash and signature of the newest event), as committed.
+
+        Raises:
+            RuntimeError: If the ``audit_head`` row is missing (database not migrated).
+        """
+        head = session.scalars(
+            select(AuditHead).where(AuditHead.id == AUDIT_HEAD_ID).execution_options(populate_existing=True)
+        ).one_or_none()
+        if head is None:
+            raise RuntimeError("the audit_head row is missing: is the database migrated (lethe db upgrade)?")
+        return ChainHead(head.last_seq, head.last_hash, head.signature)
 
     def list(
         self, session: Session, after_seq: int = 0, limit: int = 100, task: str | None = None
@@ -173,23 +246,29 @@ class AuditLog:
             statement = statement.where(AuditEvent.task == task)
         return builtins.list(session.scalars(statement))
 
-    def verify(self, session: Session) -> AuditVerification:
-        """Recomputes the whole chain and checks it against the head row.
+    def verify(
+        self, session: Session, public_key: AuditPublicKey | None = None, published: ChainHead | None = None
+    ) -> AuditVerification:
+        """Recomputes the whole chain and checks it against the head row (and signatures, given a key).
 
         Detects an edited field in any event, a missing event (a seq gap or a ``prev_hash`` that
         does not match), deleted newest events (the head is ahead of the log), and an edited head.
-        Stops at the first problem. Events appended concurrently while verifying are verified too.
+        With ``public_key`` it also detects a rewritten suffix whose hashes and head were all
+        recomputed (the first event whose signature fails, or that lost its signature, is named);
+        with ``published`` (a head kept outside the database) also the deletion of the newest events
+        together with the head row. Stops at the first problem. Events appended concurrently while
+        verifying are verified too.
 
         Args:
             session: The caller's session (read-only use).
+            public_key: The server's audit public key; ``None`` checks the hash chain only.
+            published: A head published outside the database (the head file), if one is trusted.
 
         Returns:
             The verification result.
         """
-        checked = 0
-        last_seq = 0
-        last_hash = GENESIS_HASH
-        while True:
+        checker = ChainVerifier(public_key.verify if public_key is not None else None, published)
+        while not checker.broken:
             batch = session.execute(
                 select(
                     AuditEvent.seq,
@@ -201,8 +280,9 @@ class AuditLog:
                     AuditEvent.details_json,
                     AuditEvent.prev_hash,
                     AuditEvent.hash,
+                    AuditEvent.signature,
                 )
-                .where(AuditEvent.seq > last_seq)
+                .where(AuditEvent.seq > checker.last_seq)
                 .order_by(AuditEvent.seq)
                 .limit(self.batch_size)
             ).all()
@@ -211,70 +291,21 @@ class AuditLog:
                     select(AuditHead).where(AuditHead.id == AUDIT_HEAD_ID).execution_options(populate_existing=True)
                 ).one_or_none()
                 if head is None:
-                    return _broken(checked, None, "the audit_head row is missing")
-                if head.last_seq > last_seq and session.scalar(select(exists().where(AuditEvent.seq > last_seq))):
+                    return _broken(checker.checked, None, "the audit_head row is missing")
+                if head.last_seq > checker.last_seq and session.scalar(
+                    select(exists().where(AuditEvent.seq > checker.last_seq))
+                ):
                     continue  # appended while we were verifying
-                return _check_head(checked, last_seq, last_hash, head)
+                return _verification(checker.finish(ChainHead(head.last_seq, head.last_hash, head.signature)))
             for row in batch:
-                expected_seq = last_seq + 1
-                if row.seq != expected_seq:
-                    return _broken(
-                        checked, expected_seq, f"event {expected_seq} is missing (the next stored event is {row.seq})"
-                    )
-                if row.prev_hash != last_hash:
-                    return _broken(
-                        checked, row.seq, f"event {row.seq}: prev_hash does not match the hash of event {last_seq}"
-                    )
-                try:
-                    details = json.loads(row.details_json)
-                except ValueError:
-                    details = None
-                if not isinstance(details, dict):
-                    return _broken(checked, row.seq, f"event {row.seq}: details_json is not a JSON object")
-                try:
-                    canonical = canonical_json(
-                        seq=row.seq,
-                        at=row.at,
-                        principal=row.principal,
-                        action=row.action,
-                        task=row.task,
-                        job_id=row.job_id,
-                        details=details,
-                    )
-                except ValueError as error:  # e.g. NaN written into details_json by hand
-                    return _broken(checked, row.seq, f"event {row.seq}: cannot be serialized canonically ({error})")
-                if chain_hash(row.prev_hash, canonical) != row.hash:
-                    return _broken(
-                        checked, row.seq, f"event {row.seq}: hash mismatch, the event was modified after it was written"
-                    )
-                last_seq = row.seq
-                last_hash = row.hash
-                checked += 1
+                if not checker.add(**row._asdict()):
+                    break
+        return _verification(checker.finish())
+
+
+def _verification(report: ChainReport) -> AuditVerification:
+    return AuditVerification(report.ok, report.checked, report.first_bad_seq, report.reason, report.unsigned)
 
 
 def _broken(checked: int, first_bad_seq: int | None, reason: str) -> AuditVerification:
     return AuditVerification(ok=False, checked=checked, first_bad_seq=first_bad_seq, reason=reason)
-
-
-def _check_head(checked: int, last_seq: int, last_hash: str, head: AuditHead) -> AuditVerification:
-    """Compares the newest stored event with the head row."""
-    if head.last_seq > last_seq:
-        return _broken(
-            checked,
-            last_seq + 1,
-            f"events {last_seq + 1}..{head.last_seq} are missing: the newest events were deleted "
-            f"(audit_head says the last seq is {head.last_seq}, the newest stored event is {last_seq})",
-        )
-    if head.last_seq < last_seq:
-        return _broken(
-            checked,
-            head.last_seq + 1,
-            f"audit_head says the last seq is {head.last_seq} but events up to {last_seq} exist: the head was edited",
-        )
-    if head.last_hash != last_hash:
-        return _broken(
-            checked,
-            last_seq or None,
-            f"audit_head hash does not match the hash of event {last_seq}: the head was edited",
-        )
-    return AuditVerification(ok=True, checked=checked, first_bad_seq=None, reason=f"{checked} events verified")

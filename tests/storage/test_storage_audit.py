@@ -12,7 +12,10 @@ import pytest
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from protos.audit_chain import ChainHead, event_signing_message, head_signing_message
+from protos.audit_signing import AuditSigningKey
 from server.storage import GENESIS_HASH, AuditEvent, AuditLog, AuditVerification
+from tests.tampering import rewrite_audit_suffix
 
 #: For behaviour decided in Python before any SQL runs: one backend is enough.
 SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -228,3 +231,80 @@ def test_concurrent_appends_form_one_valid_chain(session_factory: sessionmaker[S
     assert Counter(principal for _, principal, _ in rows) == {f"thread-{n}": per_thread for n in range(threads_count)}
     times = [at for _, _, at in sorted(rows)]
     assert times == sorted(times)  # the clock is read under the head lock
+
+
+# --------------------------------------------------------------------------- the keyed chain
+def _verify_with(
+    session_factory: sessionmaker[Session], key: AuditSigningKey | None, published: ChainHead | None = None
+) -> AuditVerification:
+    with session_factory() as session:
+        return AuditLog().verify(session, public_key=key.public_key if key else None, published=published)
+
+
+def test_a_signed_chain_verifies_with_its_public_key(session_factory: sessionmaker[Session]) -> None:
+    key = AuditSigningKey.generate()
+    _append_many(session_factory, 12, AuditLog(signer=key, batch_size=5))
+    result = _verify_with(session_factory, key)
+    assert result == AuditVerification(True, 12, None, "12 events verified (all signed)", 0)
+    with session_factory() as session:
+        head = AuditLog.head(session)
+        assert key.public_key.verify(head_signing_message(head.seq, head.hash), head.signature)
+        stored = session.get(AuditEvent, 12)
+        assert stored is not None and key.public_key.verify(event_signing_message(stored.hash), stored.signature)
+    other = AuditSigningKey.generate()
+    assert (_verify_with(session_factory, other).ok, _verify_with(session_factory, other).first_bad_seq) == (False, 1)
+
+
+@pytest.mark.parametrize("strip", [False, True], ids=["signatures-kept", "signatures-removed"])
+def test_a_rewritten_suffix_passes_the_hashes_but_not_the_key(
+    session_factory: sessionmaker[Session], db_engine: Engine, strip: bool
+) -> None:
+    key = AuditSigningKey.generate()
+    _append_many(session_factory, 10, AuditLog(signer=key))
+    rewrite_audit_suffix(db_engine, 8, strip_signatures=strip)
+    assert _verify_with(session_factory, None).ok  # the attack is real: the hash chain and head agree
+    result = _verify_with(session_factory, key)
+    assert (result.ok, result.first_bad_seq, result.checked) == (False, 8, 7)
+    assert ("unsigned after signed" if strip else "signature does not verify") in result.reason
+
+
+def test_unsigned_events_are_accepted_only_as_a_prefix(
+    session_factory: sessionmaker[Session], db_engine: Engine
+) -> None:
+    key = AuditSigningKey.generate()
+    _append_many(session_factory, 4)  # before signing existed
+    _append_many(session_factory, 3, AuditLog(signer=key))
+    result = _verify_with(session_factory, key)
+    assert (result.ok, result.unsigned) == (True, 4) and "4 unsigned" in result.reason
+    _append_many(session_factory, 1)  # an unsigned event after signed ones: inserted by someone without the key
+    assert (_verify_with(session_factory, key).ok, _verify_with(session_factory, key).first_bad_seq) == (False, 8)
+
+
+def test_an_unsigned_head_over_signed_events_fails(session_factory: sessionmaker[Session], db_engine: Engine) -> None:
+    key = AuditSigningKey.generate()
+    _append_many(session_factory, 3, AuditLog(signer=key))
+    _tamper(db_engine, "UPDATE audit_head SET signature = ''")
+    result = _verify_with(session_factory, key)
+    assert not result.ok and "audit_head" in result.reason and "not signed" in result.reason
+
+
+def test_deleting_the_newest_events_and_the_head_is_caught_by_the_published_head(
+    session_factory: sessionmaker[Session], db_engine: Engine
+) -> None:
+    key = AuditSigningKey.generate()
+    log = AuditLog(signer=key)
+    _append_many(session_factory, 4, log)
+    with session_factory() as session:
+        old_head = AuditLog.head(session)  # a validly signed head from the past (an old head file, a scrape)
+    _append_many(session_factory, 2, log)
+    with session_factory() as session:
+        published = AuditLog.head(session)
+    with db_engine.begin() as connection:  # the newest events go, and the head is put back to the old one
+        connection.execute(text("DELETE FROM audit_events WHERE seq > 4"))
+        connection.execute(
+            text("UPDATE audit_head SET last_seq = :seq, last_hash = :hash, signature = :signature"),
+            {"seq": old_head.seq, "hash": old_head.hash, "signature": old_head.signature},
+        )
+    assert _verify_with(session_factory, key).ok  # chain, signatures and stored head all agree
+    result = _verify_with(session_factory, key, published)
+    assert (result.ok, result.first_bad_seq) == (False, 5) and "newest events were deleted" in result.reason
