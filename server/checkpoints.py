@@ -1,17 +1,20 @@
 """Atomic save and restore of the model's state.
 
-A checkpoint is one ``torch.save`` file ``ckpt-<version>.pt`` holding ``{"meta": ..., "strategy": ...}``
-where ``meta`` records the model version and the id of the last applied job, so a restart can
-reconcile the checkpoint with SQL. Files are written to a temporary name, fsynced and renamed;
-loading uses ``weights_only=True`` (no arbitrary pickles). A torn or corrupt newest file is skipped
-in favour of the previous one.
+A checkpoint is one ``torch.save`` file ``ckpt-<version>-<job id>-<attempt>.pt`` holding
+``{"meta": ..., "strategy": ...}`` where ``meta`` records the model version and the id of the last
+applied job, so a restart can reconcile the checkpoint with SQL. Files are written to a temporary
+name, fsynced and renamed; loading uses ``weights_only=True`` (no arbitrary pickles). A torn or
+corrupt newest file is skipped in favour of the previous one. Files named ``ckpt-<version>.pt``
+(before checkpoints were ``data_files`` rows) are still read.
+
+This module only reads and writes files; their ``data_files`` rows and the audited pruning are in
+:mod:`server.jobs.checkpoint_rows`.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,9 @@ from typing import Any
 import torch
 
 from server.data.files import FileRecord, purge, write_atomic
-from server.data.layout import CHECKPOINTS
+from server.data.layout import CHECKPOINTS, checkpoint_name, parse_checkpoint_name
 
 log = logging.getLogger(__name__)
-_NAME = re.compile(r"^ckpt-(\d{10})\.pt$")
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,18 @@ class CheckpointStore:
         self.directory = data_dir / subdir
         self.directory.mkdir(parents=True, exist_ok=True)
 
-    def save(self, meta: CheckpointMeta, strategy_state: dict[str, Any]) -> FileRecord:
-        """Write a checkpoint atomically and return its record (path relative to the data directory)."""
+    def relative_path(self, version: int, job_id: str, attempt: int) -> str:
+        """Where :meth:`save` writes the checkpoint of ``job_id``'s attempt ``attempt`` at ``version``."""
+        return f"{self.subdir}/{checkpoint_name(version, job_id, attempt)}"
+
+    def save(self, meta: CheckpointMeta, strategy_state: dict[str, Any], attempt: int = 1) -> FileRecord:
+        """Write a checkpoint atomically and return its record (path relative to the data directory).
+
+        Args:
+            meta: The model version and the job it includes (they name the file, with ``attempt``).
+            strategy_state: The strategy's state dict.
+            attempt: The job's attempt that wrote it.
+        """
         buffer = io.BytesIO()
         payload = {
             "meta": {
@@ -66,14 +78,14 @@ class CheckpointStore:
         }
         torch.save(payload, buffer)
         data = buffer.getvalue()
-        relative = f"{self.subdir}/ckpt-{meta.version:010d}.pt"
+        relative = self.relative_path(meta.version, meta.last_job_id, attempt)
         digest = write_atomic(self.data_dir / relative, data)
         return FileRecord(relative, len(data), digest)
 
     def paths(self) -> list[Path]:
         """Checkpoint files, newest (highest version) first."""
-        found = [p for p in self.directory.iterdir() if _NAME.match(p.name)]
-        return sorted(found, key=lambda p: p.name, reverse=True)
+        found = [(parsed.version, p) for p in self.directory.iterdir() if (parsed := parse_checkpoint_name(p.name))]
+        return [p for _, p in sorted(found, key=lambda item: (item[0], item[1].name), reverse=True)]
 
     def load_latest(self) -> Checkpoint | None:
         """Load the newest readable checkpoint, or None when there is none."""

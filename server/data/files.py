@@ -38,6 +38,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def digest_on_disk(root: Path, relative: str) -> FileRecord | None:
+    """Size and SHA-256 of ``root/relative`` as it is now, or None when there is no such file.
+
+    This is what a purge proof records at deletion time: the bytes actually removed, which may
+    differ from what was recorded when the file was written.
+    """
+    path = root / relative
+    try:
+        size = path.stat().st_size
+        return FileRecord(relative, size, sha256_file(path))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
 def write_atomic(path: Path, payload: bytes) -> str:
     """Write ``payload`` to ``path`` via a temporary file, fsync and rename; return its SHA-256."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ never reuses the name of a file its interrupted attempt recorded (every name is 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,38 @@ FOLDERS: dict[DataFileKind, str] = {
 CHECKPOINTS = "checkpoints"
 #: Suffixes of files being written (a crash can leave them; they are never recorded).
 TEMPORARY_SUFFIXES = (".partial", ".tmp")
+#: ``ckpt-<version>-<job id>-<attempt>.pt``; ``ckpt-<version>.pt`` from before checkpoints were rows.
+_CHECKPOINT_NAME = re.compile(r"^ckpt-(?P<version>\d{10})(?:-(?P<job>.+)-(?P<attempt>\d+))?\.pt$")
+
+
+@dataclass(frozen=True)
+class CheckpointName:
+    """What a checkpoint's file name says: the model version, and the job attempt that wrote it.
+
+    ``job_id`` and ``attempt`` are None for a name from before checkpoints were ``data_files`` rows.
+    """
+
+    version: int
+    job_id: str | None
+    attempt: int | None
+
+
+def checkpoint_name(version: int, job_id: str, attempt: int) -> str:
+    """The file name of the checkpoint attempt ``attempt`` of job ``job_id`` writes at model ``version``.
+
+    The job and attempt are in the name for the same reason as in task files: a version is reached
+    again after a job fails or is re-run, and every recorded name must be new.
+    """
+    return f"ckpt-{version:010d}-{job_id}-{attempt}.pt"
+
+
+def parse_checkpoint_name(name: str) -> CheckpointName | None:
+    """Parses a checkpoint file name (or a path ending in one); None when it is not one."""
+    found = _CHECKPOINT_NAME.match(name.rsplit("/", 1)[-1])
+    if found is None:
+        return None
+    attempt = found["attempt"]
+    return CheckpointName(int(found["version"]), found["job"], int(attempt) if attempt is not None else None)
 
 
 @dataclass(frozen=True)
@@ -48,6 +81,18 @@ class DataLayout:
     def checkpoints(self) -> Path:
         """The checkpoint directory."""
         return self.root / CHECKPOINTS
+
+    @staticmethod
+    def checkpoint(version: int, job_id: str, attempt: int) -> str:
+        """The checkpoint written by attempt ``attempt`` of job ``job_id`` at model ``version``."""
+        return f"{CHECKPOINTS}/{checkpoint_name(version, job_id, attempt)}"
+
+    def checkpoint_files(self) -> list[str]:
+        """Every checkpoint file (not temporary ones), as relative paths."""
+        directory = self.checkpoints
+        if not directory.is_dir():
+            return []
+        return [f"{CHECKPOINTS}/{p.name}" for p in sorted(directory.iterdir()) if parse_checkpoint_name(p.name)]
 
     def task_files(self) -> list[str]:
         """Every file in the task-data folders, as relative paths (what the start-up sweep checks)."""

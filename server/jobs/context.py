@@ -19,12 +19,13 @@ from server.checkpoints import CheckpointMeta, CheckpointStore
 from server.data import FileRecord, load_arrays
 from server.data.layout import DataLayout
 from server.engine.protocol import Progress, Strategy, TaskData
+from server.jobs import checkpoint_rows
 from server.jobs.evaluation import ProbeCache
 from server.jobs.events import JobEvents
 from server.jobs.lifecycle import Lifecycle
 from server.jobs.retry import retry_database
 from server.jobs.serving import ServingState
-from server.storage import DataFileKind, DataFileRepository, Job
+from server.storage import AuditLog, DataFileKind, DataFileRepository, Job
 from server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class JobContext:
         serving: ServingState,
         telemetry: Telemetry,
         settings: WorkerSettings,
+        audit_log: AuditLog | None = None,
     ) -> None:
         self.factory = strategy_factory
         self.strategy = strategy_factory()
@@ -89,7 +91,7 @@ class JobContext:
         self.layout = DataLayout(settings.data_dir)
         self.checkpoints = CheckpointStore(settings.data_dir)
         self.probes = ProbeCache(settings.data_dir)
-        self.lifecycle = Lifecycle()
+        self.lifecycle = Lifecycle(audit_log, data_dir=settings.data_dir)
         self.stopping = threading.Event()
         self.deadline = math.inf
 
@@ -131,15 +133,22 @@ class JobContext:
         return replay
 
     def checkpoint(self, job: Job, metrics: dict[str, float]) -> None:
-        """Write the model after ``job`` (it becomes the model's only once the job commits)."""
-        self.checkpoints.save(CheckpointMeta(self.strategy.version, job.id, metrics), self.strategy.state_dict())
+        """Write the model after ``job`` (it becomes the model's only once the job commits).
+
+        Its ``data_files`` row is committed first (see :mod:`server.jobs.checkpoint_rows`).
+        """
+        checkpoint_rows.record_intent(self, job)
+        meta = CheckpointMeta(self.strategy.version, job.id, metrics)
+        self.checkpoints.save(meta, self.strategy.state_dict(), attempt=job.attempts)
 
     def restore(self, discard_job: str | None = None) -> None:
         """Rebuild the model from the newest checkpoint, first deleting one written by ``discard_job``.
 
         A job that failed after its checkpoint was written never committed: its checkpoint must not
-        become the model (it would hold a job SQL says failed).
+        become the model (it would hold a job SQL says failed). Its row is purged, audited.
         """
+        if discard_job is not None:
+            checkpoint_rows.discard(self, discard_job)
         newest = self.checkpoints.load_latest()
         if newest is not None and discard_job is not None and newest.meta.last_job_id == discard_job:
             log.warning("discarding checkpoint %s of job %s, which did not commit", newest.path.name, discard_job)

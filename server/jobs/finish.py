@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy.orm import Session
 
-from server.data import purge
+from server.data import FileRecord, purge
 from server.engine import metrics as m
+from server.jobs import checkpoint_rows
 from server.jobs.context import JobContext, JobRun
 from server.jobs.evaluation import evaluate, verdict
 from server.jobs.kinds import JobHandler
@@ -70,14 +71,17 @@ def finish(ctx: JobContext, run: JobRun, handler: JobHandler) -> None:
     """Measure, commit the job as SUCCEEDED in one transaction, then publish, prune and purge."""
     evaluated = evaluate_model(ctx)
     run.metrics.update(handler.measure(ctx, run, evaluated))
-    committed = ctx.retry(lambda: _commit(ctx, run, handler, evaluated), "committing the job")
+    checkpoint = checkpoint_rows.written_by(ctx, run.job.id) if run.changed_model else None
+    committed = ctx.retry(lambda: _commit(ctx, run, handler, evaluated, checkpoint), "committing the job")
     if committed is None:  # a retry after a commit whose acknowledgement was lost: it is done
         ctx.serving.publish(evaluated.predictor)
         return
     _after_commit(ctx, run, committed)
 
 
-def _commit(ctx: JobContext, run: JobRun, handler: JobHandler, evaluated: Evaluated) -> Committed | None:
+def _commit(
+    ctx: JobContext, run: JobRun, handler: JobHandler, evaluated: Evaluated, checkpoint: FileRecord | None
+) -> Committed | None:
     with ctx.transaction() as session:
         job = JobRepository(session).get_for_update(run.job.id)
         assert job is not None, f"job {run.job.id} vanished"
@@ -94,17 +98,21 @@ def _commit(ctx: JobContext, run: JobRun, handler: JobHandler, evaluated: Evalua
             # The data is purged all the same (the request is honoured); the model may still know it.
             message = f"unlearned, forgetting NOT verified: {verdict(clean)}"
         ctx.lifecycle.succeed(session, job, ctx.strategy.version, clean, message)
+        details: dict[str, object] = {
+            "model_version": ctx.strategy.version,
+            "metrics": clean,
+            "files": [file_entry(f) for f in _recorded(session, run)],
+        }
+        if checkpoint is not None:
+            checkpoint_rows.complete(session, checkpoint)
+            details["checkpoint"] = {"path": checkpoint.path, "bytes": checkpoint.bytes, "sha256": checkpoint.sha256}
         ctx.lifecycle.audit_log.append(
             session,
             principal=job.principal,
             action=f"{job.kind.value}.succeeded",
             task=job.task,
             job_id=job.id,
-            details={
-                "model_version": ctx.strategy.version,
-                "metrics": clean,
-                "files": [file_entry(f) for f in _recorded(session, run)],
-            },
+            details=details,
         )
         tasks = TaskRepository(session)
         states = {t.name: t.state for t in tasks.list()}
@@ -175,7 +183,10 @@ def _summary(session: Session, job: Job, evaluated: Evaluated) -> dict[str, floa
 
 def _after_commit(ctx: JobContext, run: JobRun, committed: Committed) -> None:
     """Prune, purge, publish metrics: failures here are logged, never turned into a job failure."""
-    steps = (("pruning checkpoints", lambda: _prune(ctx)), ("deleting purged files", lambda: _delete(ctx, committed)))
+    steps = (
+        ("pruning checkpoints", lambda: _prune(ctx, run.job.id)),
+        ("deleting purged files", lambda: _delete(ctx, committed)),
+    )
     for what, step in (*steps, ("updating metrics", lambda: _publish_metrics(ctx, run, committed))):
         try:
             step()
@@ -183,11 +194,9 @@ def _after_commit(ctx: JobContext, run: JobRun, committed: Committed) -> None:
             log.exception("after job %s committed: %s failed (the start-up sweep finishes it)", run.job.id, what)
 
 
-def _prune(ctx: JobContext) -> None:
+def _prune(ctx: JobContext, job_id: str) -> None:
     # Older checkpoints hold what this job may have removed (an unlearned task): keep only the newest.
-    newest = ctx.checkpoints.paths()
-    if newest:
-        ctx.checkpoints.prune(keep=newest[0])
+    checkpoint_rows.prune(ctx, job_id=job_id)
 
 
 def _delete(ctx: JobContext, committed: Committed) -> None:

@@ -11,12 +11,15 @@ Terminal outcomes are counted in ``lethe_jobs_total`` only once their transactio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
+from server.data import FileRecord, digest_on_disk
+from server.data.layout import parse_checkpoint_name
 from server.storage import (
     AuditLog,
     DataFile,
@@ -83,15 +86,55 @@ def on_outcome_commit(sessions: sessionmaker[Session], callback: Callable[[str, 
 
 
 def file_entry(f: DataFile) -> dict[str, object]:
-    """How a file appears in an audit event."""
+    """How a file appears in an audit event: as recorded when it was written."""
     return {"path": f.path, "kind": f.kind.value, "bytes": f.bytes, "sha256": f.sha256}
 
 
-class Lifecycle:
-    """Job and task transitions with their audit events, inside the caller's transaction."""
+#: Why a purge proof may lack the deletion-time digest: no data directory was given (unit tests only).
+UNCHECKED = "unchecked"
 
-    def __init__(self, audit_log: AuditLog | None = None) -> None:
+
+def deletion_entry(f: DataFile | None, path: str, found: FileRecord | str | None) -> dict[str, object]:
+    """How a deleted file appears in a purge proof: as recorded, and as it was on disk when deleted.
+
+    ``bytes``/``sha256`` are the ``data_files`` record (written when the file was; empty for a file
+    whose writer never completed it). ``at_deletion`` is ``present`` with ``bytes_at_deletion`` and
+    ``sha256_at_deletion`` read from disk when it was purged, or ``missing`` (no such file: nothing
+    left to delete). ``mismatch`` flags a present file whose bytes differ from the record.
+
+    Args:
+        f: The file's row, or None for a file on disk that had none (a checkpoint from before
+            checkpoints were rows): then ``recorded`` is false.
+        path: The file's path relative to the data directory.
+        found: What is on disk now (None: missing), or :data:`UNCHECKED`.
+    """
+    entry: dict[str, object] = file_entry(f) if f is not None else {"path": path, "recorded": False}
+    if isinstance(found, str):
+        entry["at_deletion"] = found
+        return entry
+    if found is None:
+        entry.update(at_deletion="missing", bytes_at_deletion=None, sha256_at_deletion=None, mismatch=False)
+        return entry
+    recorded = f is not None and bool(f.sha256)
+    differs = recorded and f is not None and (found.sha256 != f.sha256 or found.bytes != f.bytes)
+    entry.update(
+        at_deletion="present", bytes_at_deletion=found.bytes, sha256_at_deletion=found.sha256, mismatch=differs
+    )
+    return entry
+
+
+class Lifecycle:
+    """Job and task transitions with their audit events, inside the caller's transaction.
+
+    Args:
+        audit_log: Where the events go (the server's is signed); a plain one by default.
+        data_dir: The data directory, read at deletion time for the purge proofs' digests. Without
+            it (unit tests of transitions) proofs say ``at_deletion: unchecked``.
+    """
+
+    def __init__(self, audit_log: AuditLog | None = None, data_dir: Path | None = None) -> None:
         self.audit_log = audit_log or AuditLog()
+        self.data_dir = data_dir
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -204,6 +247,10 @@ class Lifecycle:
         task.unlearned_at, task.ops_since_unlearn = now, 0
 
     # ----------------------------------------------------------------- purge
+    def on_disk(self, path: str) -> FileRecord | str | None:
+        """Size and SHA-256 of a data file as it is now (None: missing; :data:`UNCHECKED` without a data dir)."""
+        return digest_on_disk(self.data_dir, path) if self.data_dir is not None else UNCHECKED
+
     def purge(
         self,
         session: Session,
@@ -212,16 +259,76 @@ class Lifecycle:
         why: str,
         *,
         principal: str | None = None,
+        found: Mapping[str, FileRecord | None] | None = None,
     ) -> list[str]:
-        """Mark files purged (with one ``data.purged`` event); return their paths to delete after commit."""
+        """Mark files purged (with one ``data.purged`` event); return their paths to delete after commit.
+
+        The event is the purge proof: every file as recorded and as it is on disk now, at deletion
+        time (read here, unless the caller read it before its transaction and passes ``found``),
+        with a flag where the two differ and ``missing`` where there was nothing left to delete.
+
+        Args:
+            session: The caller's transaction.
+            doomed: The files' rows.
+            job: The job the purge belongs to.
+            why: The reason, in words.
+            principal: Who caused it (the job's principal by default).
+            found: Deletion-time digests by path, read by the caller (None for a missing file).
+        """
         if not doomed:
             return []
         files = DataFileRepository(session)
+        on_disk = {f.path: found[f.path] if found and f.path in found else self.on_disk(f.path) for f in doomed}
+        entries = [deletion_entry(f, f.path, on_disk[f.path]) for f in doomed]
         for f in doomed:
             files.mark_purged(f.path)
-        details = {"why": why, "files": [file_entry(f) for f in doomed], "bytes": sum(f.bytes for f in doomed)}
+        details = {
+            "why": why,
+            "files": entries,
+            "bytes": sum(f.bytes for f in doomed),
+            "bytes_at_deletion": sum(r.bytes for r in on_disk.values() if isinstance(r, FileRecord)),
+            "mismatches": sum(1 for e in entries if e.get("mismatch")),
+        }
         self._audit(session, job, "data.purged", principal or job.principal, details, task=doomed[0].task)
         return [f.path for f in doomed]
+
+    def prune_checkpoints(
+        self,
+        session: Session,
+        doomed: Sequence[DataFile],
+        found: Mapping[str, FileRecord | None],
+        *,
+        unrecorded: Sequence[str] = (),
+        job_id: str = "",
+        why: str,
+    ) -> list[str]:
+        """Mark checkpoint rows purged with one ``checkpoint.pruned`` event; return the paths to delete.
+
+        A checkpoint holds the influence of every job up to its model version, forgotten data
+        included: its deletion is proven like a data file's, with its model version.
+
+        Args:
+            session: The caller's transaction.
+            doomed: Live checkpoint rows to purge.
+            found: Deletion-time digests by path, read before the transaction (None: missing).
+            unrecorded: Checkpoint files that have no row (written before checkpoints were rows).
+            job_id: The job whose commit (or failure) made them obsolete; "" at start-up.
+            why: The reason, in words.
+        """
+        if not doomed and not unrecorded:
+            return []
+        files = DataFileRepository(session)
+        entries = []
+        for f in doomed:
+            entries.append(deletion_entry(f, f.path, found[f.path] if f.path in found else self.on_disk(f.path)))
+            files.mark_purged(f.path)
+        entries += [deletion_entry(None, p, found[p] if p in found else self.on_disk(p)) for p in unrecorded]
+        for entry in entries:
+            parsed = parse_checkpoint_name(str(entry["path"]))
+            entry["model_version"] = parsed.version if parsed is not None else None
+        details = {"why": why, "files": entries, "bytes": sum(f.bytes for f in doomed)}
+        self.audit_log.append(session, principal="system", action="checkpoint.pruned", job_id=job_id, details=details)
+        return [f.path for f in doomed] + list(unrecorded)
 
     def _audit(
         self, session: Session, job: Job, action: str, principal: str, details: dict[str, object], task: str = ""

@@ -3,8 +3,9 @@
 A RUNNING job named by the newest checkpoint crashed in its commit phase: it is finished from
 there. Any other RUNNING job is re-queued (the files its attempt recorded are purged) and runs
 again from the checkpointed model. Then every file under the task-data folders that is not a
-live ``data_files`` row is deleted: after recovery the data directory holds exactly the live
-rows and the newest checkpoint.
+live ``data_files`` row is deleted, and every checkpoint but the model's is pruned (audited; the
+model's gets a row if it had none): after recovery the data directory holds exactly the live rows,
+the model's checkpoint among them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 from collections.abc import Callable
 
 from server.data import purge
+from server.jobs import checkpoint_rows
 from server.jobs.context import JobContext
 from server.storage import DataFileRepository, Job, JobRepository, TaskRepository
 
@@ -61,9 +63,7 @@ def recover(ctx: JobContext, finish_from_checkpoint: Callable[[Job, dict[str, fl
         log.warning("finishing job %s from its checkpoint after a restart", to_finish.id)
         finish_from_checkpoint(to_finish, dict(checkpoint.meta.last_job_metrics))
     sweep(ctx)
-    newest = ctx.checkpoints.paths()
-    if newest:
-        ctx.checkpoints.prune(keep=newest[0])
+    checkpoint_rows.reconcile(ctx, checkpoint)
     load_serving_state(ctx)
 
 

@@ -27,6 +27,7 @@ from server.jobs.lifecycle import Lifecycle
 from server.jobs.serving import ServingState
 from server.storage import (
     AuditEvent,
+    AuditLog,
     DataFile,
     DataFileKind,
     DataFileRepository,
@@ -91,13 +92,14 @@ class JobService:
         events: JobEvents,
         serving: ServingState,
         limits: QueueLimits,
+        audit_log: AuditLog | None = None,
     ) -> None:
         self.sessions = sessions
         self.data_dir = data_dir
         self.events = events
         self.serving = serving
         self.limits = limits
-        self.lifecycle = Lifecycle()
+        self.lifecycle = Lifecycle(audit_log, data_dir=data_dir)
         self.audit_log = self.lifecycle.audit_log
         self._ready = threading.Event()
 

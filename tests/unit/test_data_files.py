@@ -56,7 +56,7 @@ def test_checkpoint_falls_back_over_a_torn_file_and_prunes(tmp_path: Path) -> No
     assert loaded is not None and loaded.meta.version == 1 and loaded.meta.last_job_metrics == {"loss": 0.5}
     assert torch.equal(loaded.strategy_state["w"], torch.ones(3))
     removed = store.prune(keep=loaded.path)
-    assert [r.path for r in removed] == ["checkpoints/ckpt-0000000002.pt"]
+    assert [r.path for r in removed] == [f"checkpoints/ckpt-0000000002-{'b' * 32}-1.pt"]
     assert store.paths() == [loaded.path]
 
 
