@@ -298,3 +298,15 @@ class LetheClient:
             if len(page) < 1000:
                 return events
             after = page[-1].seq
+
+    def audit_head(self) -> pb.AuditHead:
+        """The server's signed audit head (seq, hash, signature) and its audit public key (PEM)."""
+        return self.stub.GetAuditHead(pb.GetAuditHeadRequest(), metadata=self.metadata, timeout=self.timeout)
+
+    def forgetting_certificate(self, *, task: str = "", job_id: str = "") -> pb.ForgettingCertificate:
+        """A signed forgetting certificate: of ``task``'s newest successful unlearn, or of unlearn job ``job_id``.
+
+        Write it with :func:`client.audit.certificate_file`; check it with :func:`client.audit.verify_certificate`.
+        """
+        request = pb.GetForgettingCertificateRequest(task=task, job_id=job_id)
+        return self.stub.GetForgettingCertificate(request, metadata=self.metadata, timeout=self.timeout)

@@ -19,8 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from client import JobFailedError, LetheClient, pb
-from client.audit import verify_chain
+from client.audit import (
+    certificate_file,
+    head_from_message,
+    read_head_file,
+    verify_audit,
+    verify_certificate,
+    warnings_in,
+)
 from client.datasets import Dataset, load_dataset, parse_classes
+from protos.audit_signing import AuditPublicKey
 
 
 def _bar(fraction: float, width: int = 30) -> str:
@@ -219,22 +227,117 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    action = args.action or ("verify" if args.verify else "list")
+    if action == "public-key":
+        return _audit_public_key(args)
+    if action == "verify":
+        return _audit_verify(args)
     with _client(args) as client:
         events = client.audit_events(task=args.task or "")
-    if args.verify:
-        if args.task:
-            print("--verify checks the whole chain; it cannot be combined with --task", file=sys.stderr)
-            return 2
-        problem = verify_chain(events)
-        if problem:
-            print(f"AUDIT CHAIN BROKEN: {problem}", file=sys.stderr)
-            return 1
-        print(
-            f"audit chain intact: {len(events)} events verified" + (f", head {events[-1].hash[:16]}…" if events else "")
-        )
-        return 0
     for e in events:
         print(f"{e.seq:>5} {_time(e.at)} {e.principal:<12} {e.action:<18} {e.task:<20} {e.details_json}")
+    return 0
+
+
+def _trusted_key(path: str | None) -> AuditPublicKey | None:
+    return AuditPublicKey.from_pem(Path(path).read_bytes()) if path else None
+
+
+def _audit_public_key(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        pem = client.audit_head().public_key
+    key = AuditPublicKey.from_pem(pem)
+    if args.out:
+        Path(args.out).write_text(pem)
+        print(f"wrote the audit public key to {args.out} (fingerprint {key.fingerprint})")
+    else:
+        print(pem, end="")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    """The whole chain, every signature and the signed head, checked here (offline after the download)."""
+    if args.task:
+        print("verify checks the whole chain; it cannot be combined with --task", file=sys.stderr)
+        return 2
+    trusted = _trusted_key(args.public_key)
+    with _client(args) as client:
+        served = client.audit_head()  # before the events: events appended meanwhile are fine
+        events = client.audit_events()
+    served_key = AuditPublicKey.from_pem(served.public_key)
+    key = trusted or served_key
+    if trusted is not None and trusted != served_key:
+        print(
+            f"WARNING: the server presents another audit key ({served_key.fingerprint[:16]}…) than the trusted "
+            f"one ({trusted.fingerprint[:16]}…)",
+            file=sys.stderr,
+        )
+    head, source = head_from_message(served), "GetAuditHead"
+    if args.head:
+        head, fingerprint = read_head_file(Path(args.head))
+        source = args.head
+        if fingerprint != key.fingerprint:
+            print(f"AUDIT CHAIN BROKEN: the head file {args.head} was signed by another key", file=sys.stderr)
+            return 1
+    report = verify_audit(events, public_key=key, head=head)
+    if not report.ok:
+        where = f"at seq {report.first_bad_seq}" if report.first_bad_seq is not None else "at the head"
+        print(f"AUDIT CHAIN BROKEN {where}: {report.reason}", file=sys.stderr)
+        return 1
+    tampered = warnings_in(events)
+    for warning in tampered:
+        # The chain verifies, but the server itself found, at a start, that the database had lost or
+        # changed events since it last published its head (see docs/operations.md).
+        print(f"AUDIT TRAIL TAMPERED: the server recorded a mismatch of its published head: {warning}", file=sys.stderr)
+    if tampered:
+        return 1
+    print(
+        f"audit chain intact: {report.reason}; signed head seq {head.seq} ({head.hash[:16]}…, from {source}), "
+        f"key {key.fingerprint[:16]}…"
+    )
+    if trusted is None:
+        print(
+            "note: checked with the key the server presents; pass --public-key with a copy obtained elsewhere so "
+            "that a server whose key was replaced cannot pass",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_proof(args: argparse.Namespace) -> int:
+    """``lethe proof TASK | --request JOB_ID [--out FILE]`` and ``lethe proof verify FILE [--public-key FILE]``."""
+    words = list(args.words)
+    if len(words) == 2 and words[0] == "verify":
+        return _proof_verify(Path(words[1]), _trusted_key(args.public_key))
+    task = args.task or (words[0] if len(words) == 1 else "")
+    if len(words) > 1 or bool(task) == bool(args.request):
+        print("usage: lethe proof TASK | --request JOB_ID [--out FILE], or lethe proof verify FILE", file=sys.stderr)
+        return 2
+    with _client(args) as client:
+        certificate = client.forgetting_certificate(task=task, job_id=args.request or "")
+    data = certificate_file(certificate)
+    if not args.out:
+        sys.stdout.write(data.decode())
+        return 0
+    Path(args.out).write_bytes(data)
+    document = json.loads(certificate.document)
+    print(document.get("summary", ""))
+    print(f"wrote the signed certificate to {args.out}; check it with: lethe proof verify {args.out} --public-key KEY")
+    return 0
+
+
+def _proof_verify(path: Path, trusted: AuditPublicKey | None) -> int:
+    check = verify_certificate(path.read_bytes(), trusted)
+    if not check.ok:
+        print(f"CERTIFICATE INVALID: {check.reason}", file=sys.stderr)
+        for problem in check.event_problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    print(f"certificate valid: {check.reason}")
+    print(f"key fingerprint {check.fingerprint}")
+    print(check.certificate.get("summary", ""))
+    if not check.origin_verified:
+        print("note: integrity only, not origin: verified against the key embedded in the file", file=sys.stderr)
     return 0
 
 
@@ -360,16 +463,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cancel.add_argument("id")
     cancel.set_defaults(func=cmd_cancel)
-    audit = sub.add_parser("audit", help="show the audit trail; --verify checks its hash chain")
-    audit.add_argument("--verify", action="store_true")
+    audit = sub.add_parser(
+        "audit",
+        help="show the audit trail; 'verify' checks its chain, signatures and signed head; 'public-key' exports "
+        "the key",
+    )
+    audit.add_argument("action", nargs="?", choices=("verify", "public-key"))
+    audit.add_argument("--verify", action="store_true", help="the same as 'lethe audit verify'")
+    audit.add_argument("--public-key", help="verify: the server's audit public key (PEM) from a trusted source")
+    audit.add_argument("--head", help="verify: a copy of the server's audit-head.json instead of GetAuditHead")
+    audit.add_argument("--out", help="public-key: write the key to this file")
     audit.add_argument("--task")
     audit.set_defaults(func=cmd_audit)
+    proof = sub.add_parser(
+        "proof",
+        help="a signed forgetting certificate: 'proof TASK', 'proof --request JOB_ID', 'proof verify FILE' (admin)",
+    )
+    proof.add_argument("words", nargs="*", metavar="TASK | verify FILE")
+    proof.add_argument("--task", help="the unlearned task (when its name is 'verify')")
+    proof.add_argument("--request", metavar="JOB_ID", help="the unlearn job")
+    proof.add_argument("--out", help="write the certificate to this file (default: print it)")
+    proof.add_argument("--public-key", help="verify: the server's audit public key (PEM) from a trusted source")
+    proof.set_defaults(func=cmd_proof)
     token = sub.add_parser("token", help="create a bearer token: prints it once and its config line")
     token.add_argument("action", choices=("create",))
     token.add_argument("--principal", required=True)
     token.add_argument("--scopes", required=True, help="comma-separated: predict, learn, unlearn, admin")
     token.set_defaults(func=cmd_token)
-    for p in (learn, unlearn, predict, jobs, cancel, audit, sub.choices["tasks"], sub.choices["model"]):
+    for p in (learn, unlearn, predict, jobs, cancel, audit, proof, sub.choices["tasks"], sub.choices["model"]):
         _add_client_options(p)
 
     from client.report import cmd_report  # matplotlib is imported only when a report is written

@@ -46,6 +46,18 @@ class PurgedFile:
     kind: str
     bytes: int
     sha256: str
+    #: ``present`` or ``missing`` when the server read the file at deletion ("" in older events).
+    at_deletion: str = ""
+    sha256_at_deletion: str = ""
+
+    @property
+    def deletion_note(self) -> str:
+        """What the server found on disk when it deleted the file, in words."""
+        if self.at_deletion == "missing":
+            return "already missing"
+        if self.at_deletion == "present":
+            return "as recorded" if self.sha256_at_deletion == self.sha256 else f"DIFFERS: {self.sha256_at_deletion}"
+        return "not recorded"
 
 
 @dataclass(frozen=True)
@@ -138,7 +150,14 @@ def collect(client: LetheClient, server: str = "") -> ReportData:
             continue
         details = json.loads(event.details_json or "{}")
         files = tuple(
-            PurgedFile(str(f.get("path", "")), str(f.get("kind", "")), int(f.get("bytes", 0)), str(f.get("sha256", "")))
+            PurgedFile(
+                str(f.get("path", "")),
+                str(f.get("kind", "")),
+                int(f.get("bytes", 0)),
+                str(f.get("sha256", "")),
+                str(f.get("at_deletion", "")),
+                str(f.get("sha256_at_deletion") or ""),
+            )
             for f in details.get("files", [])
         )
         purge = Purge(event.seq, _at(event.at), str(details.get("why", "")), event.job_id, files, event.hash)
@@ -386,11 +405,13 @@ def _purge_proofs(data: ReportData) -> list[str]:
                 f"<p>{_when(p.at)}: {_e(p.why)}, {_files(len(p.files))}, {p.bytes:,} bytes "
                 f"(audit event {p.seq}, hash <code>{_e(p.event_hash)}</code>)</p>"
             )
-            out.append("<table><tr><th>file</th><th>kind</th><th>bytes</th><th>SHA-256</th></tr>")
+            out.append(
+                "<table><tr><th>file</th><th>kind</th><th>bytes</th><th>SHA-256</th><th>on disk at deletion</th></tr>"
+            )
             for f in p.files:
                 out.append(
                     f"<tr><td><code>{_e(f.path)}</code></td><td>{_e(f.kind)}</td><td class=n>{f.bytes:,}</td>"
-                    f"<td><code>{_e(f.sha256)}</code></td></tr>"
+                    f"<td><code>{_e(f.sha256)}</code></td><td>{_e(f.deletion_note)}</td></tr>"
                 )
             out.append("</table>")
     return out or ["<p class=muted>No unlearn has been requested.</p>"]

@@ -14,6 +14,8 @@ from grpc_health.v1 import health, health_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 from sqlalchemy import Engine
 
+from server.audit_head import HEAD_FILE, AuditHeadPublisher, compare_with_database
+from server.audit_key import load_or_create_audit_key, write_public_key
 from server.config import Config
 from server.engine.protocol import LearnOptions, Strategy
 from server.engine.registry import build_strategy, resolve_device
@@ -27,6 +29,7 @@ from server.jobs import (
     WorkerSettings,
     on_outcome_commit,
 )
+from server.jobs.proof import ProofService
 from server.rpc import (
     SERVICE_NAME,
     AuthInterceptor,
@@ -37,6 +40,7 @@ from server.rpc import (
     create_server,
 )
 from server.storage import (
+    AuditLog,
     SchemaError,
     check_schema,
     current_revision,
@@ -44,6 +48,7 @@ from server.storage import (
     make_session_factory,
     mask_url,
     on_audit_commit,
+    on_audit_head_commit,
     upgrade,
 )
 from server.telemetry import Telemetry
@@ -125,6 +130,7 @@ class App:
         self.health = health.HealthServicer()
         self.ports = Ports(0, None)
         self.telemetry: Telemetry | None = None
+        self.audit_head: AuditHeadPublisher | None = None
         self._metrics_server: Any = None
 
     def learn_defaults(self, strategy: Strategy) -> LearnOptions:
@@ -165,6 +171,16 @@ class App:
         )
         on_audit_commit(sessions, lambda action: telemetry.audit_events.labels(action).inc())
         on_outcome_commit(sessions, lambda kind, outcome: telemetry.jobs_total.labels(kind, outcome).inc())
+        key = load_or_create_audit_key(c.audit_key_file, create=not c.audit.signing_key_file)
+        write_public_key(self.data_dir, key)
+        audit_log = AuditLog(signer=key)
+        with sessions() as session:
+            stored_head = AuditLog.head(session)
+            head_problem = compare_with_database(self.data_dir / HEAD_FILE, session, key.public_key)
+        publisher = self.audit_head = AuditHeadPublisher(
+            self.data_dir / HEAD_FILE, key.public_key, telemetry, stored_head
+        )
+        on_audit_head_commit(sessions, publisher.publish)
         events, serving = JobEvents(), ServingState()
         context = JobContext(
             self.strategy_factory,
@@ -180,6 +196,7 @@ class App:
                 forget_tolerance=c.training.forget_tolerance,
                 forget_max_attempts=c.training.forget_max_attempts,
             ),
+            audit_log=audit_log,
         )
         self.worker = Worker(context, on_fatal=self._worker_died)
         strategy = self.worker.strategy
@@ -190,7 +207,12 @@ class App:
             {"version": __version__, "strategy": c.model.strategy, "backbone": c.model.backbone, "device": device}
         )
         jobs = JobService(
-            sessions, self.data_dir, events, serving, QueueLimits(c.limits.max_queued_jobs, c.limits.max_tasks)
+            sessions,
+            self.data_dir,
+            events,
+            serving,
+            QueueLimits(c.limits.max_queued_jobs, c.limits.max_tasks),
+            audit_log=audit_log,
         )
         telemetry.job_queue_depth.set_function(jobs.queue_depth)
         telemetry.job_queue_limit.set(c.limits.max_queued_jobs)
@@ -213,7 +235,8 @@ class App:
             max_stream_samples=c.limits.max_stream_samples,
             max_predict_samples=c.limits.max_predict_samples,
         )
-        servicer = LetheServicer(jobs, serving, telemetry, model, defaults)
+        proofs = ProofService(sessions, audit_log, key, lambda: publisher.current)
+        servicer = LetheServicer(jobs, serving, telemetry, model, defaults, proofs)
         if c.auth.enabled:
             tokens: TokenTable | None = TokenTable(c.auth.tokens)
         else:
@@ -246,10 +269,22 @@ class App:
                 c.server.metrics_port, addr=c.server.metrics_host, registry=self.registry
             )
             self.ports.metrics = self._metrics_server.server_port
+        if head_problem is not None:
+            # Recorded in the signed chain itself, before anything else appends (and rewrites the file).
+            log.error("AUDIT HEAD MISMATCH: %s; run lethe audit verify --public-key", head_problem.problem)
+            details = {**head_problem.details(), "database_head_seq": stored_head.seq}
+            with sessions.begin() as session:
+                audit_log.append(session, principal="system", action="audit.head_mismatch", details=details)
         self.worker.recover()
         jobs.mark_ready()
         self.worker.start()
-        jobs.audit("system", "server.started", version=__version__, model_version=strategy.version)
+        jobs.audit(
+            "system",
+            "server.started",
+            version=__version__,
+            model_version=strategy.version,
+            audit_key=key.public_key.fingerprint,
+        )
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         telemetry.ready.set(1)
         log.info("lethe serving on %s:%d (metrics %s)", c.server.host, port, self.ports.metrics)

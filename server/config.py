@@ -124,6 +124,17 @@ class TelemetrySection:
 
 
 @dataclass(frozen=True)
+class AuditSection:
+    """The audit trail's Ed25519 signing key (DESIGN.md section 9)."""
+
+    #: PEM file (PKCS#8, unencrypted) of the key that signs every audit event, the chain head and forgetting
+    #: certificates. Empty = `<data_dir>/keys/audit-ed25519.pem`, created (mode 0600) on first start; a file named
+    #: here must exist (e.g. `openssl genpkey -algorithm ed25519 -out FILE`). Its public key is written to
+    #: `<data_dir>/keys/audit-ed25519.pub`. Keep the key: events signed with a lost key verify only with its public key.
+    signing_key_file: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole server configuration."""
 
@@ -134,6 +145,7 @@ class Config:
     limits: LimitsSection = field(default_factory=LimitsSection)
     auth: AuthSection = field(default_factory=AuthSection)
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
+    audit: AuditSection = field(default_factory=AuditSection)
 
     @property
     def database_url(self) -> str:
@@ -141,6 +153,13 @@ class Config:
         if self.storage.database_url:
             return self.storage.database_url
         return f"sqlite:///{Path(self.storage.data_dir).resolve() / 'lethe.db'}"
+
+    @property
+    def audit_key_file(self) -> Path:
+        """The effective audit signing key file (``<data_dir>/keys/audit-ed25519.pem`` by default)."""
+        if self.audit.signing_key_file:
+            return Path(self.audit.signing_key_file)
+        return Path(self.storage.data_dir).resolve() / "keys" / "audit-ed25519.pem"
 
 
 SCOPES = ("predict", "learn", "unlearn", "admin")
@@ -359,6 +378,12 @@ def validate(config: Config) -> list[str]:
         p.append(f"telemetry.max_task_series: must be >= 0, got {config.telemetry.max_task_series}")
     if config.telemetry.log_format not in LOG_FORMATS:
         p.append(f"telemetry.log_format: one of {', '.join(LOG_FORMATS)}, got {config.telemetry.log_format!r}")
+    key_file = config.audit.signing_key_file
+    if key_file and not Path(key_file).is_file():
+        p.append(
+            f"audit.signing_key_file: file {key_file} does not exist (leave it empty to have the server create "
+            "<data_dir>/keys/audit-ed25519.pem, or create one with: openssl genpkey -algorithm ed25519 -out FILE)"
+        )
     if config.telemetry.log_level.upper() not in LOG_LEVELS:
         p.append(f"telemetry.log_level: one of {', '.join(LOG_LEVELS)}, got {config.telemetry.log_level!r}")
     return p

@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -131,11 +132,22 @@ def db_command(args: argparse.Namespace) -> int:
         upgrade(url)
         print(f"database {mask_url(url)} is at the newest schema")
         return 0
+    from protos.audit_signing import AuditPublicKey
+    from server.audit_head import read_head_file
+
+    public_key = AuditPublicKey.from_pem(Path(args.public_key).read_bytes()) if args.public_key else None
+    published = read_head_file(Path(args.head_file)).head if args.head_file else None
     sessions = make_session_factory(make_engine(url))
     with sessions() as session:
-        result = AuditLog().verify(session)
+        result = AuditLog().verify(session, public_key=public_key, published=published)
     if result.ok:
-        print(f"audit chain intact: {result.checked} events verified")
+        print(f"audit chain intact: {result.reason}")
+        if public_key is None:
+            print(
+                "note: hashes only; pass --public-key (and --head-file) to detect a rewritten suffix whose hashes "
+                "were recomputed, and deleted newest events",
+                file=sys.stderr,
+            )
         return 0
     print(f"AUDIT CHAIN BROKEN at seq {result.first_bad_seq}: {result.reason}", file=sys.stderr)
     return 1
@@ -146,6 +158,8 @@ def add_db_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("db_command", choices=("upgrade", "verify-audit"))
     parser.add_argument("--config", help="TOML configuration file")
     parser.add_argument("--database-url", help="database URL (default: the configuration's)")
+    parser.add_argument("--public-key", help="verify-audit: the audit public key (PEM): checks every signature")
+    parser.add_argument("--head-file", help="verify-audit: a copy of audit-head.json: detects deleted newest events")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

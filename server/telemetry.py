@@ -84,6 +84,13 @@ class Telemetry:
         self.retained_bytes = Gauge("lethe_retained_data_bytes", "Bytes of task data kept on disk", registry=r)
         self.purged_bytes = Counter("lethe_purged_data_bytes", "Bytes of task data purged", registry=r)
         self.audit_events = Counter("lethe_audit_events", "Audit events by action", ["action"], registry=r)
+        self.audit_head = Gauge(
+            "lethe_audit_head",
+            "Seq of the newest committed audit event; its hash, the head signature and the key fingerprint as labels",
+            ["hash", "signature", "key"],
+            registry=r,
+        )
+        self._audit_head_labels: tuple[str, str, str] | None = None
         for state in TASK_STATES:
             self.tasks.labels(state).set(0)
         for kind in JOB_KINDS:
@@ -94,6 +101,24 @@ class Telemetry:
         for gauge in (self.retain_accuracy, self.forget_accuracy, self.last_unlearn_spill, self.unlearn_mia):
             gauge.set(math.nan)
         self.max_relapse.set(0)
+
+    def record_audit_head(self, seq: int, head_hash: str, signature: str, key: str) -> None:
+        """Publish the signed audit head as ``lethe_audit_head{hash, signature, key} = seq``.
+
+        One series at any time: the previous head's series is removed, not kept, so the cardinality
+        is 1 however long the log grows. Each scrape that sees a new head starts a new series in
+        Prometheus (churn bounded by the scrape rate, not by the number of events), and every stored
+        sample is a self-contained signed head that anyone with the public key can check against the
+        database later: the point of publishing it outside the database. For a continuous series
+        of the seq, aggregate the labels away: ``max without (hash, signature, key) (lethe_audit_head)``.
+        """
+        labels = (head_hash, signature, key)
+        with self._lock:
+            if self._audit_head_labels is not None and self._audit_head_labels != labels:
+                with contextlib.suppress(KeyError):
+                    self.audit_head.remove(*self._audit_head_labels)
+            self.audit_head.labels(*labels).set(seq)
+            self._audit_head_labels = labels
 
     def _tracked(self, gauge: Gauge, task: str) -> bool:
         """Whether ``task`` may have a series in ``gauge`` (registers it while under the cap)."""

@@ -20,8 +20,9 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 
 from client import LetheClient, pb
-from client.audit import verify_chain
+from client.audit import head_from_message, verify_audit, verify_chain, warnings_in
 from protos import lethe_pb2_grpc as pb_grpc
+from protos.audit_signing import AuditPublicKey
 from protos.tensors import to_tensor
 from tests.databases import fresh_postgres_database, postgres_admin_url
 from tests.support import ServerProcess, digits
@@ -80,33 +81,43 @@ def data_files_rows(engine: Engine) -> list[tuple[Any, ...]]:
 
 
 def unaccounted_files(data_dir: Path, database_url: str, settle_seconds: float = 5.0) -> dict[str, list[str]]:
-    """How the data directory differs from "live ``data_files`` rows ∪ the newest checkpoint"; {} when equal.
+    """How the data directory differs from "live ``data_files`` rows, one of them a checkpoint"; {} when equal.
 
-    Files of a job that just ended are deleted right after its commit, so a difference is re-read
-    for up to ``settle_seconds`` before it is reported.
+    Checkpoints are rows like every other file: each checkpoint file on disk must be a live row, and
+    after a job has ended only one checkpoint row is live (the model's). The database, the audit key
+    and the published audit head are not data files. Files of a job that just ended are deleted right
+    after its commit, so a difference is re-read for up to ``settle_seconds`` before it is reported.
     """
     deadline = time.monotonic() + settle_seconds
     while True:
         engine = create_engine(database_url, poolclass=NullPool)
         try:
             with engine.connect() as connection:
-                live = {
-                    str(r[0]) for r in connection.execute(text("SELECT path FROM data_files WHERE purged_at IS NULL"))
-                }
+                rows = connection.execute(text("SELECT path, kind FROM data_files WHERE purged_at IS NULL")).all()
         finally:
             engine.dispose()
+        live = {str(r[0]) for r in rows}
+        live_checkpoints = sorted((str(r[0]) for r in rows if r[1] == "checkpoint"), key=_checkpoint_order)
         on_disk = {str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file()}
-        on_disk -= {p for p in on_disk if p.startswith("lethe.db") or p == "audit-head.json"}
-        checkpoints = sorted((p for p in on_disk if p.startswith("checkpoints/")), reverse=True)
+        on_disk -= {p for p in on_disk if p.startswith(("lethe.db", "keys/")) or p == "audit-head.json"}
         diff = {
-            "on disk, not a live row": sorted(on_disk - live - set(checkpoints[:1])),
+            "on disk, not a live row": sorted(on_disk - live),
             "live row, not on disk": sorted(live - on_disk),
-            "older checkpoints": checkpoints[1:],
+            "older checkpoints": live_checkpoints[:-1],
         }
         diff = {k: v for k, v in diff.items() if v}
         if not diff or time.monotonic() > deadline:
             return diff
         time.sleep(0.1)
+
+
+def _checkpoint_order(path: str) -> tuple[int, str]:
+    return checkpoint_version(path), path
+
+
+def checkpoint_version(name: str) -> int:
+    """The model version in a checkpoint's file name (``ckpt-<version>-<job>-<attempt>.pt``)."""
+    return int(name.rsplit("/", 1)[-1].split("-")[1].split(".")[0])
 
 
 @dataclass(frozen=True)
@@ -339,8 +350,13 @@ class CrashHarness:
         assert set(by_id) == set(self.accepted), (
             f"jobs lost: {set(self.accepted) - set(by_id)}; unexpected: {set(by_id) - set(self.accepted)}"
         )
+        head = client.audit_head()  # before the events: signed, published outside the database
         events = client.audit_events()
         assert verify_chain(events) is None, verify_chain(events)
+        key = AuditPublicKey.from_pem(head.public_key)
+        report = verify_audit(events, public_key=key, head=head_from_message(head))
+        assert report.ok and report.unsigned == 0, report
+        assert warnings_in(events) == [], "a restart found its published audit head disagreeing with the database"
         assert sum(e.action == "server.started" for e in events) == self.starts
         for job in jobs:
             endings = [e.action for e in events if e.job_id == job.id and e.action in TERMINAL_ACTIONS]
@@ -377,7 +393,12 @@ class CrashHarness:
             with pytest.raises(grpc.RpcError) as refused:
                 client.predict(name, x[:2])
             assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        purged = [f["path"] for e in events if e.action == "data.purged" for f in json.loads(e.details_json)["files"]]
+        purged = [
+            f["path"]
+            for e in events
+            if e.action in ("data.purged", "checkpoint.pruned")
+            for f in json.loads(e.details_json)["files"]
+        ]
         for name in self.unlearned:
             assert any(e.action == "data.purged" and e.task == name for e in events), f"no purge of {name}"
         assert not [p for p in purged if (self.data_dir / p).exists()], "purged files still on disk"
@@ -390,13 +411,16 @@ class CrashHarness:
         assert unaccounted_files(self.data_dir, self.database_url) == {}
         newest = self.checkpoints()[0] if self.checkpoints() else None
         if expected_version:
-            assert newest == f"ckpt-{expected_version:010d}.pt", f"newest checkpoint {newest}, model {expected_version}"
+            assert newest is not None and checkpoint_version(newest) == expected_version, (
+                f"newest checkpoint {newest}, model {expected_version}"
+            )
         return jobs
 
     def checkpoints(self) -> list[str]:
         """Checkpoint file names, newest first."""
         directory = self.data_dir / "checkpoints"
-        return sorted((p.name for p in directory.iterdir()), reverse=True) if directory.is_dir() else []
+        names = [p.name for p in directory.iterdir()] if directory.is_dir() else []
+        return sorted(names, key=lambda n: (checkpoint_version(n), n), reverse=True)
 
     def assert_idle_restart_changes_nothing(self) -> None:
         """Kill the idle server and start it again: same state, one checkpoint left by recovery."""

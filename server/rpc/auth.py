@@ -28,6 +28,8 @@ METHOD_SCOPES: dict[str, str] = {
     "PredictStream": "predict",
     "CancelJob": "learn",
     "ListAuditEvents": "admin",
+    "GetAuditHead": "admin",  # as ListAuditEvents: the head is checked against the events
+    "GetForgettingCertificate": "admin",
     "GetJob": "any",
     "WatchJob": "any",
     "ListJobs": "any",

@@ -70,6 +70,7 @@ def audit_message(event: AuditEvent) -> pb.AuditEvent:
         details_json=event.details_json,
         prev_hash=event.prev_hash,
         hash=event.hash,
+        signature=event.signature,
     )
 
 

@@ -31,6 +31,7 @@ from server.errors import (
     UnavailableError,
 )
 from server.jobs import JobService, LearnStream, LearnSubmission, ServingState, UnlearnSubmission
+from server.jobs.proof import ProofService
 from server.logs import log_context
 from server.rpc import validation as v
 from server.rpc.auth import current_principal
@@ -87,7 +88,9 @@ class LetheServicer(pb_grpc.LetheServicer):
         telemetry: Telemetry,
         model: ModelDescription,
         defaults: LearnDefaults,
+        proofs: ProofService | None = None,
     ) -> None:
+        self.proofs = proofs
         self.jobs = jobs
         self.serving = serving
         self.telemetry = telemetry
@@ -337,6 +340,32 @@ class LetheServicer(pb_grpc.LetheServicer):
             events = self.jobs.list_audit(_cursor(request.after_seq), _limit(request.limit), task)
             return pb.ListAuditEventsResponse(events=[audit_message(e) for e in events])
         raise AssertionError("unreachable")
+
+    def GetAuditHead(self, request: pb.GetAuditHeadRequest, context: grpc.ServicerContext) -> pb.AuditHead:
+        with self._call("GetAuditHead", context):
+            proofs = self._proofs()
+            head = proofs.audit_head()
+            return pb.AuditHead(
+                seq=head.seq, hash=head.hash, signature=head.signature, public_key=proofs.key.public_key.pem
+            )
+        raise AssertionError("unreachable")
+
+    def GetForgettingCertificate(
+        self, request: pb.GetForgettingCertificateRequest, context: grpc.ServicerContext
+    ) -> pb.ForgettingCertificate:
+        with self._call("GetForgettingCertificate", context):
+            task = v.task_name(request.task) if request.task else ""
+            job_id = v.job_id(request.job_id, "job_id") if request.job_id else ""
+            issued = self._proofs().certificate(task=task, job_id=job_id, principal=current_principal().name)
+            return pb.ForgettingCertificate(
+                document=issued.document, signature=issued.signature, public_key=issued.public_key
+            )
+        raise AssertionError("unreachable")
+
+    def _proofs(self) -> ProofService:
+        if self.proofs is None:
+            raise FailedPreconditionError("this server was started without an audit signing key")
+        return self.proofs
 
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         with self._call("GetModel", context):

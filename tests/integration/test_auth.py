@@ -50,10 +50,14 @@ def test_tokens_and_scopes(tmp_path: Path) -> None:
             assert _code(lambda: reader.learn("r", x, y)) == grpc.StatusCode.PERMISSION_DENIED
             assert _code(lambda: reader.unlearn("t")) == grpc.StatusCode.PERMISSION_DENIED
             assert _code(lambda: reader.audit_events()) == grpc.StatusCode.PERMISSION_DENIED
+            assert _code(lambda: reader.audit_head()) == grpc.StatusCode.PERMISSION_DENIED
+            assert _code(lambda: reader.forgetting_certificate(task="t")) == grpc.StatusCode.PERMISSION_DENIED
             assert reader.job(job.id).state == pb.SUCCEEDED  # status reads need any valid token
         assert _code(lambda: server.client.unlearn("t")) == grpc.StatusCode.PERMISSION_DENIED
         with LetheClient(server.target, token=TOKENS["admin"]) as admin:
             admin.wait(admin.unlearn("t", reason="audit").id)
+            assert admin.audit_head().seq > 0
+            assert json.loads(admin.forgetting_certificate(task="t").document)["issued_to"] == "root"
             events = admin.audit_events()
         with grpc.insecure_channel(server.target) as channel:  # health stays open
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
@@ -63,7 +67,8 @@ def test_tokens_and_scopes(tmp_path: Path) -> None:
     assert by_action["unlearn.requested"].principal == "root"
     denied = [json.loads(e.details_json) for e in events if e.action == "auth.denied"]
     assert {"UNAUTHENTICATED", "PERMISSION_DENIED"} <= {d["code"] for d in denied}
-    assert all("t-" not in e.details_json for e in events)  # no token ever lands in the audit trail
+    # No token ever lands in the audit trail.
+    assert not [e.seq for e in events for token in TOKENS.values() if token in e.details_json]
 
 
 def _certificate(
