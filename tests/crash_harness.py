@@ -97,7 +97,8 @@ def unaccounted_files(data_dir: Path, database_url: str, settle_seconds: float =
         finally:
             engine.dispose()
         live = {str(r[0]) for r in rows}
-        live_checkpoints = sorted((str(r[0]) for r in rows if r[1] == "checkpoint"), key=_checkpoint_order)
+        model_checkpoints = (str(r[0]) for r in rows if r[1] == "checkpoint" and str(r[0]).startswith("checkpoints/"))
+        live_checkpoints = sorted(model_checkpoints, key=_checkpoint_order)
         on_disk = {str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file()}
         on_disk -= {p for p in on_disk if p.startswith(("lethe.db", "keys/")) or p == "audit-head.json"}
         diff = {

@@ -48,6 +48,12 @@ def checkpoint_name(version: int, job_id: str, attempt: int) -> str:
     return f"ckpt-{version:010d}-{job_id}-{attempt}.pt"
 
 
+def is_checkpoint_path(relative: str) -> bool:
+    """Whether a data path is one of the model's checkpoints (``checkpoints/ckpt-...pt``)."""
+    folder, _, name = relative.rpartition("/")
+    return folder == CHECKPOINTS and _CHECKPOINT_NAME.match(name) is not None
+
+
 def parse_checkpoint_name(name: str) -> CheckpointName | None:
     """Parses a checkpoint file name (or a path ending in one); None when it is not one."""
     found = _CHECKPOINT_NAME.match(name.rsplit("/", 1)[-1])

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session
 
 from server.data import FileRecord, digest_on_disk, fsync_dir
-from server.data.layout import parse_checkpoint_name
+from server.data.layout import is_checkpoint_path, parse_checkpoint_name
 from server.storage import DataFile, DataFileKind, DataFileRepository, Job
 
 if TYPE_CHECKING:
@@ -39,6 +39,16 @@ log = logging.getLogger(__name__)
 
 def _relative(ctx: JobContext, path: Path) -> str:
     return path.relative_to(ctx.layout.root).as_posix()
+
+
+def model_checkpoints(session: Session) -> list[DataFile]:
+    """Live rows of the model's checkpoints (kind ``checkpoint`` under ``checkpoints/``), oldest first.
+
+    Other files of kind ``checkpoint`` (snapshots a strategy keeps for exact unlearning, say) are
+    their owners' business: this module never prunes them.
+    """
+    rows = DataFileRepository(session).live(kind=DataFileKind.CHECKPOINT)
+    return [f for f in rows if is_checkpoint_path(f.path)]
 
 
 def record_intent(ctx: JobContext, job: Job) -> str:
@@ -59,8 +69,7 @@ def written_by(ctx: JobContext, job_id: str) -> FileRecord | None:
     """Size and digest of the checkpoint ``job_id`` wrote (read before its commit transaction)."""
 
     def query(session: Session) -> list[str]:
-        rows = DataFileRepository(session).live(kind=DataFileKind.CHECKPOINT)
-        return [f.path for f in rows if f.job_id == job_id]
+        return [f.path for f in model_checkpoints(session) if f.job_id == job_id]
 
     for path in reversed(ctx.read(query, "reading the job's checkpoint")):
         found = digest_on_disk(ctx.layout.root, path)
@@ -93,7 +102,7 @@ def prune(ctx: JobContext, *, keep: Path | None = None, job_id: str = "", why: s
 
     def query(session: Session) -> tuple[list[str], list[str]]:
         files = DataFileRepository(session)
-        rows = [f.path for f in files.live(kind=DataFileKind.CHECKPOINT) if f.path != kept]
+        rows = [f.path for f in model_checkpoints(session) if f.path != kept]
         unrecorded = [p for p in on_disk if files.get(p) is None]
         return rows, unrecorded
 
@@ -134,8 +143,7 @@ def discard(ctx: JobContext, job_id: str) -> None:
 
     def work() -> None:
         with ctx.transaction() as session:
-            rows = DataFileRepository(session).live(kind=DataFileKind.CHECKPOINT)
-            doomed = [f for f in rows if f.job_id == job_id]
+            doomed = [f for f in model_checkpoints(session) if f.job_id == job_id]
             why = "its job did not commit (failed, cancelled or interrupted): the model is the previous checkpoint's"
             ctx.lifecycle.prune_checkpoints(session, doomed, found, job_id=job_id, why=why)
 

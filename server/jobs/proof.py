@@ -44,6 +44,7 @@ from protos.audit_chain import ChainHead, certificate_signing_message, format_ti
 from protos.audit_signing import AuditSigningKey
 from server.data.layout import parse_checkpoint_name
 from server.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from server.jobs.checkpoint_rows import model_checkpoints
 from server.storage import (
     AUDIT_HEAD_ID,
     AuditEvent,
@@ -292,7 +293,7 @@ class ProofService:
                     else "not yet purged"
                 )
                 held.append({"path": f.path, "kind": f.kind.value, "bytes": f.bytes, "sha256": f.sha256, "why": why})
-        for f in files.live(kind=DataFileKind.CHECKPOINT):
+        for f in model_checkpoints(session):
             parsed = parse_checkpoint_name(f.path)
             if parsed is not None and parsed.version < job.model_version:
                 held.append(
