@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from server.checkpoints import CheckpointMeta, CheckpointStore
 from server.data import FileRecord, load_arrays
 from server.data.layout import DataLayout
+from server.data.sample_ids import SampleIdKey
 from server.engine.protocol import Progress, Strategy, TaskData
 from server.jobs.evaluation import ProbeCache
 from server.jobs.events import JobEvents
@@ -78,6 +79,8 @@ class JobContext:
         serving: ServingState,
         telemetry: Telemetry,
         settings: WorkerSettings,
+        *,
+        sample_key: SampleIdKey | None = None,
     ) -> None:
         self.factory = strategy_factory
         self.strategy = strategy_factory()
@@ -89,6 +92,7 @@ class JobContext:
         self.layout = DataLayout(settings.data_dir)
         self.checkpoints = CheckpointStore(settings.data_dir)
         self.probes = ProbeCache(settings.data_dir)
+        self.sample_key = sample_key or SampleIdKey(settings.data_dir / "keys" / "sample-ids.key")
         self.lifecycle = Lifecycle()
         self.stopping = threading.Event()
         self.deadline = math.inf

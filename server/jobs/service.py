@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.data import FileRecord, purge
+from server.data.sample_ids import SampleIdKey, server_made_id
 from server.engine.protocol import LearnOptions
 from server.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError, UnavailableError
 from server.jobs.events import JobEvents
@@ -36,6 +37,7 @@ from server.storage import (
     JobKind,
     JobRepository,
     JobState,
+    SampleRepository,
     Task,
     TaskRepository,
     TaskState,
@@ -91,6 +93,8 @@ class JobService:
         events: JobEvents,
         serving: ServingState,
         limits: QueueLimits,
+        *,
+        sample_key: SampleIdKey | None = None,
     ) -> None:
         self.sessions = sessions
         self.data_dir = data_dir
@@ -100,6 +104,7 @@ class JobService:
         self.lifecycle = Lifecycle()
         self.audit_log = self.lifecycle.audit_log
         self._ready = threading.Event()
+        self.sample_key = sample_key or SampleIdKey(data_dir / "keys" / "sample-ids.key")
 
     def mark_ready(self) -> None:
         """Recovery is done: accept writes."""
@@ -181,10 +186,15 @@ class JobService:
         samples: int,
         classes: Sequence[int],
         principal: str,
+        *,
+        sample_digests: Sequence[str] = (),
+        server_made_ids: bool = True,
     ) -> Job:
         """Record a durably spooled Learn stream as a QUEUED job, in one transaction.
 
-        On any failure the spool file is deleted, so nothing accepted-but-unrecorded lingers.
+        Its samples enter the sample index (``sample_digests``, keyed digests in stream order; with
+        ``server_made_ids`` they are those of ``<job id>/<index>``, and the job says so). On any
+        failure the spool file is deleted, so nothing accepted-but-unrecorded lingers.
         """
         try:
             self._writable()
@@ -207,7 +217,10 @@ class JobService:
                     created_at=utc_now(),
                 )
                 job.options = {**submission.options.as_dict(), "metadata": submission.metadata}
+                if server_made_ids:
+                    job.options = {**job.options, "sample_id_prefix": server_made_id(job_id, 0)[:-1]}
                 self.lifecycle.new_job(session, job)
+                SampleRepository(session).add_stream(submission.task, job_id, sample_digests)
                 DataFileRepository(session).add(
                     DataFile(
                         kind=DataFileKind.SPOOL,

@@ -157,7 +157,7 @@ class LetheServicer(pb_grpc.LetheServicer):
                     raise ResourceExhaustedError(
                         f"chunk: the stream exceeds limits.max_stream_bytes ({self.defaults.max_stream_bytes} bytes)"
                     )
-                stream.append(inputs, labels, ids)
+                stream.append(inputs, labels, ids, f"chunk[{index}].sample_ids")
             if stream.samples < 2:
                 raise InvalidArgumentError(
                     "chunk", f"the stream must carry at least 2 samples (a probe set is held out), got {stream.samples}"
