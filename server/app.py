@@ -28,6 +28,7 @@ from server.jobs import (
     WorkerSettings,
     on_outcome_commit,
 )
+from server.jobs.records import SampleRequests
 from server.rpc import (
     SERVICE_NAME,
     AuthInterceptor,
@@ -97,6 +98,15 @@ class Ports:
 
     grpc: int
     metrics: int | None
+
+
+def sample_forgetting_refusal(strategy: Strategy) -> str | None:
+    """Why ``strategy``, as configured, cannot forget individual samples (None when it can)."""
+    check = getattr(strategy, "sample_forgetting", None)
+    if check is None:
+        return f"strategy {strategy.name!r} cannot forget individual samples; unlearn the whole task instead"
+    reason: str | None = check()
+    return reason
 
 
 class App:
@@ -227,8 +237,10 @@ class App:
             max_stream_bytes=c.limits.max_stream_bytes,
             max_stream_samples=c.limits.max_stream_samples,
             max_predict_samples=c.limits.max_predict_samples,
+            max_forget_samples=c.limits.max_forget_samples,
         )
-        servicer = LetheServicer(jobs, serving, telemetry, model, defaults)
+        records = SampleRequests(jobs, sample_forgetting_refusal(strategy), strategy.unlearn_methods[0])
+        servicer = LetheServicer(jobs, serving, telemetry, model, defaults, records)
         if c.auth.enabled:
             tokens: TokenTable | None = TokenTable(c.auth.tokens)
         else:

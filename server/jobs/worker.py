@@ -194,6 +194,7 @@ class Worker:
         """FAILED in SQL (retried), the model restored to before the job, its data dropped."""
         self.ctx.restore(discard_job=job.id)
         to_delete = self._end(job, lambda session, row: self.ctx.lifecycle.fail(session, row, message), "failure")
+        self.ctx.serving.release(job.id)
         self.ctx.telemetry.job_duration.labels(job.kind.value).observe(time.monotonic() - started)
         for path in to_delete:
             purge(self.ctx.layout.root, path)
@@ -206,6 +207,7 @@ class Worker:
         to_delete = self._end(
             job, lambda session, row: cancel(session, row, principal, "cancelled on request while running"), "cancel"
         )
+        self.ctx.serving.release(job.id)
         for path in to_delete:
             purge(self.ctx.layout.root, path)
         log.info("job %s cancelled while running; the model is as before it", job.id)
