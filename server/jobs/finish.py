@@ -216,5 +216,7 @@ def _publish_metrics(ctx: JobContext, run: JobRun, committed: Committed) -> None
         t.last_unlearn_spill.set(metrics["spill"] / 100.0)
     if "mia" in metrics:
         t.unlearn_mia.set(metrics["mia"] / 100.0)
+    if "samples_forgotten" in metrics:
+        t.forgotten_samples.inc(metrics["samples_forgotten"])
     if job.kind == JobKind.UNLEARN and metrics.get("forget_verified") == 0.0:
         t.unverified_unlearns.inc()
