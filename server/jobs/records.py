@@ -160,9 +160,21 @@ class SampleRequests:
         repository = TaskRepository(session)
         for name in sorted(tasks):
             task = repository.get_for_update(name)
-            if task is not None and task.state == TaskState.UNLEARNING:
+            if task is None:
+                continue
+            if task.state == TaskState.UNLEARNING:
                 raise FailedPreconditionError(
                     f"sample_ids: task {name!r} is being unlearned as a whole; its samples go with it"
+                )
+            if task.state == TaskState.LEARNING:
+                raise FailedPreconditionError(
+                    f"sample_ids: task {name!r} is still queued for learning; wait for its learn job and ask "
+                    "again, or unlearn the task (its data then never reaches the model)"
+                )
+            if task.samples - tasks[name] < 2:
+                raise FailedPreconditionError(
+                    f"sample_ids: these are {tasks[name]} of the {task.samples} samples of task {name!r}; "
+                    "unlearn the whole task instead"
                 )
 
     def _new_job(

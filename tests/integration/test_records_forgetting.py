@@ -174,3 +174,58 @@ def test_predict_never_answers_from_a_model_holding_what_is_being_forgotten(tmp_
         release.set()
         assert client.wait(whole.id).state == pb.SUCCEEDED
         assert client.predict(None, test.inputs).model_version > done.model_version
+
+
+def test_bad_records_requests_are_refused_naming_the_field(migrated_url: str, tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path / "data",
+        migrated_url,
+        **{"training.retain_training_data": True, "limits.max_forget_samples": 5, "training.epochs": 2},
+    )
+    data = load_digits().select([0, 1])
+    ids = [f"p{i}" for i in range(len(data.labels))]
+    with running_app(config) as server:
+        client = server.client
+
+        def learn_raw(chunks: list[pb.SampleChunk]) -> None:
+            header = pb.LearnRequest(header=pb.LearnHeader(task="raw"))
+            client.stub.Learn(iter([header, *(pb.LearnRequest(chunk=c) for c in chunks)]))
+
+        half = len(data.labels) // 2
+        first = pb.SampleChunk(
+            inputs=pb.Tensor(dtype=pb.FLOAT32, shape=[half, 1, 8, 8], data=data.inputs[:half].tobytes()),
+            labels=pb.Tensor(dtype=pb.INT64, shape=[half], data=data.labels[:half].tobytes()),
+            sample_ids=ids[:half],
+        )
+        second = pb.SampleChunk(inputs=first.inputs, labels=first.labels)
+        for chunks, field, words in (
+            ([first, second], "chunk[2].sample_ids", "every chunk or in none"),
+            ([first, first], "chunk[2].sample_ids", "appears twice"),
+        ):
+            with pytest.raises(grpc.RpcError) as bad:
+                learn_raw(chunks)
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert field in bad.value.details() and words in bad.value.details()
+        assert client.tasks() == []  # nothing half-written
+
+        job = client.wait(client.learn("a", data.inputs, data.labels, sample_ids=ids).id)
+        assert job.state == pb.SUCCEEDED and job.sample_id_prefix == ""
+        with pytest.raises(grpc.RpcError) as many:
+            client.forget_samples(ids[:6])
+        assert many.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_forget_samples" in many.value.details()
+        with pytest.raises(grpc.RpcError) as empty:
+            client.forget_samples(["ok", ""])
+        assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sample_ids[1]" in empty.value.details()
+        with pytest.raises(grpc.RpcError) as elsewhere:
+            client.forget_samples(ids[:2], task="b")
+        assert elsewhere.value.code() == grpc.StatusCode.NOT_FOUND and "in task 'b'" in elsewhere.value.details()
+
+        # finetune with retained data forgets records exactly (replay from the trunk before the task).
+        before = client.predict("a", data.inputs)
+        done = client.wait(client.forget_samples([*ids[:5], ids[0]], task="a").id)
+        assert done.state == pb.SUCCEEDED and done.metrics["samples_forgotten"] == 5
+        assert client.locate(ids[:5]).unknown == 5 and dict(client.locate(ids[5:8]).tasks) == {"a": 3}
+        assert client.predict("a", data.inputs).model_version == before.model_version + 1
+        again = client.forget_samples(ids[5:7], task="a", idempotency_key="request-2")
+        assert client.forget_samples(ids[5:7], task="a", idempotency_key="request-2").id == again.id
+        assert client.wait(again.id).state == pb.SUCCEEDED
