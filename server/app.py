@@ -15,8 +15,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 from sqlalchemy import Engine
 
 from server.config import Config
+from server.data.sample_ids import SampleIdKey
 from server.engine.protocol import LearnOptions, Strategy
-from server.engine.registry import build_strategy, resolve_device
+from server.engine.registry import build_strategy, resolve_device, strategy_options
 from server.jobs import (
     JobContext,
     JobEvents,
@@ -27,6 +28,7 @@ from server.jobs import (
     WorkerSettings,
     on_outcome_commit,
 )
+from server.jobs.records import SampleRequests
 from server.rpc import (
     SERVICE_NAME,
     AuthInterceptor,
@@ -98,6 +100,15 @@ class Ports:
     metrics: int | None
 
 
+def sample_forgetting_refusal(strategy: Strategy) -> str | None:
+    """Why ``strategy``, as configured, cannot forget individual samples (None when it can)."""
+    check = getattr(strategy, "sample_forgetting", None)
+    if check is None:
+        return f"strategy {strategy.name!r} cannot forget individual samples; unlearn the whole task instead"
+    reason: str | None = check()
+    return reason
+
+
 class App:
     """The Lethe daemon: database, worker, gRPC server and metrics endpoint.
 
@@ -142,6 +153,9 @@ class App:
     def build_strategy(self) -> Strategy:
         """A fresh strategy exactly as configured (also used to restore after a failed job)."""
         m = self.config.model
+        options: dict[str, Any] = {"cifar_stem": m.cifar_stem, "width": m.width}
+        if "retain_training_data" in strategy_options(m.strategy):
+            options["retain_training_data"] = self.config.training.retain_training_data
         return build_strategy(
             m.strategy,
             backbone=m.backbone,
@@ -149,8 +163,13 @@ class App:
             num_classes=m.num_classes,
             device=resolve_device(m.device),
             seed=m.seed,
-            options={"cifar_stem": m.cifar_stem, "width": m.width, **m.options},
+            options={**options, **m.options},
         )
+
+    def sample_id_key(self) -> SampleIdKey:
+        """The HMAC key of sample ids (``storage.sample_id_key_file``, default under the data directory)."""
+        configured = self.config.storage.sample_id_key_file
+        return SampleIdKey(Path(configured) if configured else self.data_dir / "keys" / "sample-ids.key")
 
     def start(self) -> Ports:
         """Open storage, load the model, start serving; return the bound ports."""
@@ -165,7 +184,7 @@ class App:
         )
         on_audit_commit(sessions, lambda action: telemetry.audit_events.labels(action).inc())
         on_outcome_commit(sessions, lambda kind, outcome: telemetry.jobs_total.labels(kind, outcome).inc())
-        events, serving = JobEvents(), ServingState()
+        events, serving, sample_key = JobEvents(), ServingState(), self.sample_id_key()
         context = JobContext(
             self.strategy_factory,
             sessions,
@@ -180,6 +199,7 @@ class App:
                 forget_tolerance=c.training.forget_tolerance,
                 forget_max_attempts=c.training.forget_max_attempts,
             ),
+            sample_key=sample_key,
         )
         self.worker = Worker(context, on_fatal=self._worker_died)
         strategy = self.worker.strategy
@@ -190,7 +210,12 @@ class App:
             {"version": __version__, "strategy": c.model.strategy, "backbone": c.model.backbone, "device": device}
         )
         jobs = JobService(
-            sessions, self.data_dir, events, serving, QueueLimits(c.limits.max_queued_jobs, c.limits.max_tasks)
+            sessions,
+            self.data_dir,
+            events,
+            serving,
+            QueueLimits(c.limits.max_queued_jobs, c.limits.max_tasks),
+            sample_key=sample_key,
         )
         telemetry.job_queue_depth.set_function(jobs.queue_depth)
         telemetry.job_queue_limit.set(c.limits.max_queued_jobs)
@@ -212,8 +237,10 @@ class App:
             max_stream_bytes=c.limits.max_stream_bytes,
             max_stream_samples=c.limits.max_stream_samples,
             max_predict_samples=c.limits.max_predict_samples,
+            max_forget_samples=c.limits.max_forget_samples,
         )
-        servicer = LetheServicer(jobs, serving, telemetry, model, defaults)
+        records = SampleRequests(jobs, sample_forgetting_refusal(strategy), strategy.unlearn_methods[0])
+        servicer = LetheServicer(jobs, serving, telemetry, model, defaults, records)
         if c.auth.enabled:
             tokens: TokenTable | None = TokenTable(c.auth.tokens)
         else:

@@ -96,7 +96,8 @@ def unaccounted_files(data_dir: Path, database_url: str, settle_seconds: float =
         finally:
             engine.dispose()
         on_disk = {str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file()}
-        on_disk -= {p for p in on_disk if p.startswith("lethe.db") or p == "audit-head.json"}
+        # The database, the published audit head and the server's keys are not task data.
+        on_disk -= {p for p in on_disk if p.startswith(("lethe.db", "keys/")) or p == "audit-head.json"}
         checkpoints = sorted((p for p in on_disk if p.startswith("checkpoints/")), reverse=True)
         diff = {
             "on disk, not a live row": sorted(on_disk - live - set(checkpoints[:1])),

@@ -44,6 +44,11 @@ class DataLayout:
         """A probe, member or retained file written by attempt ``attempt`` of job ``job_id``."""
         return f"{FOLDERS[kind]}/{job_id}-{attempt}.npz"
 
+    @staticmethod
+    def rewritten_file(kind: DataFileKind, job_id: str, attempt: int, part: int) -> str:
+        """A probe, member or retained file rewritten by a records unlearn (one ``part`` per task it touches)."""
+        return f"{FOLDERS[kind]}/{job_id}-{attempt}-{part}.npz"
+
     @property
     def checkpoints(self) -> Path:
         """The checkpoint directory."""

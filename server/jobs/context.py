@@ -6,7 +6,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from server.checkpoints import CheckpointMeta, CheckpointStore
 from server.data import FileRecord, load_arrays
 from server.data.layout import DataLayout
-from server.engine.protocol import Progress, Strategy, TaskData
+from server.data.sample_ids import SampleIdKey
+from server.engine.protocol import Predictor, Progress, Strategy, TaskData
 from server.jobs.evaluation import ProbeCache
 from server.jobs.events import JobEvents
 from server.jobs.lifecycle import Lifecycle
@@ -78,6 +79,8 @@ class JobContext:
         serving: ServingState,
         telemetry: Telemetry,
         settings: WorkerSettings,
+        *,
+        sample_key: SampleIdKey | None = None,
     ) -> None:
         self.factory = strategy_factory
         self.strategy = strategy_factory()
@@ -89,9 +92,20 @@ class JobContext:
         self.layout = DataLayout(settings.data_dir)
         self.checkpoints = CheckpointStore(settings.data_dir)
         self.probes = ProbeCache(settings.data_dir)
+        self.sample_key = sample_key or SampleIdKey(settings.data_dir / "keys" / "sample-ids.key")
+        if not self.strategy.task_incremental:  # one output space: serve the rollback point while forgetting
+            serving.set_rollback(self.rollback_predictor)
         self.lifecycle = Lifecycle()
         self.stopping = threading.Event()
         self.deadline = math.inf
+
+    def rollback_predictor(self, tasks: Collection[str]) -> Predictor | None:
+        """A snapshot of the model before any of ``tasks`` was learned, if the strategy keeps one.
+
+        Called from gRPC threads; the strategy's ``rollback_predictor`` reads only immutable state.
+        """
+        build = getattr(self.strategy, "rollback_predictor", None)
+        return build(tasks) if build is not None else None
 
     # -------------------------------------------------------------- database
     def must_stop(self) -> bool:

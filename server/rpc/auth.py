@@ -28,6 +28,7 @@ METHOD_SCOPES: dict[str, str] = {
     "PredictStream": "predict",
     "CancelJob": "learn",
     "ListAuditEvents": "admin",
+    "LocateSamples": "admin",
     "GetJob": "any",
     "WatchJob": "any",
     "ListJobs": "any",

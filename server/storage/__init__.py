@@ -42,6 +42,7 @@ from server.storage.models import (
     Sample,
     Task,
 )
+from server.storage.samples import SampleRepository
 from server.storage.tasks import TaskRepository
 from server.storage.urls import mask_url, normalize_url
 
@@ -64,10 +65,11 @@ __all__ = [
     "JobKind",
     "JobRepository",
     "JobState",
+    "Sample",
+    "SampleRepository",
     "SchemaError",
     "StrEnumType",
     "Task",
-    "Sample",
     "TaskRepository",
     "TaskState",
     "UTCDateTime",
