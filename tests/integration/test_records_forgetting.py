@@ -229,3 +229,39 @@ def test_bad_records_requests_are_refused_naming_the_field(migrated_url: str, tm
         again = client.forget_samples(ids[5:7], task="a", idempotency_key="request-2")
         assert client.forget_samples(ids[5:7], task="a", idempotency_key="request-2").id == again.id
         assert client.wait(again.id).state == pb.SUCCEEDED
+
+
+def test_uncle_with_retained_data_forgets_memorized_samples(tmp_path: Path) -> None:
+    # Clean digits carry no membership signal (seen and unseen samples score alike), so the person's
+    # samples are made memorable: 10% of task a's samples with their labels swapped (3 <-> 8). Only a
+    # model that memorized them answers them with those labels.
+    config = make_config(
+        tmp_path / "data",
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
+        **{"model.strategy": "uncle", "model.width": 0, "training.retain_training_data": True},
+    )
+    data = load_digits().select([3, 8])
+    rng = np.random.default_rng(0)
+    person = rng.choice(len(data.labels), size=len(data.labels) // 10, replace=False)
+    labels = data.labels.copy()
+    labels[person] = np.where(labels[person] == 3, 8, 3)
+    ids = [f"p{i}" for i in range(len(labels))]
+    gone = [ids[i] for i in person]
+    with running_app(config) as server:
+        client = server.client
+        learned = client.wait(client.learn("a", data.inputs, labels, sample_ids=ids, epochs=120).id, timeout=600)
+        assert learned.state == pb.SUCCEEDED, learned.message
+        other = load_digits().select([0, 1])
+        assert client.wait(client.learn("b", other.inputs, other.labels).id).state == pb.SUCCEEDED
+        b_before = client.task("b").accuracy
+
+        def memorized() -> float:
+            return float(np.mean(client.predict("a", data.inputs[person]).classes == labels[person]) * 100)
+
+        assert memorized() >= 70  # the model answers them with their (wrong) training labels
+        job = client.wait(client.forget_samples(gone, reason="erasure").id, timeout=900)
+        assert job.state == pb.SUCCEEDED and job.metrics["samples_forgotten"] == len(gone)
+        assert memorized() <= 20  # answered like unseen data of the task, no more memorized
+        assert np.mean(client.predict("a", data.inputs[person]).classes == data.labels[person]) >= 0.8
+        assert client.task("a").state == pb.LEARNED and client.task("a").accuracy >= 85
+        assert abs(client.task("b").accuracy - b_before) <= 5
