@@ -53,7 +53,9 @@ class SlowStrategy(_Wrapper):
         self._hold(progress)
         return self.inner.unlearn(task, method, progress, replay)
 
-    def forget_samples(self, kept: Mapping[str, TaskData], progress: Progress, replay: Mapping[str, TaskData]) -> Report:
+    def forget_samples(
+        self, kept: Mapping[str, TaskData], progress: Progress, replay: Mapping[str, TaskData]
+    ) -> Report:
         self._hold(progress)
         return cast(Report, self.inner.forget_samples(kept, progress, replay))  # type: ignore[attr-defined]
 

@@ -19,10 +19,10 @@ import pytest
 
 from client import LetheClient, pb
 from client.datasets import load_digits
+from server.config import Config
 from server.data import load_arrays
 from server.data.sample_ids import SampleIdKey
 from server.engine.lure import build_lure
-from server.config import Config
 from tests.fakes import SlowStrategy, factory
 from tests.support import make_config, running_app
 
@@ -112,7 +112,9 @@ def test_lure_forgets_a_persons_samples_exactly_and_everywhere(migrated_url: str
     with running_app(fresh) as server:
         _learn_all(server.client, _without(stream, set(gone)))
         never = server.client.predict(None, test.inputs)
-    assert np.array_equal(np.frombuffer(forgotten.outputs.data, np.float32), np.frombuffer(never.outputs.data, np.float32))
+    assert np.array_equal(
+        np.frombuffer(forgotten.outputs.data, np.float32), np.frombuffer(never.outputs.data, np.float32)
+    )
 
 
 def test_uncle_refuses_records_without_retained_data(tmp_path: Path) -> None:
