@@ -49,6 +49,11 @@ class DataLayout:
         """A probe, member or retained file rewritten by a records unlearn (one ``part`` per task it touches)."""
         return f"{FOLDERS[kind]}/{job_id}-{attempt}-{part}.npz"
 
+    @staticmethod
+    def rewritten_spool(learn_job_id: str, job_id: str, attempt: int) -> str:
+        """The spool of a queued Learn rewritten by attempt ``attempt`` of records unlearn ``job_id``."""
+        return f"{FOLDERS[DataFileKind.SPOOL]}/{learn_job_id}-{job_id}-{attempt}.spool"
+
     @property
     def checkpoints(self) -> Path:
         """The checkpoint directory."""

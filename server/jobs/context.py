@@ -25,7 +25,7 @@ from server.jobs.events import JobEvents
 from server.jobs.lifecycle import Lifecycle
 from server.jobs.retry import retry_database
 from server.jobs.serving import ServingState
-from server.storage import DataFileKind, DataFileRepository, Job
+from server.storage import DataFileKind, DataFileRepository, Job, TaskState
 from server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,11 @@ class JobContext:
 
         Called from gRPC threads; the strategy's ``rollback_predictor`` reads only immutable state.
         """
+        learned = {t for t in tasks if self.serving.task_state(t) not in (TaskState.LEARNING, None)}
+        if not learned:  # only data of queued learns: the published model never saw it
+            return self.serving.predictor
         build = getattr(self.strategy, "rollback_predictor", None)
-        return build(tasks) if build is not None else None
+        return build(learned) if build is not None else None
 
     # -------------------------------------------------------------- database
     def must_stop(self) -> bool:

@@ -187,9 +187,9 @@ class Lifecycle:
 
     @staticmethod
     def attempt_files(session: Session, job: Job) -> list[DataFile]:
-        """Live files recorded by the running attempt of ``job`` (everything but its spool)."""
+        """Live files recorded by the running attempt of ``job`` (everything but a Learn's spool)."""
         files = DataFileRepository(session).live(job_id=job.id)
-        return [f for f in files if f.kind != DataFileKind.SPOOL]
+        return [f for f in files if f.kind != DataFileKind.SPOOL or job.kind != JobKind.LEARN]
 
     # ----------------------------------------------------------------- tasks
     def task_learned(self, session: Session, task: Task, version: int) -> None:

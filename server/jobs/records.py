@@ -166,11 +166,6 @@ class SampleRequests:
                 raise FailedPreconditionError(
                     f"sample_ids: task {name!r} is being unlearned as a whole; its samples go with it"
                 )
-            if task.state == TaskState.LEARNING:
-                raise FailedPreconditionError(
-                    f"sample_ids: task {name!r} is still queued for learning; wait for its learn job and ask "
-                    "again, or unlearn the task (its data then never reaches the model)"
-                )
             if task.samples - tasks[name] < 2:
                 raise FailedPreconditionError(
                     f"sample_ids: these are {tasks[name]} of the {task.samples} samples of task {name!r}; "

@@ -38,7 +38,7 @@ class ServingState:
     def __init__(self) -> None:
         self._predictor: Predictor | None = None
         self._tasks: dict[str, TaskState] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a rollback may read task states while holds are rebuilt
         #: Accepted, unfinished unlearns: job id -> the tasks whose data it forgets.
         self._holds: dict[str, frozenset[str]] = {}
         self._held: Answering | None = None

@@ -19,6 +19,7 @@ import pytest
 
 from client import LetheClient, pb
 from client.datasets import load_digits
+from server.app import App
 from server.config import Config
 from server.data import load_arrays
 from server.data.sample_ids import SampleIdKey
@@ -265,3 +266,34 @@ def test_uncle_with_retained_data_forgets_memorized_samples(tmp_path: Path) -> N
         assert np.mean(client.predict("a", data.inputs[person]).classes == data.labels[person]) >= 0.8
         assert client.task("a").state == pb.LEARNED and client.task("a").accuracy >= 85
         assert abs(client.task("b").accuracy - b_before) <= 5
+
+
+def test_samples_of_a_queued_learn_are_removed_from_its_spool_before_it_runs(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path / "data", f"sqlite:///{tmp_path / 'db.sqlite'}", **{"training.retain_training_data": True}
+    )
+    release = threading.Event()
+    app_factory = factory(lambda: App(config).build_strategy(), lambda s: SlowStrategy(s, release))
+    first, second = load_digits().select([0, 1]), load_digits().select([2, 3])
+    ids = [f"q{i}" for i in range(len(second.labels))]
+    with running_app(config, strategy_factory=app_factory) as server:
+        client = server.client
+        running = client.learn("a", first.inputs, first.labels)  # held by the slow model
+        queued = client.learn("b", second.inputs, second.labels, sample_ids=ids)
+        job = client.forget_samples(ids[:5], reason="erasure")  # overtakes the queued learn
+        release.set()
+        assert client.wait(job.id).state == pb.SUCCEEDED
+        assert client.wait(running.id).state == pb.SUCCEEDED and client.wait(queued.id).state == pb.SUCCEEDED
+        assert client.locate(ids[:5]).unknown == 5 and dict(client.locate(ids[5:]).tasks) == {"b": len(ids) - 5}
+        assert client.task("b").samples == len(ids) - 5
+        event = next(e for e in client.audit_events() if e.action == "samples.forgotten")
+        (spool,) = json.loads(event.details_json)["files"]
+        assert spool["kind"] == "spool" and spool["removed_rows"] == 5
+        gone_rows = {row.tobytes() for row in second.inputs[:5]}
+        key = SampleIdKey(tmp_path / "data" / "keys" / "sample-ids.key")
+        data_dir = tmp_path / "data"
+        for path in [p for folder in ("probes", "members", "retained") for p in (data_dir / folder).iterdir()]:
+            arrays = load_arrays(path)
+            assert not set(key.digests(ids[:5])) & set(arrays["ids"].tolist())
+            assert not gone_rows & {row.tobytes() for row in arrays["inputs"]}
+        assert not list((data_dir / "spool").iterdir())  # consumed by the learn

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from sqlalchemy.orm import Session
 
-from server.data import FileRecord, load_arrays, save_arrays, sha256_file
+from server.data import FileRecord, SpoolWriter, load_arrays, read_spool, save_arrays, sha256_file
 from server.engine import metrics as m
 from server.engine.protocol import LearnOptions, TaskData
 from server.jobs.context import JobContext, JobRun
@@ -32,13 +32,16 @@ from server.storage import (
     DataFileRepository,
     Job,
     JobRepository,
+    JobState,
     SampleRepository,
     TaskRepository,
     TaskState,
 )
 
-#: The files of a task a records unlearn rewrites, in the order they are written.
+#: The files of a learned task a records unlearn rewrites, in the order they are written.
 REWRITTEN = (DataFileKind.RETAINED, DataFileKind.PROBE, DataFileKind.MEMBER)
+#: Every kind of file a records unlearn may replace (a queued Learn's spool too).
+REPLACED = (*REWRITTEN, DataFileKind.SPOOL)
 
 
 @dataclass
@@ -49,6 +52,10 @@ class TaskPlan:
     digests: set[str]
     holdout: float
     files: dict[DataFileKind, DataFile]
+    #: The Learn job whose stream carried the samples, and whether it is still queued (its data then
+    #: sits only in its spool, which is rewritten; the model is not touched).
+    learn_job: str = ""
+    queued: bool = False
 
 
 @dataclass
@@ -78,18 +85,25 @@ class ForgetSamplesHandler:
         """Rewrite the affected tasks' files without the samples; have the strategy forget them."""
         job = run.job
         plans = ctx.read(lambda session: _plans(session, job), "reading the samples to forget")
-        rewrites = [_rewrite(ctx, job, part, plan) for part, plan in enumerate(plans)]
-        ctx.retry(lambda: _record_intent(ctx, job, rewrites), "recording the rewritten files")
+        learned = [p for p in plans if not p.queued]
+        rewrites = [_rewrite(ctx, job, part, plan) for part, plan in enumerate(learned)]
+        spools = {p.task: ctx.layout.rewritten_spool(p.learn_job, job.id, job.attempts) for p in plans if p.queued}
+        ctx.retry(lambda: _record_intent(ctx, job, rewrites, spools), "recording the rewritten files")
+        for plan in plans:
+            if plan.queued:
+                _rewrite_spool(ctx, plan, spools[plan.task])
         for rewrite in rewrites:
             _write(ctx, rewrite)
         started = time.perf_counter()
-        replay = _replay(ctx, exclude={p.task for p in plans})
-        forget = getattr(ctx.strategy, "forget_samples", None)
-        if forget is None:
-            raise ValueError(f"strategy {ctx.strategy.name!r} cannot forget individual samples")
-        report = forget({r.task: r.kept for r in rewrites}, run.progress, replay)
+        metrics: dict[str, float] = {}
+        if rewrites:
+            replay = _replay(ctx, exclude={p.task for p in plans})
+            forget = getattr(ctx.strategy, "forget_samples", None)
+            if forget is None:
+                raise ValueError(f"strategy {ctx.strategy.name!r} cannot forget individual samples")
+            report = forget({r.task: r.kept for r in rewrites}, run.progress, replay)
+            metrics = {k: float(v) for k, v in report.metrics.items()}
         self._rewrites[job.id] = rewrites
-        metrics = {k: float(v) for k, v in report.metrics.items()}
         metrics.setdefault("unlearn_seconds", time.perf_counter() - started)
         metrics["samples_forgotten"] = float(sum(len(p.digests) for p in plans))
         metrics["tasks_affected"] = float(len(plans))
@@ -124,7 +138,7 @@ class ForgetSamplesHandler:
         for name in sorted(forgotten):
             new = new_by_task.get(name, {})
             for old in files.live(task=name):
-                if old.job_id == job.id or old.kind not in REWRITTEN:
+                if old.job_id == job.id or old.kind not in REPLACED:
                     continue
                 doomed.append(old)
                 replacement = new.get(old.kind)
@@ -146,6 +160,12 @@ class ForgetSamplesHandler:
                     task.accuracy = evaluated.accuracies[name]
         for entry in rewritten:
             entry["removed_rows"] = int(entry["rows_before"]) - int(entry["rows_after"])
+        for row in files.live(job_id=job.id, kind=DataFileKind.SPOOL):  # now the queued Learn's spool
+            learn = _spool_owner(row.path)
+            row.job_id = learn
+            queued = JobRepository(session).get(learn)
+            if queued is not None:
+                queued.samples = max(0, queued.samples - int(forgotten.get(row.task, 0)))
         removed = SampleRepository(session).forget_claimed(job.id)
         learned = [t.name for t in tasks.list(state=TaskState.LEARNED) if t.name not in forgotten]
         run.metrics["spill"] = m.spill(evaluated.previous, evaluated.accuracies, "", learned)
@@ -175,11 +195,27 @@ def _plans(session: Session, job: Job) -> list[TaskPlan]:
     files, jobs = DataFileRepository(session), JobRepository(session)
     plans = []
     for task in sorted(by_task):
-        live = {f.kind: f for f in files.live(task=task) if f.kind in REWRITTEN}
+        live = {f.kind: f for f in files.live(task=task) if f.kind in REPLACED}
         learn = jobs.get(learn_jobs[task])
         options = LearnOptions.from_dict(learn.options if learn is not None else {})
-        plans.append(TaskPlan(task, by_task[task], options.holdout_fraction, live))
+        queued = learn is not None and learn.state == JobState.QUEUED and DataFileKind.SPOOL in live
+        plans.append(TaskPlan(task, by_task[task], options.holdout_fraction, live, learn_jobs[task], queued))
     return plans
+
+
+def _rewrite_spool(ctx: JobContext, plan: TaskPlan, path: str) -> None:
+    """A queued Learn's spool without the samples; the rest keeps its digests (server-made ones too)."""
+    inputs, labels, ids = read_spool(ctx.layout.absolute(plan.files[DataFileKind.SPOOL].path))
+    digests = ids or ctx.sample_key.server_made(plan.learn_job, len(labels))
+    keep = np.array([d not in plan.digests for d in digests], dtype=bool)
+    with SpoolWriter(ctx.layout.root, path) as writer:
+        writer.append(inputs[keep], labels[keep], [d for d, k in zip(digests, keep, strict=True) if k])
+        writer.commit()
+
+
+def _spool_owner(path: str) -> str:
+    """The Learn job of a spool rewritten by :meth:`DataLayout.rewritten_spool`."""
+    return path.rsplit("/", 1)[-1].split("-", 1)[0]
 
 
 def _rewrite(ctx: JobContext, job: Job, part: int, plan: TaskPlan) -> Rewrite:
@@ -219,14 +255,15 @@ def _rewrite(ctx: JobContext, job: Job, part: int, plan: TaskPlan) -> Rewrite:
     )
 
 
-def _record_intent(ctx: JobContext, job: Job, rewrites: list[Rewrite]) -> None:
+def _record_intent(ctx: JobContext, job: Job, rewrites: list[Rewrite], spools: dict[str, str]) -> None:
     """One row per new file before it is written (see the learn handler)."""
+    new = [(r.task, kind, path) for r in rewrites for kind, path in r.paths.items()]
+    new += [(task, DataFileKind.SPOOL, path) for task, path in spools.items()]
     with ctx.transaction() as session:
         files = DataFileRepository(session)
-        for rewrite in rewrites:
-            for kind, path in rewrite.paths.items():
-                if files.get(path) is None:
-                    files.add(DataFile(kind=kind, task=rewrite.task, job_id=job.id, path=path, bytes=0, sha256=""))
+        for task, kind, path in new:
+            if files.get(path) is None:
+                files.add(DataFile(kind=kind, task=task, job_id=job.id, path=path, bytes=0, sha256=""))
 
 
 def _write(ctx: JobContext, rewrite: Rewrite) -> None:
@@ -251,6 +288,8 @@ def _rows(ctx: JobContext, path: str) -> int:
     absolute = ctx.layout.absolute(path)
     if not absolute.exists():
         return 0
+    if path.endswith(".spool"):
+        return int(read_spool(absolute)[1].shape[0])
     with np.load(absolute, allow_pickle=False) as data:
         return int(data["labels"].shape[0])
 

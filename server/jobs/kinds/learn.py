@@ -38,7 +38,7 @@ class LearnHandler:
     def compute(self, ctx: JobContext, run: JobRun) -> dict[str, float]:
         """Train on the job's spool, then record and write its probe, member and retained files."""
         job, layout = run.job, ctx.layout
-        inputs, labels, ids = read_spool(layout.absolute(layout.spool(job.id)))
+        inputs, labels, ids = read_spool(layout.absolute(spool_of(ctx, job)))
         digests = np.asarray(ids or ctx.sample_key.server_made(job.id, len(labels)))
         options = LearnOptions.from_dict(job.options)
         if "seed" not in job.options:  # queued by a version that resolved the seed in the worker
@@ -95,13 +95,20 @@ class LearnHandler:
             row = files.get(record.path)
             if row is not None:
                 row.bytes, row.sha256 = record.bytes, record.sha256
-        spool = ctx.layout.spool(job.id)
-        files.mark_purged(spool)  # consumed: the training data now lives only in the model
+        spools = [row.path for row in files.live(job_id=job.id, kind=DataFileKind.SPOOL)]
+        for spool in spools:
+            files.mark_purged(spool)  # consumed: the training data now lives only in the model
         task = TaskRepository(session).get_for_update(job.task)
         if task is not None:
             ctx.lifecycle.task_learned(session, task, ctx.strategy.version)
             task.accuracy = evaluated.accuracies.get(task.name)
-        return [spool]
+        return spools
+
+
+def spool_of(ctx: JobContext, job: Job) -> str:
+    """The Learn job's spool: as its stream was written, or as a records unlearn rewrote it."""
+    rows = ctx.read(lambda s: DataFileRepository(s).live(job_id=job.id, kind=DataFileKind.SPOOL), "reading the spool")
+    return rows[0].path if rows else ctx.layout.spool(job.id)
 
 
 def sample_arrays(
