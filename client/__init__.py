@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -131,12 +131,17 @@ class LetheClient:
         idempotency_key: str | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         progress: Callable[[int, int], None] | None = None,
+        sample_ids: Sequence[str] | None = None,
     ) -> pb.Job:
         """Stream ``inputs`` ``[n, *input_shape]`` and int ``labels`` ``[n]`` as a Learn; return the queued job.
 
         Zero-valued options take the server's defaults. ``progress(sent_samples, total)`` is called per chunk.
-        A retry after UNAVAILABLE resends the stream with the same idempotency key.
+        A retry after UNAVAILABLE resends the stream with the same idempotency key. ``sample_ids``
+        (one unique id per sample) name the samples for a later :meth:`forget_samples`; without
+        them sample ``i`` is ``job.sample_id_prefix + str(i)``.
         """
+        if sample_ids is not None and len(sample_ids) != len(labels):
+            raise ValueError(f"sample_ids: {len(sample_ids)} ids for {len(labels)} samples")
         inputs = np.asarray(inputs)
         labels = np.asarray(labels).astype(np.int64)
         if inputs.dtype not in (np.uint8, np.float16, np.float32, np.float64):
@@ -159,7 +164,11 @@ class LetheClient:
             yield pb.LearnRequest(header=header)
             for start in range(0, len(labels), rows):
                 stop = min(start + rows, len(labels))
-                chunk = pb.SampleChunk(inputs=to_tensor(inputs[start:stop]), labels=to_tensor(labels[start:stop]))
+                chunk = pb.SampleChunk(
+                    inputs=to_tensor(inputs[start:stop]),
+                    labels=to_tensor(labels[start:stop]),
+                    sample_ids=list(sample_ids[start:stop]) if sample_ids is not None else [],
+                )
                 yield pb.LearnRequest(chunk=chunk)
                 if progress is not None:
                     progress(stop, len(labels))
@@ -173,6 +182,32 @@ class LetheClient:
         )
         return self._retry(  # type: ignore[return-value]
             lambda: self.stub.Unlearn(request, metadata=self.metadata, timeout=self.timeout)
+        )
+
+    def forget_samples(
+        self,
+        sample_ids: Sequence[str],
+        *,
+        task: str = "",
+        reason: str = "",
+        idempotency_key: str | None = None,
+    ) -> pb.Job:
+        """Forget these samples wherever they were learned (``task`` set: only there); return the unlearn job."""
+        request = pb.UnlearnRequest(
+            task=task,
+            reason=reason,
+            sample_ids=list(sample_ids),
+            idempotency_key=idempotency_key or uuid.uuid4().hex,
+        )
+        return self._retry(  # type: ignore[return-value]
+            lambda: self.stub.Unlearn(request, metadata=self.metadata, timeout=self.timeout)
+        )
+
+    def locate(self, sample_ids: Sequence[str]) -> pb.LocateSamplesResponse:
+        """Which tasks hold these sample ids, and how many no task holds (admin)."""
+        request = pb.LocateSamplesRequest(sample_ids=list(sample_ids))
+        return self._retry(  # type: ignore[return-value]
+            lambda: self.stub.LocateSamples(request, metadata=self.metadata, timeout=self.timeout)
         )
 
     # ---------------------------------------------------------- prediction

@@ -167,24 +167,59 @@ def cmd_learn(args: argparse.Namespace) -> int:
             learning_rate=args.lr,
             idempotency_key=args.idempotency_key,
             progress=lambda sent, total: upload.update(sent / total, f"{sent}/{total} samples"),
+            sample_ids=_read_ids([args.ids]) if args.ids else None,
         )
         upload.done()
         print(f"queued learn job {job.id} for task {args.task} ({len(dataset)} samples)")
+        if job.sample_id_prefix:
+            print(f"sample ids: {job.sample_id_prefix}0 ... {job.sample_id_prefix}{len(dataset) - 1} (stream order)")
         if args.no_wait:
             return 0
         print_job(_wait(client, job, show))
     return 0
 
 
+def _read_ids(values: list[str]) -> list[str]:
+    """Sample ids from the command line: each value is a file of ids (one per line) or an id."""
+    ids: list[str] = []
+    for value in values:
+        path = Path(value)
+        if path.is_file():
+            ids += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            ids.append(value)
+    return ids
+
+
 def cmd_unlearn(args: argparse.Namespace) -> int:
+    if not args.task and not args.ids:
+        raise SystemExit("lethe unlearn: name a TASK, or samples with --ids FILE|ID ...")
     with _client(args) as client:
-        job = client.unlearn(args.task, reason=args.reason, method=args.method, idempotency_key=args.idempotency_key)
-        print(f"unlearn job {job.id} for task {args.task}: {_state(job.state, pb.JobState)}")
+        if args.ids:
+            ids = _read_ids(args.ids)
+            job = client.forget_samples(ids, task=args.task, reason=args.reason, idempotency_key=args.idempotency_key)
+            where = f"task {args.task}" if args.task else "every task holding them"
+            print(f"unlearn job {job.id} for {job.sample_ids} samples in {where}: {_state(job.state, pb.JobState)}")
+        else:
+            job = client.unlearn(
+                args.task, reason=args.reason, method=args.method, idempotency_key=args.idempotency_key
+            )
+            print(f"unlearn job {job.id} for task {args.task}: {_state(job.state, pb.JobState)}")
         if not args.no_wait:
             done = _wait(client, job, args.progress or sys.stderr.isatty())
             print_job(done)
             for line in forget_summary(done.metrics):
                 print(line)
+    return 0
+
+
+def cmd_locate(args: argparse.Namespace) -> int:
+    ids = _read_ids(args.ids)
+    with _client(args) as client:
+        located = client.locate(ids)
+    for task, count in sorted(located.tasks.items()):
+        print(f"{task}\t{count}")
+    print(f"unknown\t{located.unknown}")
     return 0
 
 
@@ -430,18 +465,24 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--batch-size", type=int, default=0)
     learn.add_argument("--lr", type=float, default=0.0)
     learn.add_argument("--idempotency-key")
+    learn.add_argument("--ids", metavar="FILE", help="sample ids, one per line in stream order (default: server-made)")
     learn.add_argument("--no-wait", action="store_true", help="return once the job is queued")
     learn.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
     learn.set_defaults(func=cmd_learn)
 
-    unlearn = sub.add_parser("unlearn", help="forget a task (right to be forgotten)")
-    unlearn.add_argument("task")
+    unlearn = sub.add_parser("unlearn", help="forget a task, or a person's samples (right to be forgotten)")
+    unlearn.add_argument("task", nargs="?", default="", help="the task; with --ids: only there (empty = every task)")
+    unlearn.add_argument("--ids", nargs="+", metavar="FILE|ID", help="forget these samples (files: one id per line)")
     unlearn.add_argument("--reason", default="")
     unlearn.add_argument("--method", default="")
     unlearn.add_argument("--idempotency-key")
     unlearn.add_argument("--no-wait", action="store_true")
     unlearn.add_argument("--progress", action="store_true")
     unlearn.set_defaults(func=cmd_unlearn)
+
+    locate = sub.add_parser("locate", help="which tasks hold these sample ids (admin)")
+    locate.add_argument("--ids", nargs="+", required=True, metavar="FILE|ID", help="files (one id per line) or ids")
+    locate.set_defaults(func=cmd_locate)
 
     predict = sub.add_parser("predict", help="predict a dataset and report accuracy")
     predict.add_argument("task", nargs="?", default="")
@@ -490,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--principal", required=True)
     token.add_argument("--scopes", required=True, help="comma-separated: predict, learn, unlearn, admin")
     token.set_defaults(func=cmd_token)
-    for p in (learn, unlearn, predict, jobs, cancel, audit, proof, sub.choices["tasks"], sub.choices["model"]):
+    for p in (learn, unlearn, locate, predict, jobs, cancel, audit, proof, sub.choices["tasks"], sub.choices["model"]):
         _add_client_options(p)
 
     from client.report import cmd_report  # matplotlib is imported only when a report is written

@@ -90,6 +90,17 @@ class UnlearnRecord:
     state: str
     metrics: dict[str, float]
     purges: tuple[Purge, ...]
+    #: Records-level requests: how many samples, and how many of them each task held (else 0, {}).
+    samples: int = 0
+    sample_tasks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def subject(self) -> str:
+        """What was to be forgotten: the task, or ``N samples (task: count, ...)``."""
+        if not self.samples:
+            return self.task
+        where = ", ".join(f"{t}: {n}" for t, n in sorted(self.sample_tasks.items()))
+        return f"{self.samples} samples ({where})"
 
     def metric(self, name: str) -> float:
         """A job metric, NaN when the job did not report it."""
@@ -177,8 +188,17 @@ def collect(client: LetheClient, server: str = "") -> ReportData:
                 method=str(details.get("method", "")) or job.method,
                 state=str(pb.JobState.Name(job.state)).lower(),
                 metrics=dict(job.metrics),
-                # Purges of the task from its unlearn on: its data, then its probe set after forget_probe_ops.
-                purges=tuple(p for p in purges.get(event.task, []) if p.seq > event.seq),
+                # Purges of the task from its unlearn on: its data, then its probe set after forget_probe_ops;
+                # a records request: the files its job rewrote, in every task it touched.
+                purges=tuple(
+                    p
+                    for task_purges in purges.values()
+                    for p in task_purges
+                    if p.job_id == event.job_id
+                    or (p.seq > event.seq and event.task and p in purges.get(event.task, []))
+                ),
+                samples=int(details.get("samples", 0)),
+                sample_tasks={str(k): int(v) for k, v in details.get("tasks", {}).items()},
             )
         )
     return data
@@ -383,7 +403,7 @@ def _unlearn_table(data: ReportData) -> list[str]:
         files = sum(len(p.files) for p in u.purges)
         size = sum(p.bytes for p in u.purges)
         out.append(
-            f"<tr><td>{_when(u.requested_at)}</td><td>{_e(u.task)}</td><td>{_e(u.principal)}</td>"
+            f"<tr><td>{_when(u.requested_at)}</td><td>{_e(u.subject)}</td><td>{_e(u.principal)}</td>"
             f"<td>{_e(u.reason) or '<span class=muted>(none given)</span>'}</td><td>{_e(u.method or 'default')}</td>"
             f"<td>{_e(u.state)}</td><td class=n>{_num(u.metric('forget_accuracy_task'))}</td>"
             f"<td class=n>{_num(u.metric('mia'))}</td><td class=n>{_num(u.metric('spill'))}</td>"
@@ -396,7 +416,7 @@ def _unlearn_table(data: ReportData) -> list[str]:
 def _purge_proofs(data: ReportData) -> list[str]:
     out: list[str] = []
     for u in data.unlearns:
-        out.append(f"<h3>{_e(u.task)} <span class=muted>(unlearn job <code>{_e(u.job_id)}</code>)</span></h3>")
+        out.append(f"<h3>{_e(u.subject)} <span class=muted>(unlearn job <code>{_e(u.job_id)}</code>)</span></h3>")
         if not u.purges:
             out.append("<p class=muted>No data purged yet.</p>")
             continue

@@ -130,16 +130,18 @@ class LearnRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[LearnHeader, _Mapping]] = ..., chunk: _Optional[_Union[SampleChunk, _Mapping]] = ...) -> None: ...
 
 class UnlearnRequest(_message.Message):
-    __slots__ = ("task", "reason", "idempotency_key", "method")
+    __slots__ = ("task", "reason", "idempotency_key", "method", "sample_ids")
     TASK_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
     task: str
     reason: str
     idempotency_key: str
     method: str
-    def __init__(self, task: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
+    sample_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, task: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., method: _Optional[str] = ..., sample_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
     __slots__ = ("task", "inputs", "return_probabilities", "allow_unlearned")

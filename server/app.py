@@ -17,8 +17,9 @@ from sqlalchemy import Engine
 from server.audit_head import HEAD_FILE, AuditHeadPublisher, compare_with_database
 from server.audit_key import load_or_create_audit_key, write_public_key
 from server.config import Config
+from server.data.sample_ids import SampleIdKey
 from server.engine.protocol import LearnOptions, Strategy
-from server.engine.registry import build_strategy, resolve_device
+from server.engine.registry import build_strategy, resolve_device, strategy_options
 from server.jobs import (
     JobContext,
     JobEvents,
@@ -30,6 +31,7 @@ from server.jobs import (
     on_outcome_commit,
 )
 from server.jobs.proof import ProofService
+from server.jobs.records import SampleRequests
 from server.rpc import (
     SERVICE_NAME,
     AuthInterceptor,
@@ -103,6 +105,15 @@ class Ports:
     metrics: int | None
 
 
+def sample_forgetting_refusal(strategy: Strategy) -> str | None:
+    """Why ``strategy``, as configured, cannot forget individual samples (None when it can)."""
+    check = getattr(strategy, "sample_forgetting", None)
+    if check is None:
+        return f"strategy {strategy.name!r} cannot forget individual samples; unlearn the whole task instead"
+    reason: str | None = check()
+    return reason
+
+
 class App:
     """The Lethe daemon: database, worker, gRPC server and metrics endpoint.
 
@@ -148,6 +159,9 @@ class App:
     def build_strategy(self) -> Strategy:
         """A fresh strategy exactly as configured (also used to restore after a failed job)."""
         m = self.config.model
+        options: dict[str, Any] = {"cifar_stem": m.cifar_stem, "width": m.width}
+        if "retain_training_data" in strategy_options(m.strategy):
+            options["retain_training_data"] = self.config.training.retain_training_data
         return build_strategy(
             m.strategy,
             backbone=m.backbone,
@@ -155,8 +169,13 @@ class App:
             num_classes=m.num_classes,
             device=resolve_device(m.device),
             seed=m.seed,
-            options={"cifar_stem": m.cifar_stem, "width": m.width, **m.options},
+            options={**options, **m.options},
         )
+
+    def sample_id_key(self) -> SampleIdKey:
+        """The HMAC key of sample ids (``storage.sample_id_key_file``, default under the data directory)."""
+        configured = self.config.storage.sample_id_key_file
+        return SampleIdKey(Path(configured) if configured else self.data_dir / "keys" / "sample-ids.key")
 
     def start(self) -> Ports:
         """Open storage, load the model, start serving; return the bound ports."""
@@ -181,7 +200,7 @@ class App:
             self.data_dir / HEAD_FILE, key.public_key, telemetry, stored_head
         )
         on_audit_head_commit(sessions, publisher.publish)
-        events, serving = JobEvents(), ServingState()
+        events, serving, sample_key = JobEvents(), ServingState(), self.sample_id_key()
         context = JobContext(
             self.strategy_factory,
             sessions,
@@ -197,6 +216,7 @@ class App:
                 forget_max_attempts=c.training.forget_max_attempts,
             ),
             audit_log=audit_log,
+            sample_key=sample_key,
         )
         self.worker = Worker(context, on_fatal=self._worker_died)
         strategy = self.worker.strategy
@@ -213,6 +233,7 @@ class App:
             serving,
             QueueLimits(c.limits.max_queued_jobs, c.limits.max_tasks),
             audit_log=audit_log,
+            sample_key=sample_key,
         )
         telemetry.job_queue_depth.set_function(jobs.queue_depth)
         telemetry.job_queue_limit.set(c.limits.max_queued_jobs)
@@ -234,9 +255,11 @@ class App:
             max_stream_bytes=c.limits.max_stream_bytes,
             max_stream_samples=c.limits.max_stream_samples,
             max_predict_samples=c.limits.max_predict_samples,
+            max_forget_samples=c.limits.max_forget_samples,
         )
         proofs = ProofService(sessions, audit_log, key, lambda: publisher.current)
-        servicer = LetheServicer(jobs, serving, telemetry, model, defaults, proofs)
+        records = SampleRequests(jobs, sample_forgetting_refusal(strategy), strategy.unlearn_methods[0])
+        servicer = LetheServicer(jobs, serving, telemetry, model, defaults, proofs=proofs, records=records)
         if c.auth.enabled:
             tokens: TokenTable | None = TokenTable(c.auth.tokens)
         else:

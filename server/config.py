@@ -54,6 +54,9 @@ class StorageSection:
     database_url: str = ""
     #: Upgrade an older schema at start-up instead of refusing to start (an empty database is always initialized).
     auto_upgrade: bool = False
+    #: HMAC key of sample ids (32 random bytes, created on first start); empty = ``<data_dir>/keys/sample-ids.key``.
+    #: Back it up with the database: without it no indexed sample can be found again.
+    sample_id_key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,10 @@ class TrainingSection:
     #: Forgetting operations per unlearn, the unlearn itself included: while not verified, the worker asks the
     #: strategy for stronger forgetting (e.g. more burn-in) until this many have run (1 = never ask).
     forget_max_attempts: int = 3
+    #: Keep every task's training data (as ``lure`` with replay=full does) for strategies that otherwise
+    #: keep none (``uncle``, ``finetune``), so that a person's samples can be forgotten (records-level
+    #: unlearning); the data is purged when its task is unlearned.
+    retain_training_data: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,8 @@ class LimitsSection:
     max_queued_jobs: int = 100
     max_tasks: int = 10_000
     max_predict_samples: int = 8192
+    #: Sample ids one records-level Unlearn may name.
+    max_forget_samples: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -367,7 +376,14 @@ def validate(config: Config) -> list[str]:
         p.append(f"training.forget_tolerance: must be in [0, 100] points, got {t.forget_tolerance}")
     if not 1 <= t.forget_max_attempts <= 100:
         p.append(f"training.forget_max_attempts: must be in 1..100, got {t.forget_max_attempts}")
-    for name in ("max_stream_bytes", "max_stream_samples", "max_queued_jobs", "max_tasks", "max_predict_samples"):
+    for name in (
+        "max_stream_bytes",
+        "max_stream_samples",
+        "max_queued_jobs",
+        "max_tasks",
+        "max_predict_samples",
+        "max_forget_samples",
+    ):
         if getattr(lim, name) < 1:
             p.append(f"limits.{name}: must be >= 1, got {getattr(lim, name)}")
     for i, entry in enumerate(config.auth.tokens):

@@ -73,6 +73,9 @@ class Telemetry:
             "Unlearns whose forgetting was not verified (the forgotten task still measures off its reference)",
             registry=r,
         )
+        self.forgotten_samples = Counter(
+            "lethe_forgotten_samples", "Samples forgotten by records-level unlearns", registry=r
+        )
         self.predict_latency = Histogram(
             "lethe_predict_latency_seconds", "Predict latency", buckets=_LATENCY_BUCKETS, registry=r
         )

@@ -53,6 +53,12 @@ class SlowStrategy(_Wrapper):
         self._hold(progress)
         return self.inner.unlearn(task, method, progress, replay)
 
+    def forget_samples(
+        self, kept: Mapping[str, TaskData], progress: Progress, replay: Mapping[str, TaskData]
+    ) -> Report:
+        self._hold(progress)
+        return cast(Report, self.inner.forget_samples(kept, progress, replay))  # type: ignore[attr-defined]
+
     def _hold(self, progress: Progress) -> None:
         self.started.set()
         while not self.release.wait(0.01):

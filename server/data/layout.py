@@ -83,6 +83,16 @@ class DataLayout:
         """A probe, member or retained file written by attempt ``attempt`` of job ``job_id``."""
         return f"{FOLDERS[kind]}/{job_id}-{attempt}.npz"
 
+    @staticmethod
+    def rewritten_file(kind: DataFileKind, job_id: str, attempt: int, part: int) -> str:
+        """A probe, member or retained file rewritten by a records unlearn (one ``part`` per task it touches)."""
+        return f"{FOLDERS[kind]}/{job_id}-{attempt}-{part}.npz"
+
+    @staticmethod
+    def rewritten_spool(learn_job_id: str, job_id: str, attempt: int) -> str:
+        """The spool of a queued Learn rewritten by attempt ``attempt`` of records unlearn ``job_id``."""
+        return f"{FOLDERS[DataFileKind.SPOOL]}/{learn_job_id}-{job_id}-{attempt}.spool"
+
     @property
     def checkpoints(self) -> Path:
         """The checkpoint directory."""

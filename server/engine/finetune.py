@@ -4,6 +4,10 @@ One backbone trunk is shared by all tasks and trained sequentially with no prote
 forgetting; every task has its own output head (a copy of the backbone's initial head, created
 when the task is first learned). BatchNorm statistics are shared across tasks, which is one of
 the reasons this baseline forgets. Unlearning deletes the task's head.
+
+With ``retain_training_data`` it also forgets single training samples exactly
+(:meth:`FinetuneStrategy.forget_samples`): it keeps the trunk taken before each live task was
+learned, rolls back to the one before the first affected task and learns the later tasks again.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -37,11 +42,25 @@ from server.engine.training import (
     mask_logits,
     minibatches,
     module_state_cpu,
+    scaled_progress,
     seeded_generator,
     seeded_rng,
 )
 
 _STATE_FORMAT = "lethe.finetune/1"
+
+
+@dataclass(frozen=True)
+class _Learned:
+    """How a live task was learned, for replaying it (kept with ``retain_training_data`` only).
+
+    Attributes:
+        options: its learn options, as given.
+        trunk_before: CPU ``state_dict`` of the trunk just before it was learned; never modified.
+    """
+
+    options: LearnOptions
+    trunk_before: dict[str, torch.Tensor]
 
 
 def _head_key(task: str) -> str:
@@ -123,6 +142,16 @@ class FinetuneStrategy:
 
     Built by :func:`build_finetune`. The worker thread is the only caller of every method except
     the predictors it hands out.
+
+    With ``retain_training_data``, every learn returns its data as ``Report.retain`` (for the server to
+    keep) and the strategy keeps, per live task, a CPU copy of the trunk taken just before the task
+    was learned, with the task's options and place in the learning order, in :meth:`state_dict` too:
+    memory and checkpoint size grow by one trunk (``parameter_count()`` less the heads, plus buffers,
+    times the element size) per live task. That makes :meth:`forget_samples` possible. A live task
+    cannot then be learned again (its training data must be replayable as one call's data).
+
+    There is no ``rollback_predictor``: this strategy is task-incremental, so while samples of some
+    tasks are being forgotten the server refuses to predict those tasks (DESIGN.md section 9).
     """
 
     name: str = "finetune"
@@ -142,8 +171,10 @@ class FinetuneStrategy:
         seed: int,
         cifar_stem: bool = True,
         width: int = 0,
+        retain_training_data: bool = False,
     ) -> None:
         self.version = 0
+        self.retain_training_data = bool(retain_training_data)
         self._config: dict[str, Any] = {
             "backbone": backbone,
             "input_shape": tuple(int(d) for d in input_shape),
@@ -164,6 +195,8 @@ class FinetuneStrategy:
         self._heads = nn.ModuleDict()  # _head_key(task) -> nn.Linear, live tasks only
         self._classes: dict[str, tuple[int, ...]] = {}  # every task ever learned -> its seen classes
         self._unlearned: set[str] = set()
+        #: Live tasks learned with retain_training_data, in learning order (insertion order).
+        self._learned: dict[str, _Learned] = {}
 
     def learn(
         self,
@@ -184,23 +217,60 @@ class FinetuneStrategy:
             task: task name.
             data: CPU samples; inputs ``[n, *input_shape]``, labels ``[n]``.
             options: epochs, batch size, learning rate and seed; shuffling is seeded by the
-                strategy seed, ``options.seed`` and the model version.
+                strategy seed, ``options.seed`` and the task name.
             progress: called after every batch.
             replay: ignored (this strategy does not replay).
 
         Returns:
             Metrics ``train_loss`` and ``train_accuracy`` (last epoch, percent),
-            ``learn_seconds`` and ``samples``.
+            ``learn_seconds`` and ``samples``; with ``retain_training_data``, ``retain`` is ``data``
+            itself (the server keeps it as the task's training data).
+
+        Raises:
+            ValueError: for bad data or options, or, with ``retain_training_data``, if ``task`` is live.
         """
         check_learn_inputs(data, options, self._input_shape, self._num_classes)
         started = time.perf_counter()
         key = _head_key(task)
         live = key in self._heads
+        if live and self.retain_training_data:
+            raise ValueError(
+                f"task {task!r} is already learned; with retain_training_data a task is learned in one call "
+                "(so that its training data can be replayed): unlearn it first, or learn under a new name"
+            )
         classes = tuple(sorted(set(data.labels.tolist()) | set(self._classes[task] if live else ())))
         trunk = copy.deepcopy(self._trunk)
         head: nn.Module = copy.deepcopy(self._heads[key] if live else self._head_template)
+        metrics = self._fit(task, trunk, head, data, options, classes, progress)
+
+        # Commit: nothing above touched the strategy's own state.
+        if self.retain_training_data:
+            self._learned[task] = _Learned(options, module_state_cpu(self._trunk))
+        self._trunk = trunk
+        self._heads[key] = head
+        self._classes[task] = classes
+        self._unlearned.discard(task)
+        self.version += 1
+        metrics["learn_seconds"] = time.perf_counter() - started
+        return Report(metrics=metrics, retain=data if self.retain_training_data else None)
+
+    def _fit(
+        self,
+        task: str,
+        trunk: nn.Module,
+        head: nn.Module,
+        data: TaskData,
+        options: LearnOptions,
+        classes: tuple[int, ...],
+        progress: Progress,
+    ) -> dict[str, float]:
+        """Train ``trunk`` and ``head`` in place on ``data``; return ``train_loss``, ``train_accuracy``, ``samples``.
+
+        Shuffling is drawn from (seed, ``options.seed``, ``task``), not from the model version, so
+        learning a task again after a rollback draws what learning it the first time drew.
+        """
         mask = class_mask(classes, self._num_classes, self._device)
-        generator = seeded_generator(self._seed, options.seed, self.version, "learn")
+        generator = seeded_generator(self._seed, options.seed, task, "learn")
         optimizer = torch.optim.Adam([*trunk.parameters(), *head.parameters()], lr=options.learning_rate)
         trunk.train()
         head.train()
@@ -229,21 +299,11 @@ class FinetuneStrategy:
                 progress(
                     step / total_steps, f"epoch {epoch + 1}/{options.epochs}, batch {batch + 1}/{batches_per_epoch}"
                 )
-
-        # Commit: nothing above touched the strategy's own state.
-        self._trunk = trunk
-        self._heads[key] = head
-        self._classes[task] = classes
-        self._unlearned.discard(task)
-        self.version += 1
-        return Report(
-            metrics={
-                "train_loss": float(loss_sum) / n,
-                "train_accuracy": 100.0 * float(correct) / n,
-                "learn_seconds": time.perf_counter() - started,
-                "samples": float(n),
-            }
-        )
+        return {
+            "train_loss": float(loss_sum) / n,
+            "train_accuracy": 100.0 * float(correct) / n,
+            "samples": float(n),
+        }
 
     def unlearn(self, task: str, method: str, progress: Progress, replay: Mapping[str, TaskData]) -> Report:
         """Forget ``task`` by deleting its head; the trunk is left as it is.
@@ -274,10 +334,126 @@ class FinetuneStrategy:
         started = time.perf_counter()
         progress(0.0, "deleting head")
         del self._heads[key]
+        self._learned.pop(task, None)
         self._unlearned.add(task)
         self.version += 1
         progress(1.0, "head deleted")
         return Report(metrics={"unlearn_seconds": time.perf_counter() - started})
+
+    def sample_forgetting(self) -> str | None:
+        """None with ``retain_training_data``; otherwise why :meth:`forget_samples` cannot run."""
+        if self.retain_training_data:
+            return None
+        return (
+            "records forgetting with finetune needs training.retain_training_data = true (the training data "
+            "and the trunk before each task are kept to learn the tasks again without the samples); "
+            "with this configuration, unlearn the whole task instead"
+        )
+
+    def forget_samples(
+        self, kept: Mapping[str, TaskData], progress: Progress, replay: Mapping[str, TaskData]
+    ) -> Report:
+        """Forget some training samples of the live tasks named in ``kept``, exactly.
+
+        Rolls the trunk back to the copy taken before the first affected task (the earliest in
+        learning order among ``kept``'s keys) and learns every later live task again, in learning
+        order, with its original options (hence shuffles): affected tasks from ``kept[task]``, the
+        others from ``replay[task]``; each gets a fresh head, as at its first learn, and the classes
+        of its data. Heads of earlier tasks are not touched. One committed operation: on any
+        exception (``progress`` raising to cancel, say) nothing changes; on success the version is
+        bumped once.
+
+        What holds afterwards: the trunk and the live heads equal, bit for bit under deterministic
+        settings, what the same request history would have produced with each affected task learned
+        from ``kept[task]``, except for tasks unlearned whole (head deleted) that had been learned
+        after the first affected task: their data is gone, so they are not learned again and their
+        influence on the trunk goes too, as if they had never been learned. Tasks unlearned whole
+        that had been learned before it keep their influence (it is in the rollback copy). So with no
+        whole-task unlearning after the first affected task, the model equals a fresh strategy of
+        the same configuration that learned the reduced stream.
+
+        Args:
+            kept: live task → its remaining training samples, in stream order (non-empty).
+            progress: called as the work advances; may raise to cancel.
+            replay: the retained training data of the other live tasks (at least those learned after
+                the first affected task; entries for ``kept``'s names are ignored).
+
+        Returns:
+            Metrics ``unlearn_seconds`` and ``replayed_tasks``.
+
+        Raises:
+            ValueError: without ``retain_training_data``; when ``kept`` is empty, names a task that
+                is not live, or holds no (or invalid) samples for one; when a live task has no
+                rollback copy (it was learned without ``retain_training_data``); when the data of a
+                later live task is missing from ``replay``.
+        """
+        reason = self.sample_forgetting()
+        if reason is not None:
+            raise ValueError(reason)
+        if not kept:
+            raise ValueError("forget_samples needs at least one live task in kept")
+        live = [task for task in self._classes if task not in self._unlearned]
+        unknown = [task for task in kept if task not in live]
+        if unknown:
+            raise ValueError(f"not live tasks of this finetune model: {', '.join(map(repr, unknown))}")
+        unrecorded = [task for task in live if task not in self._learned]
+        if unrecorded:
+            raise ValueError(
+                f"live task(s) {', '.join(map(repr, unrecorded))} were learned without retain_training_data: "
+                "there is no trunk to roll back to and no record of how to learn them again; "
+                "unlearn the whole task instead"
+            )
+        for task, data in kept.items():
+            if len(data) == 0:
+                raise ValueError(f"no training sample of task {task!r} would remain; unlearn the whole task instead")
+            try:
+                check_learn_inputs(data, self._learned[task].options, self._input_shape, self._num_classes)
+            except ValueError as error:
+                raise ValueError(f"kept data of task {task!r}: {error}") from None
+        order = list(self._learned)
+        first = min(order.index(task) for task in kept)
+        later = order[first:]
+        missing = [task for task in later if task not in kept and task not in replay]
+        if missing:
+            raise ValueError(
+                "forgetting samples needs the retained data of every live task learned after the first affected "
+                f"one as replay; missing: {', '.join(map(repr, missing))}"
+            )
+
+        started = time.perf_counter()
+        trunk = copy.deepcopy(self._trunk)
+        trunk.load_state_dict(self._learned[order[first]].trunk_before)
+        heads: dict[str, nn.Module] = {}
+        classes: dict[str, tuple[int, ...]] = {}
+        learned: dict[str, _Learned] = {}
+        progress(0.0, f"rolled the trunk back to before {order[first]!r}; learning {len(later)} task(s) again")
+        for k, task in enumerate(later):
+            record = self._learned[task]
+            data = kept[task] if task in kept else replay[task]
+            before = record.trunk_before if k == 0 else module_state_cpu(trunk)
+            head: nn.Module = copy.deepcopy(self._head_template)
+            classes[task] = tuple(sorted(set(data.labels.tolist())))
+            self._fit(
+                task,
+                trunk,
+                head,
+                data,
+                record.options,
+                classes[task],
+                scaled_progress(progress, k, len(later), f"learning {task!r} again"),
+            )
+            heads[task] = head
+            learned[task] = _Learned(record.options, before)
+        progress(1.0, f"forgot samples of {len(kept)} task(s)")
+
+        # Commit: nothing above touched the strategy's own state.
+        self._trunk = trunk
+        for task, head in heads.items():
+            self._heads[_head_key(task)] = head
+        self._classes.update(classes)
+        self._learned = {task: learned.get(task, record) for task, record in self._learned.items()}
+        self.version += 1
+        return Report(metrics={"unlearn_seconds": time.perf_counter() - started, "replayed_tasks": float(len(later))})
 
     def predictor(self) -> FinetunePredictor:
         """Return an immutable snapshot (eval-mode deep copies) for concurrent prediction."""
@@ -311,7 +487,8 @@ class FinetuneStrategy:
         All tensors are CPU copies sharing no storage with the live model, and the whole value is
         made of dicts, lists, strings, numbers and tensors (loadable with ``weights_only=True``).
         No optimizer state: every learn starts a fresh Adam; shuffling is derived from
-        (seed, options.seed, version).
+        (seed, options.seed, task). With ``retain_training_data``, ``learned`` lists the live tasks in
+        learning order with their options and the trunk before each (one trunk per live task).
         """
         return {
             "format": _STATE_FORMAT,
@@ -327,10 +504,19 @@ class FinetuneStrategy:
             },
             "classes": {task: list(classes) for task, classes in self._classes.items()},
             "unlearned": sorted(self._unlearned),
+            "learned": [
+                {"task": task, "options": record.options.as_dict(), "trunk_before": record.trunk_before}
+                for task, record in self._learned.items()
+            ],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; on error nothing is changed.
+
+        ``retain_training_data`` is not part of the configuration checked: a state saved without it
+        loads into a strategy with it (the tasks it holds cannot have samples forgotten, see
+        :meth:`forget_samples`), and one saved with it loads into a strategy without it, which drops
+        the trunk copies.
 
         Raises:
             ValueError: if the state is not a finetune state or was saved by a model of a
@@ -360,12 +546,23 @@ class FinetuneStrategy:
         live = set(classes) - unlearned
         if live != set(state["heads"]) or not unlearned <= set(classes):
             raise ValueError("finetune state is inconsistent: heads, classes and unlearned tasks do not match")
+        learned: dict[str, _Learned] = {}
+        # "learned" is absent from states saved before it existed; without retain_training_data the
+        # trunk copies are dropped.
+        for entry in state.get("learned", []) if self.retain_training_data else []:
+            task = str(entry["task"])
+            if task not in live or task in learned:
+                raise ValueError(f"finetune state is inconsistent: learning record of {task!r}")
+            before = copy.deepcopy(trunk)
+            before.load_state_dict(entry["trunk_before"])  # checks the keys and shapes
+            learned[task] = _Learned(LearnOptions.from_dict(entry["options"]), module_state_cpu(before))
 
         self._trunk = trunk
         self._head_template = template
         self._heads = heads
         self._classes = classes
         self._unlearned = unlearned
+        self._learned = learned
         self._seed = int(state["seed"])
         self.version = int(state["version"])
 
@@ -379,6 +576,7 @@ def build_finetune(
     seed: int,
     cifar_stem: bool = True,
     width: int = 0,
+    retain_training_data: bool = False,
 ) -> FinetuneStrategy:
     """Build the ``finetune`` strategy.
 
@@ -390,6 +588,9 @@ def build_finetune(
         seed: seeds the initialization, the shuffling and the heads used for unlearned tasks.
         cifar_stem: ResNets only; see ``backbones.build_backbone``.
         width: ``mlp`` hidden width or ``cnn`` base channels; 0 = the backbone's default.
+        retain_training_data: keep each task's training data (``Report.retain``) and the trunk before
+            it, so that single samples can be forgotten exactly (records-level forgetting); costs one
+            CPU copy of the trunk per live task, in memory and in checkpoints.
 
     Returns:
         A fresh strategy at version 0.
@@ -402,4 +603,5 @@ def build_finetune(
         seed=seed,
         cifar_stem=cifar_stem,
         width=width,
+        retain_training_data=retain_training_data,
     )

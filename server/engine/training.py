@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from server.engine.protocol import LearnOptions, TaskData
+from server.engine.protocol import LearnOptions, Progress, TaskData
 
 _SEED_BITS = 63
 
@@ -149,3 +149,12 @@ def check_predict_inputs(inputs: torch.Tensor, input_shape: tuple[int, ...]) -> 
 def module_state_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
     """Return a CPU copy of ``module.state_dict()`` that shares no storage with the module."""
     return {key: value.detach().to("cpu", copy=True) for key, value in module.state_dict().items()}
+
+
+def scaled_progress(progress: Progress, done: int, parts: int, prefix: str) -> Progress:
+    """Map part ``done`` (0-based) of ``parts`` equal parts of a job onto the job's ``[0, 1]`` progress."""
+
+    def report(fraction: float, message: str) -> None:
+        progress(min(1.0, (done + fraction) / parts), f"{prefix}: {message}")
+
+    return report

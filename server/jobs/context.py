@@ -6,7 +6,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +18,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from server.checkpoints import CheckpointMeta, CheckpointStore
 from server.data import FileRecord, load_arrays
 from server.data.layout import DataLayout
-from server.engine.protocol import Progress, Strategy, TaskData
+from server.data.sample_ids import SampleIdKey
+from server.engine.protocol import Predictor, Progress, Strategy, TaskData
 from server.jobs import checkpoint_rows
 from server.jobs.evaluation import ProbeCache
 from server.jobs.events import JobEvents
 from server.jobs.lifecycle import Lifecycle
 from server.jobs.retry import retry_database
 from server.jobs.serving import ServingState
-from server.storage import AuditLog, DataFileKind, DataFileRepository, Job
+from server.storage import AuditLog, DataFileKind, DataFileRepository, Job, TaskState
 from server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class JobContext:
         telemetry: Telemetry,
         settings: WorkerSettings,
         audit_log: AuditLog | None = None,
+        *,
+        sample_key: SampleIdKey | None = None,
     ) -> None:
         self.factory = strategy_factory
         self.strategy = strategy_factory()
@@ -91,9 +94,23 @@ class JobContext:
         self.layout = DataLayout(settings.data_dir)
         self.checkpoints = CheckpointStore(settings.data_dir)
         self.probes = ProbeCache(settings.data_dir)
+        self.sample_key = sample_key or SampleIdKey(settings.data_dir / "keys" / "sample-ids.key")
+        if not self.strategy.task_incremental:  # one output space: serve the rollback point while forgetting
+            serving.set_rollback(self.rollback_predictor)
         self.lifecycle = Lifecycle(audit_log, data_dir=settings.data_dir)
         self.stopping = threading.Event()
         self.deadline = math.inf
+
+    def rollback_predictor(self, tasks: Collection[str]) -> Predictor | None:
+        """A snapshot of the model before any of ``tasks`` was learned, if the strategy keeps one.
+
+        Called from gRPC threads; the strategy's ``rollback_predictor`` reads only immutable state.
+        """
+        learned = {t for t in tasks if self.serving.task_state(t) not in (TaskState.LEARNING, None)}
+        if not learned:  # only data of queued learns: the published model never saw it
+            return self.serving.predictor
+        build = getattr(self.strategy, "rollback_predictor", None)
+        return build(learned) if build is not None else None
 
     # -------------------------------------------------------------- database
     def must_stop(self) -> bool:

@@ -75,6 +75,7 @@ def finish(ctx: JobContext, run: JobRun, handler: JobHandler) -> None:
     committed = ctx.retry(lambda: _commit(ctx, run, handler, evaluated, checkpoint), "committing the job")
     if committed is None:  # a retry after a commit whose acknowledgement was lost: it is done
         ctx.serving.publish(evaluated.predictor)
+        ctx.serving.release(run.job.id)
         return
     _after_commit(ctx, run, committed)
 
@@ -121,6 +122,7 @@ def _commit(
         # commit that fails for good restores and republishes the previous model. Only this job's
         # task changes here: others may be changing concurrently (an accepted Unlearn).
         ctx.serving.publish(evaluated.predictor)
+        ctx.serving.release(job.id)  # an unlearn's hold ends once its model is the published one
         ctx.serving.set_task_state(job.task, states.get(job.task))
     return Committed(to_delete + purged, states, relapses, retained, clean, evaluated.accuracies)
 
@@ -223,5 +225,7 @@ def _publish_metrics(ctx: JobContext, run: JobRun, committed: Committed) -> None
         t.last_unlearn_spill.set(metrics["spill"] / 100.0)
     if "mia" in metrics:
         t.unlearn_mia.set(metrics["mia"] / 100.0)
+    if "samples_forgotten" in metrics:
+        t.forgotten_samples.inc(metrics["samples_forgotten"])
     if job.kind == JobKind.UNLEARN and metrics.get("forget_verified") == 0.0:
         t.unverified_unlearns.inc()

@@ -29,6 +29,7 @@ from server.storage import (
     JobKind,
     JobRepository,
     JobState,
+    SampleRepository,
     Task,
     TaskRepository,
     TaskState,
@@ -211,9 +212,14 @@ class Lifecycle:
         return self._drop_job_data(session, job, principal, why)
 
     def _drop_job_data(self, session: Session, job: Job, principal: str, why: str) -> list[str]:
-        """Purge what an unsuccessful job leaves: its task if the task never reached the model, else its files."""
+        """Purge what an unsuccessful job leaves: its task if the task never reached the model, else its files.
+
+        The samples a records unlearn had claimed are free again; a Learn's samples leave the index.
+        """
         if job.kind != JobKind.LEARN:
-            return []
+            SampleRepository(session).release(job.id)
+            return self.purge(session, self.attempt_files(session, job), job, why, principal=principal)
+        SampleRepository(session).drop_job(job.id)
         task = TaskRepository(session).get_for_update(job.task)
         if task is not None and task.state == T.LEARNING:
             doomed = DataFileRepository(session).live(task=task.name)
@@ -224,9 +230,16 @@ class Lifecycle:
 
     @staticmethod
     def attempt_files(session: Session, job: Job) -> list[DataFile]:
-        """Live files recorded by the running attempt of ``job`` (everything but its spool)."""
-        files = DataFileRepository(session).live(task=job.task)
-        return [f for f in files if f.job_id == job.id and f.kind != DataFileKind.SPOOL]
+        """Live task-data files recorded by the running attempt of ``job`` (not a Learn's spool).
+
+        Its checkpoint is not one of them: :mod:`server.jobs.checkpoint_rows` discards it with the model.
+        """
+        files = DataFileRepository(session).live(job_id=job.id)
+        return [
+            f
+            for f in files
+            if f.kind != DataFileKind.CHECKPOINT and (f.kind != DataFileKind.SPOOL or job.kind != JobKind.LEARN)
+        ]
 
     # ----------------------------------------------------------------- tasks
     def task_learned(self, session: Session, task: Task, version: int) -> None:
@@ -245,6 +258,7 @@ class Lifecycle:
         now = utc_now()
         self._task(session, task, T.UNLEARNED, now)
         task.unlearned_at, task.ops_since_unlearn = now, 0
+        SampleRepository(session).drop_task(task.name)
 
     # ----------------------------------------------------------------- purge
     def on_disk(self, path: str) -> FileRecord | str | None:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from sqlalchemy.orm import Session
+
 from server.data import purge
 from server.jobs import checkpoint_rows
 from server.jobs.context import JobContext
-from server.storage import DataFileRepository, Job, JobRepository, TaskRepository
+from server.storage import DataFileRepository, Job, JobKind, JobRepository, JobState, TaskRepository
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,8 @@ def load_serving_state(ctx: JobContext) -> None:
         tasks = TaskRepository(session).list()
         retained = DataFileRepository(session).total_live_bytes()
     ctx.serving.load_tasks({t.name: t.state for t in tasks})
+    for job, forgotten in unfinished_unlearns(ctx):  # before the model is published: never served
+        ctx.serving.hold(job, forgotten)
     ctx.serving.publish(ctx.strategy.predictor())
     ctx.telemetry.model_version.set(ctx.strategy.version)
     ctx.telemetry.retained_bytes.set(retained)
@@ -91,3 +95,24 @@ def load_serving_state(ctx: JobContext) -> None:
     ctx.telemetry.record_relapse(
         {t.name: t.relapse for t in tasks if t.relapse is not None and t.ops_since_unlearn < measured}
     )
+
+
+def unfinished_unlearns(ctx: JobContext) -> list[tuple[str, set[str]]]:
+    """(job id, tasks it forgets) of every QUEUED or RUNNING unlearn, oldest first."""
+
+    def query(session: Session) -> list[tuple[str, set[str]]]:
+        jobs = JobRepository(session)
+        found = [
+            j
+            for state in (JobState.QUEUED, JobState.RUNNING)
+            for j in jobs.list(state=state, kind=JobKind.UNLEARN, limit=1_000_000)
+        ]
+        return [(j.id, forgotten_tasks(j)) for j in sorted(found, key=lambda j: j.seq)]
+
+    return ctx.read(query, "reading unfinished unlearns")
+
+
+def forgotten_tasks(job: Job) -> set[str]:
+    """The tasks an unlearn job forgets data of: its task, or those its sample ids were found in."""
+    named = job.options.get("tasks")
+    return set(named) if isinstance(named, dict) and named else {job.task}

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.data import FileRecord, purge
+from server.data.sample_ids import SampleIdKey, server_made_id
 from server.engine.protocol import LearnOptions
 from server.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError, UnavailableError
 from server.jobs.events import JobEvents
@@ -37,6 +38,7 @@ from server.storage import (
     JobKind,
     JobRepository,
     JobState,
+    SampleRepository,
     Task,
     TaskRepository,
     TaskState,
@@ -93,6 +95,8 @@ class JobService:
         serving: ServingState,
         limits: QueueLimits,
         audit_log: AuditLog | None = None,
+        *,
+        sample_key: SampleIdKey | None = None,
     ) -> None:
         self.sessions = sessions
         self.data_dir = data_dir
@@ -102,12 +106,13 @@ class JobService:
         self.lifecycle = Lifecycle(audit_log, data_dir=data_dir)
         self.audit_log = self.lifecycle.audit_log
         self._ready = threading.Event()
+        self.sample_key = sample_key or SampleIdKey(data_dir / "keys" / "sample-ids.key")
 
     def mark_ready(self) -> None:
         """Recovery is done: accept writes."""
         self._ready.set()
 
-    def _writable(self) -> None:
+    def writable(self) -> None:
         if not self._ready.wait(self.limits.ready_wait_seconds):
             raise UnavailableError("the server is still recovering its state after a start; retry shortly")
 
@@ -148,7 +153,7 @@ class JobService:
             The job of an earlier request with the same idempotency key (answer with it, read
             nothing more), or None: go on.
         """
-        self._writable()
+        self.writable()
         with self.sessions() as session:
             existing = self._matching(session, submission.idempotency_key, JobKind.LEARN, submission.task)
             return existing or self._check_learn(session, submission)
@@ -183,13 +188,18 @@ class JobService:
         samples: int,
         classes: Sequence[int],
         principal: str,
+        *,
+        sample_digests: Sequence[str] = (),
+        server_made_ids: bool = True,
     ) -> Job:
         """Record a durably spooled Learn stream as a QUEUED job, in one transaction.
 
-        On any failure the spool file is deleted, so nothing accepted-but-unrecorded lingers.
+        Its samples enter the sample index (``sample_digests``, keyed digests in stream order; with
+        ``server_made_ids`` they are those of ``<job id>/<index>``, and the job says so). On any
+        failure the spool file is deleted, so nothing accepted-but-unrecorded lingers.
         """
         try:
-            self._writable()
+            self.writable()
             with self.transaction() as session:
                 # A retry racing its first attempt: the key decides, before the task name does.
                 existing = self._matching(session, submission.idempotency_key, JobKind.LEARN, submission.task)
@@ -209,7 +219,10 @@ class JobService:
                     created_at=utc_now(),
                 )
                 job.options = {**submission.options.as_dict(), "metadata": submission.metadata}
+                if server_made_ids:
+                    job.options = {**job.options, "sample_id_prefix": server_made_id(job_id, 0)[:-1]}
                 self.lifecycle.new_job(session, job)
+                SampleRepository(session).add_stream(submission.task, job_id, sample_digests)
                 DataFileRepository(session).add(
                     DataFile(
                         kind=DataFileKind.SPOOL,
@@ -259,86 +272,106 @@ class JobService:
         A task whose Learn job is still QUEUED has its job cancelled and its spool purged: the data
         never reaches the model and the returned unlearn job is already SUCCEEDED.
         """
-        self._writable()
+        self.writable()
         existing = self.existing_job(submission.idempotency_key, JobKind.UNLEARN, submission.task)
         if existing is not None:
             return existing
-        purged: list[str] = []
+        job_id = uuid.uuid4().hex
+        # From acceptance on, Predict never answers from a model holding the task (DESIGN.md section 9):
+        # held before the job row commits, so the worker cannot finish the job first.
+        self.serving.hold(job_id, {submission.task})
         try:
-            with self.transaction() as session:
-                tasks, jobs = TaskRepository(session), JobRepository(session)
-                task = tasks.get_for_update(submission.task)
-                # A retry racing its first attempt (which holds the task row until it commits).
-                existing = self._matching(session, submission.idempotency_key, JobKind.UNLEARN, submission.task)
-                if existing is not None:
-                    return existing
-                if task is None:
-                    raise NotFoundError(f"task {submission.task!r} does not exist")
-                if task.state == TaskState.UNLEARNED:
-                    raise FailedPreconditionError(f"task {submission.task!r} is already unlearned")
-                if task.state == TaskState.UNLEARNING and any(
-                    jobs.list(task=submission.task, state=state, kind=JobKind.UNLEARN, limit=1)
-                    for state in (JobState.QUEUED, JobState.RUNNING)
-                ):
-                    raise FailedPreconditionError(f"task {submission.task!r} is already being unlearned")
-                # UNLEARNING with no active unlearn job: the previous attempt failed; this one retries.
-                job = Job(
-                    id=uuid.uuid4().hex,
-                    kind=JobKind.UNLEARN,
-                    task=submission.task,
-                    method=submission.method,
-                    idempotency_key=submission.idempotency_key or None,
-                    principal=principal,
-                    created_at=utc_now(),
-                )
-                job.options = {"reason": submission.reason}
-                queued_learn = jobs.list(
-                    task=submission.task, state=JobState.QUEUED, kind=JobKind.LEARN, limit=1000, for_update=True
-                )
-                self.audit_log.append(
-                    session,
-                    principal=principal,
-                    action="unlearn.requested",
-                    task=submission.task,
-                    job_id=job.id,
-                    details={"reason": submission.reason, "method": submission.method},
-                )
-                if task.learned_version is None and queued_learn:
-                    # The data never reached the model: cancel the learn, purge its spool, done.
-                    self.lifecycle.task_unlearned(session, task)
-                    for learn in queued_learn:
-                        purged += self.lifecycle.cancel(
-                            session, learn, principal, "cancelled by an unlearn of its task"
-                        )
-                    job.model_version = self.serving.predictor.version if self.serving.predictor else 0
-                    job.message = "the task's data never reached the model; its learn job was cancelled"
-                    self.lifecycle.new_job(session, job, JobState.SUCCEEDED)
-                    self.audit_log.append(
-                        session,
-                        principal=principal,
-                        action="unlearn.succeeded",
-                        task=submission.task,
-                        job_id=job.id,
-                        details={"model_version": job.model_version, "reached_model": False},
-                    )
-                else:
-                    if jobs.count_queued() >= self.limits.max_queued_jobs:
-                        raise ResourceExhaustedError(
-                            f"the job queue is full ({self.limits.max_queued_jobs} queued jobs); retry later"
-                        )
-                    self.lifecycle.task_unlearning(session, task)
-                    self.lifecycle.new_job(session, job)
-                state = task.state
+            job, state, purged = self._queue_unlearn(submission, principal, job_id)
         except IntegrityError:
+            self.serving.release(job_id)
             existing = self.existing_job(submission.idempotency_key, JobKind.UNLEARN, submission.task)
             if existing is not None:
                 return existing
             raise
+        except BaseException:
+            self.serving.release(job_id)
+            raise
+        if job.id != job_id or job.state.terminal:  # an earlier request's job, or done at once
+            self.serving.release(job_id)
+        if job.id != job_id:
+            return job
         self._delete_files(purged)
         self.serving.set_task_state(submission.task, state)
         self.events.notify()
         log.info("unlearn job %s", job.state.value, extra={"job_id": job.id, "task": job.task, "principal": principal})
         return job
+
+    def _queue_unlearn(
+        self, submission: UnlearnSubmission, principal: str, job_id: str
+    ) -> tuple[Job, TaskState | None, list[str]]:
+        """The transaction of :meth:`submit_unlearn`: (job, the task's new state, files to delete)."""
+        purged: list[str] = []
+        with self.transaction() as session:
+            tasks, jobs = TaskRepository(session), JobRepository(session)
+            task = tasks.get_for_update(submission.task)
+            # A retry racing its first attempt (which holds the task row until it commits).
+            existing = self._matching(session, submission.idempotency_key, JobKind.UNLEARN, submission.task)
+            if existing is not None:
+                return existing, None, []
+            if task is None:
+                raise NotFoundError(f"task {submission.task!r} does not exist")
+            if task.state == TaskState.UNLEARNED:
+                raise FailedPreconditionError(f"task {submission.task!r} is already unlearned")
+            if task.state == TaskState.UNLEARNING and any(
+                jobs.list(task=submission.task, state=state, kind=JobKind.UNLEARN, limit=1)
+                for state in (JobState.QUEUED, JobState.RUNNING)
+            ):
+                raise FailedPreconditionError(f"task {submission.task!r} is already being unlearned")
+            # UNLEARNING with no active unlearn job: the previous attempt failed; this one retries.
+            job = Job(
+                id=job_id,
+                kind=JobKind.UNLEARN,
+                task=submission.task,
+                method=submission.method,
+                idempotency_key=submission.idempotency_key or None,
+                principal=principal,
+                created_at=utc_now(),
+            )
+            job.options = {"reason": submission.reason}
+            queued_learn = jobs.list(
+                task=submission.task, state=JobState.QUEUED, kind=JobKind.LEARN, limit=1000, for_update=True
+            )
+            self.audit_log.append(
+                session,
+                principal=principal,
+                action="unlearn.requested",
+                task=submission.task,
+                job_id=job.id,
+                details={"reason": submission.reason, "method": submission.method},
+            )
+            if task.learned_version is None and queued_learn:
+                # The data never reached the model: cancel the learn, purge its spool, done.
+                self.lifecycle.task_unlearned(session, task)
+                for learn in queued_learn:
+                    purged += self.lifecycle.cancel(session, learn, principal, "cancelled by an unlearn of its task")
+                job.model_version = self.serving.predictor.version if self.serving.predictor else 0
+                job.message = "the task's data never reached the model; its learn job was cancelled"
+                self.lifecycle.new_job(session, job, JobState.SUCCEEDED)
+                self.audit_log.append(
+                    session,
+                    principal=principal,
+                    action="unlearn.succeeded",
+                    task=submission.task,
+                    job_id=job.id,
+                    details={"model_version": job.model_version, "reached_model": False},
+                )
+            else:
+                self.check_queue(jobs)
+                self.lifecycle.task_unlearning(session, task)
+                self.lifecycle.new_job(session, job)
+            return job, task.state, purged
+
+    def check_queue(self, jobs: JobRepository) -> None:
+        """Refuse a new job while the queue is full."""
+        if jobs.count_queued() >= self.limits.max_queued_jobs:
+            raise ResourceExhaustedError(
+                f"the job queue is full ({self.limits.max_queued_jobs} queued jobs); retry later"
+            )
 
     # ---------------------------------------------------------------- cancel
     def cancel(self, job_id: str, principal: str) -> Job:
@@ -352,7 +385,7 @@ class JobService:
             NotFoundError: no such job.
             FailedPreconditionError: the job has ended, or is a running unlearn.
         """
-        self._writable()
+        self.writable()
         purged: list[str] = []
         with self.transaction() as session:
             job = JobRepository(session).get_for_update(job_id)  # the worker cannot claim it meanwhile
@@ -373,6 +406,7 @@ class JobService:
                 new_state = task.state if task is not None else None
         if running:
             return self._cancel_running(job_id, principal)
+        self.serving.release(job_id)
         self._delete_files(purged)
         self.serving.set_task_state(job.task, new_state)
         self.events.notify()

@@ -23,7 +23,7 @@ from server.engine.protocol import Progress, Strategy, no_progress
 from server.jobs import recovery
 from server.jobs.context import JobContext, JobRun, WorkerSettings
 from server.jobs.finish import finish
-from server.jobs.kinds import HANDLERS, handler_for
+from server.jobs.kinds import handler_for
 from server.jobs.retry import JobInterruptedError
 from server.logs import log_context
 from server.storage import Job, JobRepository, JobState, TaskRepository, TaskState
@@ -133,7 +133,7 @@ class Worker:
         log.info("%s job started", job.kind.value)
         run = JobRun(job, self._progress(job))
         try:
-            handler = handler_for(job.kind)
+            handler = handler_for(job)
             metrics = handler.compute(self.ctx, run)
             run.changed_model, run.metrics = metrics is not None, metrics or {}
             if run.changed_model:
@@ -156,14 +156,16 @@ class Worker:
     def _finish_from_checkpoint(self, job: Job, metrics: dict[str, float]) -> None:
         run = JobRun(job, no_progress, changed_model=True, metrics=metrics)
         try:
-            finish(self.ctx, run, handler_for(job.kind))
+            finish(self.ctx, run, handler_for(job))
         except Exception as exc:
             log.exception("job %s could not be finished from its checkpoint", job.id)
             self._failed(job, f"{type(exc).__name__}: {exc}", run.started)
 
     def _progress(self, job: Job) -> Progress:
-        handler = HANDLERS.get(job.kind)
-        cancellable = handler is not None and handler.cancellable
+        try:
+            cancellable = handler_for(job).cancellable
+        except NotImplementedError:
+            cancellable = False
 
         def report(fraction: float, message: str) -> None:
             if self.ctx.must_stop():
@@ -194,6 +196,7 @@ class Worker:
         """FAILED in SQL (retried), the model restored to before the job, its data dropped."""
         self.ctx.restore(discard_job=job.id)
         to_delete = self._end(job, lambda session, row: self.ctx.lifecycle.fail(session, row, message), "failure")
+        self.ctx.serving.release(job.id)
         self.ctx.telemetry.job_duration.labels(job.kind.value).observe(time.monotonic() - started)
         for path in to_delete:
             purge(self.ctx.layout.root, path)
@@ -206,6 +209,7 @@ class Worker:
         to_delete = self._end(
             job, lambda session, row: cancel(session, row, principal, "cancelled on request while running"), "cancel"
         )
+        self.ctx.serving.release(job.id)
         for path in to_delete:
             purge(self.ctx.layout.root, path)
         log.info("job %s cancelled while running; the model is as before it", job.id)

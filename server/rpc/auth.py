@@ -30,6 +30,7 @@ METHOD_SCOPES: dict[str, str] = {
     "ListAuditEvents": "admin",
     "GetAuditHead": "admin",  # as ListAuditEvents: the head is checked against the events
     "GetForgettingCertificate": "admin",
+    "LocateSamples": "admin",
     "GetJob": "any",
     "WatchJob": "any",
     "ListJobs": "any",

@@ -22,6 +22,7 @@ def timestamp(value: datetime | None) -> Timestamp | None:
 
 def job_message(job: Job) -> pb.Job:
     """A Job row as a ``lethe.v1.Job``."""
+    options = job.options
     return pb.Job(
         id=job.id,
         kind=job.kind.name,
@@ -37,6 +38,8 @@ def job_message(job: Job) -> pb.Job:
         seq=job.seq,
         samples=job.samples,
         method=job.method,
+        sample_id_prefix=str(options.get("sample_id_prefix", "")),
+        sample_ids=int(options.get("sample_ids", 0)),
     )
 
 

@@ -32,12 +32,13 @@ from server.errors import (
 )
 from server.jobs import JobService, LearnStream, LearnSubmission, ServingState, UnlearnSubmission
 from server.jobs.proof import ProofService
+from server.jobs.records import ForgetSamplesSubmission, SampleRequests
 from server.logs import log_context
 from server.rpc import validation as v
 from server.rpc.auth import current_principal
 from server.rpc.convert import audit_message, evaluation_message, job_message, task_message
 from server.rpc.errors import status_for
-from server.storage import JobKind, JobState, TaskState
+from server.storage import Job, JobKind, JobState, TaskState
 from server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class LearnDefaults:
     max_stream_bytes: int
     max_stream_samples: int
     max_predict_samples: int
+    #: Distinct sample ids one records-level Unlearn may name (``limits.max_forget_samples``).
+    max_forget_samples: int = 100_000
 
 
 class LetheServicer(pb_grpc.LetheServicer):
@@ -89,9 +92,13 @@ class LetheServicer(pb_grpc.LetheServicer):
         model: ModelDescription,
         defaults: LearnDefaults,
         proofs: ProofService | None = None,
+        records: SampleRequests | None = None,
     ) -> None:
         self.proofs = proofs
         self.jobs = jobs
+        self.records = records or SampleRequests(
+            jobs, f"strategy {model.strategy!r} cannot forget individual samples; unlearn the whole task", ""
+        )
         self.serving = serving
         self.telemetry = telemetry
         self.model = model
@@ -160,7 +167,7 @@ class LetheServicer(pb_grpc.LetheServicer):
                     raise ResourceExhaustedError(
                         f"chunk: the stream exceeds limits.max_stream_bytes ({self.defaults.max_stream_bytes} bytes)"
                     )
-                stream.append(inputs, labels, ids)
+                stream.append(inputs, labels, ids, f"chunk[{index}].sample_ids")
             if stream.samples < 2:
                 raise InvalidArgumentError(
                     "chunk", f"the stream must carry at least 2 samples (a probe set is held out), got {stream.samples}"
@@ -196,7 +203,6 @@ class LetheServicer(pb_grpc.LetheServicer):
     # ---------------------------------------------------------------- Unlearn
     def Unlearn(self, request: pb.UnlearnRequest, context: grpc.ServicerContext) -> pb.Job:
         with self._call("Unlearn", context):
-            task = v.task_name(request.task)
             method = request.method
             if method and method not in self.model.unlearn_methods:
                 raise InvalidArgumentError(
@@ -204,6 +210,9 @@ class LetheServicer(pb_grpc.LetheServicer):
                     f"strategy {self.model.strategy!r} supports {', '.join(self.model.unlearn_methods)} "
                     f"(empty = {self.model.unlearn_methods[0]}), got {method[:40]!r}",
                 )
+            if request.sample_ids:
+                return job_message(self._forget_samples(request))
+            task = v.task_name(request.task)
             submission = UnlearnSubmission(
                 task=task,
                 reason=v.reason(request.reason),
@@ -211,6 +220,27 @@ class LetheServicer(pb_grpc.LetheServicer):
                 method=method,
             )
             return job_message(self.jobs.submit_unlearn(submission, current_principal().name))
+        raise AssertionError("unreachable")
+
+    def _forget_samples(self, request: pb.UnlearnRequest) -> Job:
+        submission = ForgetSamplesSubmission(
+            sample_ids=v.forget_ids(request.sample_ids, self.defaults.max_forget_samples),
+            task=v.task_name(request.task) if request.task else "",
+            reason=v.reason(request.reason),
+            idempotency_key=v.idempotency_key(request.idempotency_key, "idempotency_key"),
+            method=request.method,
+        )
+        return self.records.submit(submission, current_principal().name)
+
+    def LocateSamples(
+        self, request: pb.LocateSamplesRequest, context: grpc.ServicerContext
+    ) -> pb.LocateSamplesResponse:
+        with self._call("LocateSamples", context):
+            if not request.sample_ids:
+                raise InvalidArgumentError("sample_ids", "name at least one sample id")
+            ids = v.forget_ids(request.sample_ids, self.defaults.max_forget_samples)
+            located = self.records.locate(ids, current_principal().name)
+            return pb.LocateSamplesResponse(tasks=located.tasks, unknown=located.unknown)
         raise AssertionError("unreachable")
 
     # ---------------------------------------------------------------- Predict
@@ -228,7 +258,14 @@ class LetheServicer(pb_grpc.LetheServicer):
 
     def _predict(self, request: pb.PredictRequest) -> pb.PredictResponse:
         started = time.perf_counter()
-        predictor = self.serving.predictor
+        answering = self.serving.answering()
+        predictor = answering.predictor
+        if predictor is None and answering.forgetting:
+            jobs = ", ".join(sorted(set(answering.forgetting.values())))
+            raise UnavailableError(
+                f"an accepted unlearn (job {jobs}) is being applied and no model free of the data it forgets is "
+                "kept; predictions resume when it ends"
+            )
         if predictor is None:
             raise UnavailableError("the model is still loading; retry shortly")
         task: str | None = None
@@ -250,6 +287,11 @@ class LetheServicer(pb_grpc.LetheServicer):
                 if not principal.has("admin"):
                     raise PermissionDeniedError("allow_unlearned needs the 'admin' scope")
                 audit_as = principal.name
+            elif task in answering.forgetting:
+                raise UnavailableError(
+                    f"task {task!r}: samples of it are being forgotten (job {answering.forgetting[task]}); "
+                    "predictions resume when the job ends"
+                )
         else:
             if request.task:
                 raise InvalidArgumentError(

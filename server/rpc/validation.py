@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,6 +133,26 @@ def sample_ids(values: list[str], samples: int, field: str) -> list[str]:
         if not value or len(value) > MAX_SAMPLE_ID_LENGTH or not value.isprintable():
             raise InvalidArgumentError(field, f"ids must be 1-{MAX_SAMPLE_ID_LENGTH} printable characters")
     return list(values)
+
+
+def forget_ids(values: Sequence[str], limit: int) -> tuple[str, ...]:
+    """The distinct ids of a records request (duplicates are one id), each 1-256 printable characters.
+
+    Raises:
+        InvalidArgumentError: an id is empty, too long or not printable.
+        ResourceExhaustedError: more than ``limit`` distinct ids (``limits.max_forget_samples``).
+    """
+    distinct = tuple(dict.fromkeys(values))
+    if len(distinct) > limit:
+        raise ResourceExhaustedError(
+            f"sample_ids: {len(distinct)} ids exceed limits.max_forget_samples ({limit}); split the request"
+        )
+    for index, value in enumerate(distinct):
+        if not value or len(value) > MAX_SAMPLE_ID_LENGTH or not value.isprintable():
+            raise InvalidArgumentError(
+                f"sample_ids[{index}]", f"ids must be 1-{MAX_SAMPLE_ID_LENGTH} printable characters"
+            )
+    return distinct
 
 
 def learn_numbers(header: pb.LearnHeader) -> None:

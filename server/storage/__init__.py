@@ -49,6 +49,7 @@ from server.storage.models import (
     Sample,
     Task,
 )
+from server.storage.samples import SampleRepository
 from server.storage.tasks import TaskRepository
 from server.storage.urls import mask_url, normalize_url
 
@@ -73,6 +74,7 @@ __all__ = [
     "JobRepository",
     "JobState",
     "Sample",
+    "SampleRepository",
     "SchemaError",
     "StrEnumType",
     "Task",

@@ -58,11 +58,15 @@ class DataFileRepository:
         statement = select(DataFile).where(DataFile.path == normalize_data_path(path))
         return self.session.scalars(statement).one_or_none()
 
-    def live(self, task: str | None = None, kind: DataFileKind | None = None) -> builtins.list[DataFile]:
-        """Returns files not yet purged, oldest first, optionally of one task and/or kind."""
+    def live(
+        self, task: str | None = None, kind: DataFileKind | None = None, job_id: str | None = None
+    ) -> builtins.list[DataFile]:
+        """Returns files not yet purged, oldest first, optionally of one task, kind and/or job."""
         statement = select(DataFile).where(DataFile.purged_at.is_(None)).order_by(DataFile.id)
         if task is not None:
             statement = statement.where(DataFile.task == task)
+        if job_id is not None:
+            statement = statement.where(DataFile.job_id == job_id)
         if kind is not None:
             statement = statement.where(DataFile.kind == kind)
         return builtins.list(self.session.scalars(statement))

@@ -36,7 +36,7 @@ class RecordingBuilder:
 
 def test_finetune_is_registered() -> None:
     assert "finetune" in STRATEGIES
-    assert strategy_options("finetune") == {"cifar_stem": True, "width": 0}
+    assert strategy_options("finetune") == {"cifar_stem": True, "width": 0, "retain_training_data": False}
 
 
 def test_unknown_strategy_lists_the_known_ones() -> None:
@@ -45,7 +45,7 @@ def test_unknown_strategy_lists_the_known_ones() -> None:
 
 
 def test_unknown_option_is_named_with_the_allowed_ones() -> None:
-    with pytest.raises(ValueError, match=r"'widht'.*allowed: cifar_stem, width"):
+    with pytest.raises(ValueError, match=r"'widht'.*allowed: cifar_stem, retain_training_data, width"):
         build_strategy("finetune", options={"widht": 3}, **FIXED)
 
 

@@ -797,6 +797,34 @@ UNLEARN_CASES = [
         unlearn(idempotency_key="known-key"),
         ("UnlearnRequest.idempotency_key",),
     ),
+    Case(
+        "unlearn-samples-without-retained-data",
+        PRECONDITION,
+        ("sample_ids", "training.retain_training_data = true"),
+        unlearn(task="", sample_ids=["someone"]),
+        ("UnlearnRequest.sample_ids",),
+    ),
+    Case(
+        "unlearn-samples-empty-id",
+        INVALID,
+        ("sample_ids[1]", "printable"),
+        unlearn(task="", sample_ids=["someone", ""]),
+        ("UnlearnRequest.sample_ids",),
+    ),
+    Case(
+        "locate-no-ids",
+        INVALID,
+        ("sample_ids", "at least one"),
+        lambda env: env.stub.LocateSamples(pb.LocateSamplesRequest(), timeout=30),
+        ("LocateSamplesRequest.sample_ids",),
+    ),
+    Case(
+        "locate-id-too-long",
+        INVALID,
+        ("sample_ids[0]", "256"),
+        lambda env: env.stub.LocateSamples(pb.LocateSamplesRequest(sample_ids=["i" * 257]), timeout=30),
+        ("LocateSamplesRequest.sample_ids",),
+    ),
 ]
 
 PREDICT_CASES = [
@@ -1239,6 +1267,7 @@ REQUEST_MESSAGES = (
     "ListAuditEventsRequest",
     "GetModelRequest",
     "ListEvaluationsRequest",
+    "LocateSamplesRequest",
 )
 
 

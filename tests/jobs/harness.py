@@ -98,7 +98,7 @@ class Harness:
     def compute(self, job: Job) -> JobRun:
         """Run the compute phase of a claimed job and checkpoint a changed model, as the worker does."""
         run = JobRun(job, no_progress)
-        metrics = handler_for(job.kind).compute(self.ctx, run)
+        metrics = handler_for(job).compute(self.ctx, run)
         run.changed_model, run.metrics = metrics is not None, metrics or {}
         if run.changed_model:
             self.ctx.checkpoint(job, run.metrics)
@@ -106,7 +106,7 @@ class Harness:
 
     def finish(self, run: JobRun) -> None:
         """The commit phase."""
-        finish(self.ctx, run, handler_for(run.job.kind))
+        finish(self.ctx, run, handler_for(run.job))
 
     def run(self, job_id: str | None = None) -> JobRun:
         """Claim, compute and finish one job."""

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.data import sha256_file
 from server.jobs.finish import evaluate_model
-from server.jobs.kinds import UnlearnHandler, handler_for
+from server.jobs.kinds import FORGET_SAMPLES, UnlearnHandler, handler_for
 from server.storage import (
     AuditEvent,
     AuditLog,
@@ -222,5 +222,8 @@ def test_unlearn_of_a_learned_task_measures_it_and_purges_its_data(
 
 def test_a_job_kind_without_a_handler_is_refused_by_name() -> None:
     with pytest.raises(NotImplementedError, match="commit"):
-        handler_for(JobKind.COMMIT)
-    assert handler_for(JobKind.LEARN).cancellable and not handler_for(JobKind.UNLEARN).cancellable
+        handler_for(Job(kind=JobKind.COMMIT, options_json="{}"))
+    learn, unlearn = (Job(kind=kind, options_json="{}") for kind in (JobKind.LEARN, JobKind.UNLEARN))
+    assert handler_for(learn).cancellable and not handler_for(unlearn).cancellable
+    records = Job(kind=JobKind.UNLEARN, options_json='{"sample_ids": 3}')
+    assert handler_for(records) is FORGET_SAMPLES and not FORGET_SAMPLES.cancellable

@@ -147,3 +147,19 @@ def test_submit_latency_windows_follow_the_polls() -> None:
     with pytest.raises(ValueError, match="never saw"):
         windows(0.5, polls)
     assert Submission(1.9, 0.2).overlaps(evaluation) and not Submission(1.0, 0.5).overlaps(evaluation)
+
+
+def test_records_reports_every_megabatch_and_the_goal(quick_run: tuple[dict[str, Any], str]) -> None:
+    report, doc = quick_run
+    records = {r["name"]: r for r in report["results"]}["records"]
+    n = 6
+    cases = [c["baseline_name"] for c in records["comparisons"]]
+    assert cases.count("retraining without them") == n and len(cases) == 2 * n
+    tables = {heading: rows for heading, _header, rows in records["tables"]}
+    assert [row[0] for row in tables["Goals"]] == [f"records ÷ retraining, j = {j}" for j in range(2, n + 1)]
+    per_j = next(rows for heading, rows in tables.items() if heading.startswith("Per mega-batch"))
+    assert [int(row[0]) for row in per_j] == list(range(1, n + 1))
+    # Forgetting samples of mega-batch j replays j..n, and reproduces retraining bit for bit.
+    assert [int(row[1]) for row in per_j] == [n - j + 1 for j in range(1, n + 1)]
+    assert all(row[-1] == "yes" for row in per_j)
+    assert "Records-level forgetting" in doc

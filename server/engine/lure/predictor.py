@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -27,9 +28,16 @@ class LurePredictor:
         num_classes: int,
         device: torch.device,
         batch_size: int = 1024,
+        state: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        """Snapshot ``model`` (deep copy, eval mode, gradients off)."""
+        """Snapshot ``model`` (deep copy, eval mode, gradients off).
+
+        With ``state``, the copy is loaded with it: a snapshot of other weights of the same network
+        (``load_state_dict`` copies them, so ``state`` is not shared).
+        """
         frozen = copy.deepcopy(model).eval()
+        if state is not None:
+            frozen.load_state_dict(state)
         for param in frozen.parameters():
             param.requires_grad_(False)
         self._model = frozen

@@ -7,6 +7,8 @@ on the new mega-batch plus the replayed ones (the relearn step). Unlearning a me
 to be forgotten) is either ``exact`` -- roll back to the model taken before it was first learned and
 replay the learning of the later ones, which reproduces training without it bit for bit -- or
 ``approximate`` -- re-initialize the weights most salient for it and relearn on the retained data.
+Forgetting some samples of live mega-batches (records-level forgetting, :meth:`LureStrategy.forget_samples`)
+is the same rollback and replay, with the affected mega-batches replayed from what remains of them.
 
 Reproducibility is what makes ``exact`` exact: every random draw of a mega-batch's learning (split,
 importance subset, fresh initialization, shuffles, augmentation) comes from a seed derived from
@@ -20,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,13 +38,22 @@ from server.engine.lure.predictor import LurePredictor
 from server.engine.lure.resets import apply_reset, reinit_where
 from server.engine.metrics import accuracy, expected_calibration_error
 from server.engine.protocol import LearnOptions, Progress, Report, TaskData, UnknownTaskError
-from server.engine.training import check_learn_inputs, derive_seed, module_state_cpu, seeded_generator, seeded_rng
+from server.engine.training import (
+    check_learn_inputs,
+    derive_seed,
+    module_state_cpu,
+    scaled_progress,
+    seeded_generator,
+    seeded_rng,
+)
 
 _STATE_FORMAT = "lethe.lure/1"
 #: Share of a learn call's progress spent on the reset before training (when there is one).
 _RESET_SHARE = 0.05
 #: Share of a learn call's progress spent on training; the rest is evaluation.
 _TRAIN_END = 0.95
+#: ``MegaBatch.before_version`` of a snapshot that no served model version names.
+_UNSERVED = -1
 
 
 @dataclass(frozen=True)
@@ -57,12 +68,17 @@ class MegaBatch:
             only every ``snapshot_every`` positions of the live stream.
         exact: whether ``before`` equals what learning the live mega-batches that precede this one,
             from the initial model, produces -- False when an ``approximate`` unlearning left traces in it.
+        before_version: the model version at which ``before`` was the live (served) model; -1 when
+            no served version names it: there is no ``before``, it is an intermediate model of a
+            replay (computed during an exact unlearning or a records forgetting, never published), or
+            it was loaded from a state saved before this field existed.
     """
 
     name: str
     options: LearnOptions
     before: dict[str, torch.Tensor] | None
     exact: bool
+    before_version: int = _UNSERVED
 
 
 class LureStrategy:
@@ -93,12 +109,15 @@ class LureStrategy:
         self.version = 0
         self._device = torch.device(device)
         self._model: nn.Module = self._fresh_network(derive_seed(config.seed, "lure-init")).to(self._device)
+        # Never mutated in place (every change assigns a new list), and the snapshots in it are never
+        # modified: rollback_predictor reads it from gRPC threads while the worker trains.
         self._stream: list[MegaBatch] = []
         #: The model equals learning the live stream from the initial model (no approximate traces).
         self._model_exact = True
         #: After an approximate unlearning of the last mega-batch: the exact model before it, which is
         #: the exact "before" of the next mega-batch.
         self._pending_before: dict[str, torch.Tensor] | None = None
+        self._pending_before_version = _UNSERVED
         self._published: LurePredictor | None = None
 
     # ------------------------------------------------------------------ verbs
@@ -139,8 +158,12 @@ class LureStrategy:
         mode = self.config.replay.mode
         model = copy.deepcopy(self._model)
         before: dict[str, torch.Tensor] | None = None
+        before_version = _UNSERVED
         if self._keeps_snapshot(len(self._stream)):
-            before = self._pending_before if self._pending_before is not None else module_state_cpu(model)
+            if self._pending_before is not None:
+                before, before_version = self._pending_before, self._pending_before_version
+            else:
+                before, before_version = module_state_cpu(model), self.version
         exact = self._pending_before is not None or self._model_exact
         previous = [] if mode == "none" else [replay[m.name] for m in self._stream if m.name in replay]
         missing = mode == "full" and len(previous) < len(self._stream)
@@ -157,8 +180,9 @@ class LureStrategy:
         progress(1.0, f"learned mega-batch {task!r}")  # the last chance to cancel: commit below
 
         self._model = model
-        self._stream.append(MegaBatch(task, opts, before, exact))
+        self._stream = [*self._stream, MegaBatch(task, opts, before, exact, before_version)]
         self._pending_before = None
+        self._pending_before_version = _UNSERVED
         if missing:  # trained without some live data: replaying this step would not reproduce it
             self._model_exact = False
         self._commit()
@@ -206,6 +230,117 @@ class LureStrategy:
             return self._unlearn_exact(index, progress, replay)
         return self._unlearn_approximate(index, progress, replay)
 
+    def sample_forgetting(self) -> str | None:
+        """None when :meth:`forget_samples` can run (``replay=full``); otherwise why not and what works."""
+        replay = self.config.replay
+        if replay.mode == "full":
+            return None
+        return (
+            f"records forgetting with lure needs replay=full (configured replay={replay}): replaying the "
+            "mega-batches without the forgotten samples needs their full training data, which the server "
+            "keeps only with replay=full; unlearn the whole mega-batch instead (method 'approximate')"
+        )
+
+    def forget_samples(
+        self, kept: Mapping[str, TaskData], progress: Progress, replay: Mapping[str, TaskData]
+    ) -> Report:
+        """Forget some training samples of the live mega-batches named in ``kept``, exactly.
+
+        Rolls back to the latest clean snapshot at or before the first affected mega-batch (the
+        earliest in stream order among ``kept``'s keys) and replays the learning of every later live
+        mega-batch in its original order, with its original options and seeds: affected ones from
+        ``kept[name]``, the others from ``replay[name]``. As in learning, each replayed mega-batch
+        also trains on the data of every live mega-batch before it, so ``replay`` must hold every
+        live mega-batch not in ``kept``. The result equals, bit for bit under deterministic settings,
+        a strategy with the same configuration that learned the live stream with each affected
+        mega-batch learned from ``kept[name]`` in the first place (like exact unlearning, the replay
+        starts from a clean snapshot, so traces of earlier approximate unlearning go too). One
+        committed operation: on any exception (``progress`` raising to cancel, say) nothing changes;
+        on success the version is bumped once.
+
+        Args:
+            kept: live mega-batch → its remaining training samples, in stream order (non-empty).
+            progress: called as the work advances; may raise to cancel.
+            replay: retained data of the other live mega-batches (entries for ``kept``'s names are
+                ignored).
+
+        Returns:
+            Metrics ``unlearn_seconds`` and ``replayed_megabatches``.
+
+        Raises:
+            ValueError: with replay other than ``full``; when ``kept`` is empty, names a mega-batch
+                that is not live, or holds no (or invalid) samples for one; when the retained data of
+                another live mega-batch is missing from ``replay``.
+        """
+        reason = self.sample_forgetting()
+        if reason is not None:
+            raise ValueError(reason)
+        if not kept:
+            raise ValueError("forget_samples needs at least one live mega-batch in kept")
+        stream = self._stream
+        position = {m.name: i for i, m in enumerate(stream)}
+        unknown = [name for name in kept if name not in position]
+        if unknown:
+            raise ValueError(
+                f"not live mega-batches of this lure model: {', '.join(map(repr, unknown))}; "
+                f"live: {', '.join(map(repr, position)) or '(none)'}"
+            )
+        for name, data in kept.items():
+            if len(data) == 0:
+                raise ValueError(
+                    f"no training sample of mega-batch {name!r} would remain; unlearn the whole mega-batch instead"
+                )
+            try:
+                check_learn_inputs(
+                    data, stream[position[name]].options, self.config.input_shape, self.config.num_classes
+                )
+            except ValueError as error:
+                raise ValueError(f"kept data of mega-batch {name!r}: {error}") from None
+        first = min(position[name] for name in kept)
+        affected = sorted(kept, key=position.__getitem__)
+        return self._replay_from(
+            first,
+            {**replay, **kept},
+            drop=None,
+            progress=progress,
+            what=f"forgetting samples of {', '.join(map(repr, affected))}",
+            done=f"forgot samples of {len(affected)} mega-batch(es) exactly",
+        )
+
+    def rollback_predictor(self, tasks: Collection[str]) -> LurePredictor | None:
+        """A serving snapshot of a model that never saw any of ``tasks``, or None.
+
+        The model is the latest clean snapshot (``exact``, free of approximate-unlearning traces) at
+        or before the first of ``tasks`` in the live stream that was once the served model; its
+        ``version`` is the version it was served at (``MegaBatch.before_version``). Snapshots no
+        served version names -- intermediate models of an earlier replay, or snapshots loaded from a
+        state saved before versions were recorded -- are skipped, so the answer may be an older
+        model than the rollback point of :meth:`forget_samples`; None when there is none, or when
+        none of ``tasks`` is live.
+
+        Safe on gRPC threads while the worker trains: it reads the stream list and the model once
+        (the worker replaces both, never modifies them) and the snapshots are never modified; it
+        draws nothing random (the network is a deep copy of the current one, loaded with the
+        snapshot), so it cannot disturb the worker's seeded RNG state.
+        """
+        stream = self._stream
+        model = self._model
+        wanted = set(tasks)
+        first = next((i for i, m in enumerate(stream) if m.name in wanted), None)
+        if first is None:
+            return None
+        for megabatch in reversed(stream[: first + 1]):
+            if megabatch.exact and megabatch.before is not None and megabatch.before_version != _UNSERVED:
+                return LurePredictor(
+                    model,
+                    megabatch.before_version,
+                    state=megabatch.before,
+                    input_shape=self.config.input_shape,
+                    num_classes=self.config.num_classes,
+                    device=self._device,
+                )
+        return None
+
     def predictor(self) -> LurePredictor:
         """The immutable serving snapshot of the current version (an eval-mode deep copy)."""
         if self._published is None or self._published.version != self.version:
@@ -237,12 +372,12 @@ class LureStrategy:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly after a restart.
 
-        Weights, the live stream (names, options, the model before each mega-batch, exactness flags),
-        the pending snapshot, the version and the seed. All tensors are CPU tensors not shared with
-        the live model; the value is made of dicts, lists, strings, numbers, booleans, ``None`` and
-        tensors (loadable with ``weights_only=True``). There is no RNG state or optimizer state to
-        save: every random draw is derived from (seed, mega-batch name, options), and every mega-batch
-        starts a new SGD optimizer and schedule.
+        Weights, the live stream (names, options, the model before each mega-batch, exactness flags
+        and the versions the snapshots were served at), the pending snapshot, the version and the
+        seed. All tensors are CPU tensors not shared with the live model; the value is made of dicts,
+        lists, strings, numbers, booleans, ``None`` and tensors (loadable with ``weights_only=True``).
+        There is no RNG state or optimizer state to save: every random draw is derived from (seed,
+        mega-batch name, options), and every mega-batch starts a new SGD optimizer and schedule.
         """
         return {
             "format": _STATE_FORMAT,
@@ -253,6 +388,7 @@ class LureStrategy:
             "model": module_state_cpu(self._model),
             "model_exact": self._model_exact,
             "pending_before": self._pending_before,
+            "pending_before_version": self._pending_before_version,
             "stream": [
                 {
                     "name": m.name,
@@ -264,6 +400,7 @@ class LureStrategy:
                     },
                     "before": m.before,
                     "exact": m.exact,
+                    "before_version": m.before_version,
                 }
                 for m in self._stream
             ],
@@ -297,6 +434,8 @@ class LureStrategy:
                 options=LearnOptions(**entry["options"]),
                 before=_cpu_copy(entry["before"]),
                 exact=bool(entry["exact"]),
+                # Absent from states saved before it existed: unknown, so never served as a rollback.
+                before_version=int(entry.get("before_version", _UNSERVED)),
             )
             for entry in state["stream"]
         ]
@@ -308,6 +447,7 @@ class LureStrategy:
         self._stream = stream
         self._model_exact = bool(state["model_exact"])
         self._pending_before = _cpu_copy(state["pending_before"])
+        self._pending_before_version = int(state.get("pending_before_version", _UNSERVED))
         self.version = int(state["version"])
         self._published = None
 
@@ -455,51 +595,96 @@ class LureStrategy:
     # ------------------------------------------------------------------ unlearning
 
     def _unlearn_exact(self, index: int, progress: Progress, replay: Mapping[str, TaskData]) -> Report:
-        cfg = self.config
         task = self._stream[index].name
-        if cfg.replay.mode != "full":
+        if self.config.replay.mode != "full":
             raise ValueError(
-                f"exact unlearning needs replay=full (configured replay={cfg.replay}): replaying the later "
+                f"exact unlearning needs replay=full (configured replay={self.config.replay}): replaying the later "
                 "mega-batches needs their full data, which the server keeps only with replay=full; "
                 "use method 'approximate'"
             )
-        clean = [i for i in range(index + 1) if self._stream[i].exact and self._stream[i].before is not None]
+        return self._replay_from(
+            index,
+            replay,
+            drop=task,
+            progress=progress,
+            what=f"exact unlearning of {task!r}",
+            done=f"unlearned mega-batch {task!r} exactly",
+        )
+
+    def _replay_from(
+        self,
+        index: int,
+        sources: Mapping[str, TaskData],
+        *,
+        drop: str | None,
+        progress: Progress,
+        what: str,
+        done: str,
+    ) -> Report:
+        """Roll back to the latest clean snapshot at or before ``index`` and replay the rest; commit.
+
+        The one replay routine of exact unlearning and records forgetting. Every live mega-batch but
+        ``drop`` is learned again from ``sources[name]`` (its training data: the retained data, or
+        what remains of it after records forgetting), in the original order with its original
+        options, hence seeds; the earlier ones are replayed as ``previous`` data. Works on a copy and
+        commits at the end (version bumped once), so an exception leaves the strategy as it was.
+
+        Args:
+            index: position in the live stream of the first mega-batch whose data changes (or that
+                is dropped).
+            sources: the training data of every live mega-batch but ``drop``.
+            drop: a mega-batch to leave out of the rebuilt stream (exact unlearning), or None.
+            progress: called as the work advances; may raise to cancel.
+            what: the operation, for error messages ("exact unlearning of 'mb1'").
+            done: the final progress message.
+
+        Raises:
+            ValueError: when no clean snapshot precedes ``index`` or some live data is missing.
+        """
+        stream = self._stream
+        clean = [i for i in range(index + 1) if stream[i].exact and stream[i].before is not None]
         if not clean:  # cannot happen with replay=full from the start; a checkpoint of another mode might
-            raise ValueError(f"exact unlearning of {task!r} is impossible: no clean snapshot was kept before it")
+            raise ValueError(f"{what} is impossible: no clean snapshot was kept before {stream[index].name!r}")
         start = clean[-1]
-        before = self._stream[start].before
-        assert before is not None
-        live = [m for m in self._stream if m.name != task]
-        missing = [m.name for m in live if m.name not in replay]
+        origin = stream[start]
+        assert origin.before is not None
+        missing = [m.name for m in stream if m.name != drop and m.name not in sources]
         if missing:
             raise ValueError(
-                f"exact unlearning of {task!r} needs the retained data of every other live mega-batch as replay; "
+                f"{what} needs the retained data of every other live mega-batch as replay; "
                 f"missing: {', '.join(repr(name) for name in missing)}"
             )
         started = time.perf_counter()
         model = copy.deepcopy(self._model)
-        model.load_state_dict(before)
-        rebuilt = list(self._stream[:start])
-        to_replay = [m for m in self._stream[start:] if m.name != task]
-        progress(0.0, f"rolled back to before {self._stream[start].name!r}; replaying {len(to_replay)} mega-batches")
+        model.load_state_dict(origin.before)
+        rebuilt = list(stream[:start])
+        to_replay = [m for m in stream[start:] if m.name != drop]
+        progress(0.0, f"rolled back to before {origin.name!r}; replaying {len(to_replay)} mega-batches")
         for k, megabatch in enumerate(to_replay):
-            snapshot = module_state_cpu(model) if self._keeps_snapshot(len(rebuilt)) else None
+            snapshot: dict[str, torch.Tensor] | None = None
+            snapshot_version = _UNSERVED
+            if self._keeps_snapshot(len(rebuilt)):
+                if k == 0:  # still the rollback point: the same (immutable) snapshot, served at its version
+                    snapshot, snapshot_version = origin.before, origin.before_version
+                else:  # an intermediate model of this replay, never served
+                    snapshot = module_state_cpu(model)
             self._learn_megabatch(
                 model,
                 megabatch.name,
-                replay[megabatch.name],
+                sources[megabatch.name],
                 megabatch.options,
-                [replay[m.name] for m in rebuilt],
+                [sources[m.name] for m in rebuilt],
                 has_previous=bool(rebuilt),
-                progress=_scaled(progress, k, len(to_replay), f"replaying {megabatch.name!r}"),
+                progress=scaled_progress(progress, k, len(to_replay), f"replaying {megabatch.name!r}"),
             )
-            rebuilt.append(MegaBatch(megabatch.name, megabatch.options, snapshot, exact=True))
-        progress(1.0, f"unlearned mega-batch {task!r} exactly")
+            rebuilt.append(MegaBatch(megabatch.name, megabatch.options, snapshot, True, snapshot_version))
+        progress(1.0, done)
 
         self._model = model
         self._stream = rebuilt
         self._model_exact = True
         self._pending_before = None
+        self._pending_before_version = _UNSERVED
         self._commit()
         return Report(
             metrics={
@@ -539,7 +724,7 @@ class LureStrategy:
                     settings,
                     device=self._device,
                     rng=seeded_generator(seed, "relearn"),
-                    progress=_scaled(progress, 0, 1, "relearning on the retained data"),
+                    progress=scaled_progress(progress, 0, 1, "relearning on the retained data"),
                 )
 
         # Bookkeeping for later exact unlearning: the snapshot taken before `task` is the exact
@@ -547,12 +732,15 @@ class LureStrategy:
         stream = list(self._stream)
         removed = stream.pop(index)
         pending = None
+        pending_version = _UNSERVED
         if index < len(stream):
-            stream[index] = replace(stream[index], before=removed.before, exact=removed.exact)
+            stream[index] = replace(
+                stream[index], before=removed.before, exact=removed.exact, before_version=removed.before_version
+            )
             for i in range(index + 1, len(stream)):
                 stream[i] = replace(stream[i], exact=False)
         elif removed.exact:
-            pending = removed.before
+            pending, pending_version = removed.before, removed.before_version
 
         progress(1.0, f"unlearned mega-batch {task!r} approximately")
 
@@ -560,6 +748,7 @@ class LureStrategy:
         self._stream = stream
         self._model_exact = False
         self._pending_before = pending
+        self._pending_before_version = pending_version
         self._commit()
         return Report(
             metrics={
@@ -570,15 +759,6 @@ class LureStrategy:
                 "replayed_megabatches": 0.0,
             }
         )
-
-
-def _scaled(progress: Progress, done: int, parts: int, prefix: str) -> Progress:
-    """Map part ``done`` of ``parts`` of a job onto the job's ``[0, 1]`` progress."""
-
-    def report(fraction: float, message: str) -> None:
-        progress(min(1.0, (done + fraction) / parts), f"{prefix}: {message}")
-
-    return report
 
 
 def _cpu_copy(state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:

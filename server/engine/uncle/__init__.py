@@ -66,6 +66,7 @@ def build_uncle(
     target_cache_mb: float = 256.0,
     refit_unlearned_weight: float = 0.1,
     predict_cache_mb: float = 512.0,
+    retain_training_data: bool = False,
 ) -> UncleStrategy:
     """Build the ``uncle`` strategy.
 
@@ -111,6 +112,10 @@ def build_uncle(
         refit_unlearned_weight: weight of unlearned tasks' rows in the output-layer refit (learned tasks: 1).
         predict_cache_mb: memory for generated networks kept for Predict (least recently used out first); 0 =
             generate the network on every predict. Serving only: a checkpoint loads with any value.
+        retain_training_data: ``learn`` returns ``Report(retain=data)`` so the server keeps each task's training
+            data, and ``forget_samples`` (records-level forgetting: unlearn the task, relearn it from its retained
+            data without the forgotten samples) becomes available. Off (default), UnCLE keeps no data and can
+            forget only whole tasks. Not model state: a checkpoint loads with any value.
 
     Returns:
         A fresh strategy at version 0.
@@ -153,5 +158,6 @@ def build_uncle(
         target_cache_mb=float(target_cache_mb),
         refit_unlearned_weight=float(refit_unlearned_weight),
         predict_cache_mb=float(predict_cache_mb),
+        retain_training_data=bool(retain_training_data),
     )
     return UncleStrategy(config, torch.device(device))

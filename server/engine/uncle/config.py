@@ -23,6 +23,10 @@ UNLEARN_UPDATES: tuple[str, ...] = ("projected", "penalty")
 #: saved state neither records nor checks them and an operator may change them across restarts.
 SERVING_OPTIONS: frozenset[str] = frozenset({"predict_cache_mb"})
 
+#: Options that only steer what the server keeps, not the model: left out of
+#: :meth:`UncleConfig.as_dict` for the same reason (each task records whether its data was retained).
+RETENTION_OPTIONS: frozenset[str] = frozenset({"retain_training_data"})
+
 #: Default burn-in learning rate of each update rule (``unlearn_learning_rate = 0``).
 DEFAULT_UNLEARN_LEARNING_RATES: dict[str, float] = {"projected": 1e-2, "penalty": 1e-3}
 
@@ -106,6 +110,11 @@ class UncleConfig:
             used out first) and generates the others on demand; 0 caches nothing (every predict
             generates its network). Serving only (:data:`SERVING_OPTIONS`): not part of a saved
             state, so it may change across restarts.
+        retain_training_data: ``learn`` hands the server each task's training data to keep
+            (``Report(retain=data)``), which makes records-level forgetting possible
+            (``forget_samples``: unlearn the task, relearn it from its retained data without the
+            forgotten samples). Off, UnCLE keeps no data and forgets only whole tasks. Not part of
+            a saved state (:data:`RETENTION_OPTIONS`); each task records whether its data was kept.
     """
 
     backbone: str
@@ -142,6 +151,7 @@ class UncleConfig:
     target_cache_mb: float = 256.0
     refit_unlearned_weight: float = 0.1
     predict_cache_mb: float = 512.0
+    retain_training_data: bool = False
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -238,11 +248,11 @@ class UncleConfig:
     def as_dict(self) -> dict[str, Any]:
         """Plain values (tuples as lists) of the options that shape the model, for a state dict.
 
-        :data:`SERVING_OPTIONS` are left out: they are no model state, and a state saved with one
-        value must load with another.
+        :data:`SERVING_OPTIONS` and :data:`RETENTION_OPTIONS` are left out: they are no model
+        state, and a state saved with one value must load with another.
         """
         return {
             key: list(value) if isinstance(value, tuple) else value
             for key, value in asdict(self).items()
-            if key not in SERVING_OPTIONS
+            if key not in SERVING_OPTIONS | RETENTION_OPTIONS
         }

@@ -17,6 +17,10 @@ the whole backbone for task t from a learned task embedding e_t; predictions go 
   instead of a penalty: φ changes only in directions the other tasks leave free
   (:mod:`server.engine.uncle.projection`), so a step evaluates part of one network, not three.
   Comparison methods: ``discard-embedding``, ``norm-reduce``, ``fixed-noise`` and ``none``.
+* **Forgetting samples** (records-level, only with ``retain_training_data``: the server then keeps
+  each task's training data): the task's embedding is unlearned as above, and the task relearned
+  from its remaining samples into a new embedding slot under the same name, after aligning the new
+  slot's network with noise so it starts from nothing the old one knew.
 
 All distances are taken on the hypernetwork's *raw* output, in which N(0, I) is exactly the
 Kaiming initialization of the backbone (see :mod:`server.engine.uncle.hypernetwork`); aligning a
@@ -34,11 +38,12 @@ which is what takes spill and relapse to about zero.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -81,12 +86,18 @@ class _TaskRecord:
     """One task embedding slot.
 
     Attributes:
-        name: the task's name. A name that is learned again after being unlearned gets a new
-            slot; the old one stays (unaddressable, still guarded) so the relapse guard holds.
+        name: the task's name. A name that is learned again after being unlearned, or whose
+            samples are forgotten (``forget_samples``), gets a new slot; the old one stays
+            (unlearned, unaddressable, still guarded) so the relapse guard holds. ``_slots`` maps
+            each name to its current slot.
         classes: the classes the task has seen (the others are masked).
         samples: training samples seen.
         unlearned: the task was unlearned.
         method: the unlearn method used, or "".
+        options: the options of the slot's first learn (what ``forget_samples`` relearns the task
+            with); None in states saved before they were recorded.
+        retained: every learn of the slot handed its data to the server (``retain_training_data``),
+            so the server holds all of the task's training data.
     """
 
     name: str
@@ -94,6 +105,8 @@ class _TaskRecord:
     samples: int
     unlearned: bool = False
     method: str = ""
+    options: LearnOptions | None = None
+    retained: bool = False
 
 
 class _TargetBank:
@@ -228,7 +241,8 @@ class UncleStrategy:
             tasks held in place), ``regularized_per_step`` (how many of them each step samples),
             ``regularized_chunks_per_step`` (how many of their chunks each step regularizes),
             ``refit_residual`` (see :func:`_refit_head`; only when the refit ran),
-            ``learn_seconds`` and ``samples``.
+            ``learn_seconds`` and ``samples``; with ``retain_training_data``, ``retain`` is
+            ``data`` itself (the server keeps it as the task's training data).
 
         Raises:
             ValueError: if the data or options do not fit the model.
@@ -302,9 +316,12 @@ class UncleStrategy:
             else {}
         )
         # Commit: nothing above touched the strategy's own state.
-        record = _TaskRecord(name=task, classes=classes, samples=n)
+        record = _TaskRecord(name=task, classes=classes, samples=n, options=options, retained=cfg.retain_training_data)
         if live:
-            record.samples += self._records[slot].samples
+            previous = self._records[slot]
+            record.samples += previous.samples
+            record.options = previous.options or options  # the first learn's options (older states: none)
+            record.retained = previous.retained and cfg.retain_training_data
             self._records[slot] = record
             self._embeddings[slot] = nn.Parameter(embedding.detach(), requires_grad=False)
             self._buffers[slot] = _detached(buffers)
@@ -326,7 +343,8 @@ class UncleStrategy:
                 **refit,
                 "learn_seconds": time.perf_counter() - started,
                 "samples": float(n),
-            }
+            },
+            retain=data if cfg.retain_training_data else None,
         )
 
     # ---------------------------------------------------------------- unlearning
@@ -450,6 +468,175 @@ class UncleStrategy:
                 "unlearn_seconds": time.perf_counter() - started,
             }
         )
+
+    # ------------------------------------------------------------ records-level forgetting
+
+    def sample_forgetting(self) -> str | None:
+        """None when :meth:`forget_samples` can run; otherwise why not and what would work.
+
+        UnCLE forgets without data by design, so it can forget single samples of a task only when
+        the server keeps the tasks' training data (``retain_training_data``).
+        """
+        if self.config.retain_training_data:
+            return None
+        return (
+            "strategy 'uncle' keeps no training data, so it cannot forget single samples of a task: "
+            "unlearn the whole task, or run with training.retain_training_data = true (then the server keeps "
+            "each task's training data, and samples are forgotten by unlearning the task and relearning it "
+            "from its retained data without them)"
+        )
+
+    def forget_samples(
+        self, kept: Mapping[str, TaskData], progress: Progress, replay: Mapping[str, TaskData]
+    ) -> Report:
+        """Forget some training samples of the live tasks in ``kept``: unlearn each, relearn it from ``kept[task]``.
+
+        For each task, in the order they were learned:
+
+        1. **Unlearn** its current embedding with the default data-free method, exactly as
+           :meth:`unlearn` does (``noise-align`` burn-in, BatchNorm statistics reset, the burn-in
+           annealed). The slot stays, unlearned: regularized as unlearned tasks are (relapse
+           guard), never served.
+        2. **Fresh start**: a new embedding slot for the task, whose generated network is aligned
+           with noise by a ``burn_in``-step burn-in (as an unlearn does) before any training.
+           Beyond a plain relearn: a new embedding otherwise starts from what φ's shared part
+           generates, and that carries the old network, forgotten samples included (on split
+           digits a fresh embedding answered 10 of 24 memorized mislabeled samples with their
+           training labels, and a relearn without this step still 6, against 0 for a task never
+           trained on them).
+        3. **Relearn** the new slot from ``kept[task]`` with the options of the task's first
+           learn (a task learned in several streams is relearned in one pass over their kept
+           samples, in stream order; a task from a state that predates recorded options with
+           :attr:`learn_defaults`).
+
+        The task keeps its name: predict, :meth:`unlearn` and :meth:`task_slots` address the new
+        slot. The result approximates what the strategy would hold had the task been learned from
+        ``kept[task]`` (UnCLE's unlearning is approximate, not exact). One committed operation:
+        the version is bumped once, and an exception (``progress`` raising, to cancel) leaves the
+        strategy exactly as it was. Serving snapshots are per version, so none serves the task's
+        old network after the commit.
+
+        There is no ``rollback_predictor``: UnCLE is task-incremental, and the server refuses the
+        affected tasks while a records unlearn runs.
+
+        Args:
+            kept: live task → its remaining training samples (in stream order).
+            progress: called after every burn-in and training step, fractions over the whole call.
+            replay: ignored (the other tasks are held in place by the regularizer and the refit,
+                without data).
+
+        Returns:
+            Metrics ``unlearn_seconds`` and ``burn_in_steps`` (step 1), ``relearn_seconds``
+            (steps 2 and 3), ``fresh_start_steps`` (step 2), each summed over the tasks;
+            ``tasks_relearned``, ``samples_relearned`` and ``train_accuracy`` (the lowest last-epoch
+            training accuracy of the relearned tasks, percent).
+
+        Raises:
+            ValueError: without ``retain_training_data`` (:meth:`sample_forgetting`'s reason), for
+                an empty ``kept``, a task whose training data was not all retained, a task that
+                would keep no samples (unlearn it instead) or data that does not fit the model.
+            UnknownTaskError: if a task was never learned.
+            UnlearnedTaskError: if a task is unlearned.
+        """
+        cfg = self.config
+        reason = self.sample_forgetting()
+        if reason is not None:
+            raise ValueError(reason)
+        if not kept:
+            raise ValueError("forget_samples needs at least one task")
+        plan: list[tuple[int, str, TaskData, LearnOptions]] = []
+        for task, data in kept.items():
+            slot = self._slots.get(task)
+            if slot is None:
+                raise UnknownTaskError(f"task {task!r} was never learned")
+            record = self._records[slot]
+            if record.unlearned:
+                raise UnlearnedTaskError(f"task {task!r} is unlearned")
+            if not record.retained:
+                raise ValueError(
+                    f"task {task!r} was learned while its training data was not retained: unlearn the whole task"
+                )
+            if len(data) == 0:
+                raise ValueError(f"task {task!r} would keep no samples: unlearn the whole task instead")
+            options = record.options or self.learn_defaults
+            check_learn_inputs(data, options, cfg.input_shape, cfg.num_classes)
+            plan.append((slot, task, data, options))
+        plan.sort(key=lambda item: item[0])  # the order they were learned in, whatever the mapping's order
+
+        # Steps of each part (unlearn burn-in, fresh start, relearn), to report progress over the whole call.
+        parts: list[tuple[int, int, int]] = []
+        burn_in = self._burn_in
+        for _, _, data, options in plan:
+            parts.append(
+                (round(burn_in) + 1, cfg.burn_in + 1, options.epochs * math.ceil(len(data) / options.batch_size))
+            )
+            burn_in = max(float(cfg.burn_in_min), burn_in * cfg.burn_in_decay)
+        total = float(sum(map(sum, parts)))
+        done = 0
+
+        def part(steps: int) -> Progress:
+            nonlocal done
+            start, done = done, done + steps
+            return _part(progress, start / total, steps / total)
+
+        metrics = {"unlearn_seconds": 0.0, "burn_in_steps": 0.0, "relearn_seconds": 0.0, "fresh_start_steps": 0.0}
+        accuracy = 100.0
+        with self._one_operation():
+            for (_, task, data, options), (unlearn_steps, fresh_steps, learn_steps) in zip(plan, parts, strict=True):
+                unlearned = self.unlearn(task, "", part(unlearn_steps), replay)
+                metrics["unlearn_seconds"] += unlearned.metrics["unlearn_seconds"]
+                metrics["burn_in_steps"] += unlearned.metrics["burn_in_steps"]
+                started = time.perf_counter()
+                self._fresh_start(task, part(fresh_steps))
+                relearned = self.learn(task, data, options, part(learn_steps), {})
+                metrics["relearn_seconds"] += time.perf_counter() - started
+                metrics["fresh_start_steps"] += float(cfg.burn_in)
+                accuracy = min(accuracy, relearned.metrics["train_accuracy"])
+        metrics["tasks_relearned"] = float(len(plan))
+        metrics["samples_relearned"] = float(sum(len(data) for _, _, data, _ in plan))
+        metrics["train_accuracy"] = accuracy
+        return Report(metrics=metrics)
+
+    def _fresh_start(self, task: str, progress: Progress) -> None:
+        """Give the unlearned ``task`` a new, untrained slot whose network is aligned with noise; committed.
+
+        The slot is live with no classes and no samples, so the next :meth:`learn` of ``task``
+        continues from it (and records its own options and data as the slot's first).
+        """
+        cfg = self.config
+        slot = len(self._records)
+        embedding = init_task_embedding(cfg.embedding_dim, seeded_generator(cfg.seed, self.version, "embedding"))
+        self._records.append(_TaskRecord(name=task, classes=(), samples=0, retained=True))
+        self._embeddings.append(nn.Parameter(embedding.to(self._device), requires_grad=False))
+        self._buffers.append({name: b.clone() for name, b in self._initial_buffers.items()})
+        self._slots[task] = slot
+        hypernetwork, _ = self._burn(slot, "noise-align", cfg.burn_in, progress)
+        self._commit(hypernetwork)
+
+    @contextlib.contextmanager
+    def _one_operation(self) -> Iterator[None]:
+        """Run several operations as one: on success the version is bumped once, on any exception nothing changes.
+
+        The operations inside commit as usual (each bumps the version and becomes the next one's
+        φ*); committed tensors are never modified in place, so keeping references to the lists,
+        copies of the records (which ``unlearn`` marks in place) and the snapshot restores the
+        strategy exactly.
+        """
+        hypernetwork, embeddings, buffers = self._hypernetwork, list(self._embeddings), list(self._buffers)
+        records, slots = [dataclasses.replace(r) for r in self._records], dict(self._slots)
+        burn_in, learns, version, predictor = self._burn_in, self._learns, self.version, self._predictor
+        try:
+            yield
+        except BaseException:
+            self._hypernetwork = hypernetwork
+            self._embeddings = nn.ParameterList(embeddings)
+            self._buffers = buffers
+            self._records = records
+            self._slots = slots
+            self._burn_in, self._learns, self.version, self._predictor = burn_in, learns, version, predictor
+            raise
+        self.version = version + 1
+        self._predictor = None
 
     def _burn(
         self, slot: int, method: str, steps: int, progress: Progress
@@ -714,6 +901,8 @@ class UncleStrategy:
                     "samples": r.samples,
                     "unlearned": r.unlearned,
                     "method": r.method,
+                    "options": None if r.options is None else r.options.as_dict(),
+                    "retained": r.retained,
                 }
                 for r in self._records
             ],
@@ -754,6 +943,9 @@ class UncleStrategy:
                 samples=int(t["samples"]),
                 unlearned=bool(t["unlearned"]),
                 method=str(t["method"]),
+                # Older states hold neither: relearned with the defaults, and no data counts as retained.
+                options=None if t.get("options") is None else LearnOptions.from_dict(t["options"]),
+                retained=bool(t.get("retained", False)),
             )
             for t in state["tasks"]
         ]
@@ -781,6 +973,15 @@ class UncleStrategy:
         self._learns = int(state["learns"])
         self.version = int(state["version"])
         self._predictor = None
+
+
+def _part(progress: Progress, start: float, share: float) -> Progress:
+    """``progress`` for one part of a longer call: the part's fractions mapped onto ``[start, start + share]``."""
+
+    def report(fraction: float, message: str) -> None:
+        progress(min(1.0, start + share * fraction), message)
+
+    return report
 
 
 def _trainable(module: nn.Module) -> list[torch.Tensor]:

@@ -13,6 +13,7 @@ from typing import Protocol
 from sqlalchemy.orm import Session
 
 from server.jobs.context import JobContext, JobRun
+from server.jobs.kinds.forget_samples import ForgetSamplesHandler
 from server.jobs.kinds.learn import LearnHandler
 from server.jobs.kinds.unlearn import UnlearnHandler
 from server.jobs.snapshot import Evaluated
@@ -40,18 +41,22 @@ class JobHandler(Protocol):
 
 #: The handler of every job kind this server runs.
 HANDLERS: dict[JobKind, JobHandler] = {JobKind.LEARN: LearnHandler(), JobKind.UNLEARN: UnlearnHandler()}
+#: UNLEARN jobs that name sample ids (records-level forgetting) run here instead.
+FORGET_SAMPLES: JobHandler = ForgetSamplesHandler()
 
 
-def handler_for(kind: JobKind) -> JobHandler:
-    """The handler of ``kind``.
+def handler_for(job: Job) -> JobHandler:
+    """The handler of ``job``: by its kind, and for an UNLEARN by whether it names samples.
 
     Raises:
-        NotImplementedError: no handler is registered for ``kind`` (the job fails, naming it).
+        NotImplementedError: no handler is registered for the job's kind (the job fails, naming it).
     """
+    if job.kind == JobKind.UNLEARN and job.options.get("sample_ids"):
+        return FORGET_SAMPLES
     try:
-        return HANDLERS[kind]
+        return HANDLERS[job.kind]
     except KeyError:
-        raise NotImplementedError(f"job kind {kind.value} is not supported by this server") from None
+        raise NotImplementedError(f"job kind {job.kind.value} is not supported by this server") from None
 
 
-__all__ = ["HANDLERS", "JobHandler", "handler_for"]
+__all__ = ["FORGET_SAMPLES", "HANDLERS", "JobHandler", "handler_for"]

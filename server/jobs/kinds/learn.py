@@ -38,7 +38,8 @@ class LearnHandler:
     def compute(self, ctx: JobContext, run: JobRun) -> dict[str, float]:
         """Train on the job's spool, then record and write its probe, member and retained files."""
         job, layout = run.job, ctx.layout
-        inputs, labels, _ids = read_spool(layout.absolute(layout.spool(job.id)))
+        inputs, labels, ids = read_spool(layout.absolute(spool_of(ctx, job)))
+        digests = np.asarray(ids or ctx.sample_key.server_made(job.id, len(labels)))
         options = LearnOptions.from_dict(job.options)
         if "seed" not in job.options:  # queued by a version that resolved the seed in the worker
             options = replace(options, seed=ctx.settings.seed)
@@ -48,16 +49,21 @@ class LearnHandler:
         data = TaskData(torch.from_numpy(inputs[train]), torch.from_numpy(labels[train]))
         report = ctx.strategy.learn(job.task, data, options, run.progress, ctx.replay(exclude=job.task))
         check_finite(ctx, job.task, inputs[probe])
-        arrays = {
-            DataFileKind.PROBE: (inputs[probe], labels[probe]),
-            DataFileKind.MEMBER: (inputs[member], labels[member]),
-        }
-        if report.retain is not None:
-            arrays[DataFileKind.RETAINED] = (report.retain.inputs.numpy(), report.retain.labels.numpy())
+        # Every file names its samples (keyed digests) and their stream positions, so a records
+        # unlearn can remove a person's samples from it and split the remaining stream again.
+        arrays = {kind: sample_arrays(inputs, labels, digests, index) for kind, index in (
+            (DataFileKind.PROBE, probe), (DataFileKind.MEMBER, member))}  # fmt: skip
+        if report.retain is data:  # the whole training part, in order
+            arrays[DataFileKind.RETAINED] = sample_arrays(inputs, labels, digests, train)
+        elif report.retain is not None:  # a strategy's own selection (e.g. a replay buffer)
+            arrays[DataFileKind.RETAINED] = {
+                "inputs": report.retain.inputs.numpy(),
+                "labels": report.retain.labels.numpy(),
+            }
         paths = {kind: layout.job_file(kind, job.id, job.attempts) for kind in arrays}
         ctx.retry(lambda: self._record_intent(ctx, job, paths), "recording the job's files")
-        for kind, (x, y) in arrays.items():
-            save_arrays(layout.absolute(paths[kind]), inputs=x, labels=y)
+        for kind, named in arrays.items():
+            save_arrays(layout.absolute(paths[kind]), **named)
         metrics = {k: float(v) for k, v in report.metrics.items()}
         metrics.setdefault("samples", float(len(train)))
         metrics["probe_samples"] = float(len(probe))
@@ -89,13 +95,32 @@ class LearnHandler:
             row = files.get(record.path)
             if row is not None:
                 row.bytes, row.sha256 = record.bytes, record.sha256
-        spool = ctx.layout.spool(job.id)
-        files.mark_purged(spool)  # consumed: the training data now lives only in the model
+        spools = [row.path for row in files.live(job_id=job.id, kind=DataFileKind.SPOOL)]
+        for spool in spools:
+            files.mark_purged(spool)  # consumed: the training data now lives only in the model
         task = TaskRepository(session).get_for_update(job.task)
         if task is not None:
             ctx.lifecycle.task_learned(session, task, ctx.strategy.version)
             task.accuracy = evaluated.accuracies.get(task.name)
-        return [spool]
+        return spools
+
+
+def spool_of(ctx: JobContext, job: Job) -> str:
+    """The Learn job's spool: as its stream was written, or as a records unlearn rewrote it."""
+    rows = ctx.read(lambda s: DataFileRepository(s).live(job_id=job.id, kind=DataFileKind.SPOOL), "reading the spool")
+    return rows[0].path if rows else ctx.layout.spool(job.id)
+
+
+def sample_arrays(
+    inputs: np.ndarray, labels: np.ndarray, digests: np.ndarray, index: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The arrays of a task-data file holding samples ``index`` of a stream: data, digests, positions."""
+    return {
+        "inputs": inputs[index],
+        "labels": labels[index],
+        "ids": digests[index],
+        "positions": index.astype(np.int64),
+    }
 
 
 def check_finite(ctx: JobContext, task: str, inputs: np.ndarray) -> None:

@@ -1,0 +1,192 @@
+"""UNLEARN of records: forget a person's samples wherever they were learned (DESIGN.md section 9).
+
+For every task holding claimed samples, the task's stream is rebuilt from its files (retained
+training part and probe set, ordered by stream position), the samples are removed, and what is
+left is split again exactly as a Learn of that shorter stream would split it. New probe, member
+and retained files are written (recorded first), the strategy forgets (``forget_samples``: the
+model becomes what it would be had each task been learned from its remaining samples), and the
+commit purges the old files, listing each with its old and new SHA-256 and the rows removed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from server.data import FileRecord, sha256_file
+from server.engine import metrics as m
+from server.jobs import sample_files
+from server.jobs.context import JobContext, JobRun
+from server.jobs.evaluation import forget_quality, logits_for
+from server.jobs.snapshot import Evaluated
+from server.storage import (
+    DataFile,
+    DataFileKind,
+    DataFileRepository,
+    Job,
+    JobRepository,
+    SampleRepository,
+    TaskRepository,
+    TaskState,
+)
+
+
+class ForgetSamplesHandler:
+    """Runs UNLEARN jobs that name sample ids (``options["sample_ids"]``)."""
+
+    #: Forgetting, once started, finishes.
+    cancellable = False
+
+    def __init__(self) -> None:
+        #: The running job's rewritten tasks (removed samples in memory only), from compute to measure.
+        self._rewrites: dict[str, list[sample_files.Rewrite]] = {}
+
+    def compute(self, ctx: JobContext, run: JobRun) -> dict[str, float]:
+        """sample_files.Rewrite the affected tasks' files without the samples; have the strategy forget them."""
+        job = run.job
+        plans = ctx.read(lambda session: sample_files.plans(session, job), "reading the samples to forget")
+        learned = [p for p in plans if not p.queued]
+        rewrites = [sample_files.rewrite_task(ctx, job, part, plan) for part, plan in enumerate(learned)]
+        spools = {p.task: ctx.layout.rewritten_spool(p.learn_job, job.id, job.attempts) for p in plans if p.queued}
+        ctx.retry(lambda: _record_intent(ctx, job, rewrites, spools), "recording the rewritten files")
+        for plan in plans:
+            if plan.queued:
+                sample_files.rewrite_spool(ctx, plan, spools[plan.task])
+        for rewrite in rewrites:
+            sample_files.write_files(ctx, rewrite)
+        started = time.perf_counter()
+        metrics: dict[str, float] = {}
+        if rewrites:
+            replay = sample_files.replay_data(ctx, exclude={p.task for p in plans})
+            forget = getattr(ctx.strategy, "forget_samples", None)
+            if forget is None:
+                raise ValueError(f"strategy {ctx.strategy.name!r} cannot forget individual samples")
+            report = forget({r.task: r.kept for r in rewrites}, run.progress, replay)
+            metrics = {k: float(v) for k, v in report.metrics.items()}
+        self._rewrites[job.id] = rewrites
+        metrics.setdefault("unlearn_seconds", time.perf_counter() - started)
+        metrics["samples_forgotten"] = float(sum(len(p.digests) for p in plans))
+        metrics["tasks_affected"] = float(len(plans))
+        return metrics
+
+    def measure(self, ctx: JobContext, run: JobRun, evaluated: Evaluated) -> dict[str, float]:
+        """Digest the new files; forget quality on the removed samples against never-seen data.
+
+        After a crash between checkpoint and commit the removed samples are gone from memory (they
+        are on no disk): the job then commits without the forget-quality numbers.
+        """
+        rows = ctx.read(lambda s: DataFileRepository(s).live(job_id=run.job.id), "reading the rewritten files")
+        run.files = []
+        for row in (r for r in rows if r.kind in sample_files.REPLACED):
+            absolute = ctx.layout.absolute(row.path)
+            run.files.append(FileRecord(row.path, absolute.stat().st_size, sha256_file(absolute)))
+        rewrites = self._rewrites.pop(run.job.id, [])
+        return _forget_quality(ctx, evaluated, rewrites) if rewrites else {}
+
+    def commit(self, ctx: JobContext, session: Session, run: JobRun, job: Job, evaluated: Evaluated) -> list[str]:
+        """Complete the new rows, purge the old files (audited with both digests), drop the index rows."""
+        files, tasks = DataFileRepository(session), TaskRepository(session)
+        for record in run.files:
+            row = files.get(record.path)
+            if row is not None:
+                row.bytes, row.sha256 = record.bytes, record.sha256
+        new_by_task: dict[str, dict[DataFileKind, DataFile]] = defaultdict(dict)
+        for row in files.live(job_id=job.id):
+            if row.kind in sample_files.REPLACED:
+                new_by_task[row.task][row.kind] = row
+        forgotten: dict[str, int] = job.options.get("tasks", {})
+        rewritten, doomed = [], []
+        for name in sorted(forgotten):
+            new = new_by_task.get(name, {})
+            for old in files.live(task=name):
+                if old.job_id == job.id or old.kind not in sample_files.REPLACED:
+                    continue
+                doomed.append(old)
+                replacement = new.get(old.kind)
+                rewritten.append(
+                    {
+                        "path": old.path,
+                        "kind": old.kind.value,
+                        "sha256_before": old.sha256,
+                        "new_path": replacement.path if replacement else "",
+                        "sha256_after": replacement.sha256 if replacement else "",
+                        "rows_before": sample_files.count_rows(ctx, old.path),
+                        "rows_after": sample_files.count_rows(ctx, replacement.path) if replacement else 0,
+                    }
+                )
+            task = tasks.get_for_update(name)
+            if task is not None:
+                task.samples = max(0, task.samples - int(forgotten[name]))
+                if name in evaluated.accuracies:
+                    task.accuracy = evaluated.accuracies[name]
+        for entry in rewritten:
+            entry["removed_rows"] = int(entry["rows_before"]) - int(entry["rows_after"])
+        for row in files.live(job_id=job.id, kind=DataFileKind.SPOOL):  # now the queued Learn's spool
+            learn = sample_files.spool_owner(row.path)
+            row.job_id = learn
+            queued = JobRepository(session).get(learn)
+            if queued is not None:
+                queued.samples = max(0, queued.samples - int(forgotten.get(row.task, 0)))
+        removed = SampleRepository(session).forget_claimed(job.id)
+        learned = [t.name for t in tasks.list(state=TaskState.LEARNED) if t.name not in forgotten]
+        run.metrics["spill"] = m.spill(evaluated.previous, evaluated.accuracies, "", learned)
+        ctx.lifecycle.audit_log.append(
+            session,
+            principal=job.principal,
+            action="samples.forgotten",
+            task=job.task,
+            job_id=job.id,
+            details={
+                "samples": removed,
+                "tasks": forgotten,
+                "request": job.options.get("request", ""),
+                "files": rewritten,
+            },
+        )
+        return ctx.lifecycle.purge(session, doomed, job, "samples forgotten: rewritten without them")
+
+
+def _record_intent(ctx: JobContext, job: Job, rewrites: list[sample_files.Rewrite], spools: dict[str, str]) -> None:
+    """One row per new file before it is written (see the learn handler)."""
+    new = [(r.task, kind, path) for r in rewrites for kind, path in r.paths.items()]
+    new += [(task, DataFileKind.SPOOL, path) for task, path in spools.items()]
+    with ctx.transaction() as session:
+        files = DataFileRepository(session)
+        for task, kind, path in new:
+            if files.get(path) is None:
+                files.add(DataFile(kind=kind, task=task, job_id=job.id, path=path, bytes=0, sha256=""))
+
+
+def _forget_quality(ctx: JobContext, evaluated: Evaluated, rewrites: list[sample_files.Rewrite]) -> dict[str, float]:
+    """Accuracy on the removed (trained-on) samples against never-seen data of the same tasks, and MIA."""
+    incremental = ctx.strategy.task_incremental
+    correct = seen = ref_correct = ref_seen = 0
+    mias: list[float] = []
+    for r in rewrites:
+        name = r.task if incremental else None
+        for samples, is_removed in ((r.removed, True), (r.probe, False)):
+            if not len(samples.labels):
+                continue
+            logits = logits_for(evaluated.predictor, name, samples.inputs, allow_unlearned=False)
+            hits = int((logits.argmax(dim=1).numpy() == samples.labels).sum())
+            if is_removed:
+                correct, seen = correct + hits, seen + len(samples.labels)
+            else:
+                ref_correct, ref_seen = ref_correct + hits, ref_seen + len(samples.labels)
+        quality = forget_quality(
+            evaluated.predictor, r.task, r.removed, r.probe, task_incremental=incremental, seed=ctx.settings.seed
+        )
+        if quality.get("mia_known") == 1.0 and not math.isnan(quality["mia"]):
+            mias.append(quality["mia"])
+    found: dict[str, float] = {}
+    if seen and ref_seen:
+        found["forgotten_accuracy"] = 100.0 * correct / seen
+        found["forgotten_reference_accuracy"] = 100.0 * ref_correct / ref_seen
+        found["forgotten_gap"] = found["forgotten_accuracy"] - found["forgotten_reference_accuracy"]
+    if mias:
+        found["forgotten_mia"] = float(np.mean(mias))
+    return found
