@@ -46,7 +46,7 @@ class ForgetSamplesHandler:
         self._rewrites: dict[str, list[sample_files.Rewrite]] = {}
 
     def compute(self, ctx: JobContext, run: JobRun) -> dict[str, float]:
-        """sample_files.Rewrite the affected tasks' files without the samples; have the strategy forget them."""
+        """Rewrite the affected tasks' files without the samples; have the strategy forget them."""
         job = run.job
         plans = ctx.read(lambda session: sample_files.plans(session, job), "reading the samples to forget")
         learned = [p for p in plans if not p.queued]
