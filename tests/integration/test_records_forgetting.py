@@ -84,6 +84,7 @@ def test_lure_forgets_a_persons_samples_exactly_and_everywhere(migrated_url: str
         assert job.state == pb.SUCCEEDED, job.message
         assert job.sample_ids == 30 and job.metrics["samples_forgotten"] == 30 and job.metrics["tasks_affected"] == 2
         assert {"forgotten_accuracy", "forgotten_reference_accuracy", "spill"} <= set(job.metrics)
+        assert job.metrics["forget_verified"] == 1.0 and job.message == "succeeded"
         located = client.locate(gone)
         assert dict(located.tasks) == {} and located.unknown == 30
         assert client.task("mb1").samples == len(stream[1][3]) - 15

@@ -184,9 +184,18 @@ def _forget_quality(ctx: JobContext, evaluated: Evaluated, rewrites: list[sample
             mias.append(quality["mia"])
     found: dict[str, float] = {}
     if seen and ref_seen:
-        found["forgotten_accuracy"] = 100.0 * correct / seen
-        found["forgotten_reference_accuracy"] = 100.0 * ref_correct / ref_seen
-        found["forgotten_gap"] = found["forgotten_accuracy"] - found["forgotten_reference_accuracy"]
+        low, high = m.wilson_interval(correct, seen)
+        reference = 100.0 * ref_correct / ref_seen
+        found.update(
+            forgotten_accuracy=100.0 * correct / seen,
+            forgotten_accuracy_low=low,
+            forgotten_accuracy_high=high,
+            forgotten_reference_accuracy=reference,
+            forgotten_gap=100.0 * correct / seen - reference,
+            # One-sided: the model still knows them only if it answers them better than never-seen
+            # data of their tasks, beyond sampling noise and the tolerance (worse is no sign of memory).
+            forget_verified=1.0 if low <= reference + ctx.settings.forget_tolerance else 0.0,
+        )
     if mias:
         found["forgotten_mia"] = float(np.mean(mias))
     return found
