@@ -117,8 +117,8 @@ def test_lure_forgets_a_persons_samples_exactly_and_everywhere(migrated_url: str
     assert forgotten.outputs.tobytes() == never.outputs.tobytes()  # bit for bit
 
 
-def test_uncle_refuses_records_without_retained_data(tmp_path: Path) -> None:
-    config = make_config(tmp_path / "data", f"sqlite:///{tmp_path / 'db.sqlite'}", **{"model.strategy": "uncle"})
+def test_uncle_refuses_records_without_retained_data(migrated_url: str, tmp_path: Path) -> None:
+    config = make_config(tmp_path / "data", migrated_url, **{"model.strategy": "uncle"})
     with running_app(config) as server:
         inputs, labels = load_digits().select([0, 1]).inputs, load_digits().select([0, 1]).labels
         job = server.client.wait(server.client.learn("a", inputs, labels, epochs=1).id)
@@ -233,13 +233,13 @@ def test_bad_records_requests_are_refused_naming_the_field(migrated_url: str, tm
         assert client.wait(again.id).state == pb.SUCCEEDED
 
 
-def test_uncle_with_retained_data_forgets_memorized_samples(tmp_path: Path) -> None:
+def test_uncle_with_retained_data_forgets_memorized_samples(migrated_url: str, tmp_path: Path) -> None:
     # Clean digits carry no membership signal (seen and unseen samples score alike), so the person's
     # samples are made memorable: 10% of task a's samples with their labels swapped (3 <-> 8). Only a
     # model that memorized them answers them with those labels.
     config = make_config(
         tmp_path / "data",
-        f"sqlite:///{tmp_path / 'db.sqlite'}",
+        migrated_url,
         **{"model.strategy": "uncle", "model.width": 0, "training.retain_training_data": True},
     )
     data = load_digits().select([3, 8])
