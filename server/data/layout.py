@@ -93,6 +93,11 @@ class DataLayout:
         """The spool of a queued Learn rewritten by attempt ``attempt`` of records unlearn ``job_id``."""
         return f"{FOLDERS[DataFileKind.SPOOL]}/{learn_job_id}-{job_id}-{attempt}.spool"
 
+    @staticmethod
+    def rewritten_spool_owner(relative: str) -> str:
+        """The Learn job of a spool named by :meth:`rewritten_spool`."""
+        return relative.rsplit("/", 1)[-1].split("-", 1)[0]
+
     @property
     def checkpoints(self) -> Path:
         """The checkpoint directory."""

@@ -141,10 +141,14 @@ class JobContext:
         """Retained data of every live task but ``exclude``, for strategies that replay."""
         if not self.strategy.needs_replay:
             return {}
-        files = self.read(lambda s: DataFileRepository(s).live(kind=DataFileKind.RETAINED), "reading replay data")
+        return self.retained(exclude={exclude} if exclude is not None else set())
+
+    def retained(self, exclude: Collection[str] = ()) -> dict[str, TaskData]:
+        """Retained training data of every live task but ``exclude``, whatever the strategy replays."""
+        files = self.read(lambda s: DataFileRepository(s).live(kind=DataFileKind.RETAINED), "reading retained data")
         replay: dict[str, TaskData] = {}
         for f in files:
-            if f.task != exclude and f.bytes > 0:
+            if f.task not in exclude and f.bytes > 0:
                 arrays = load_arrays(self.layout.absolute(f.path))
                 replay[f.task] = TaskData(torch.from_numpy(arrays["inputs"]), torch.from_numpy(arrays["labels"]))
         return replay

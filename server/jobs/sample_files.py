@@ -83,11 +83,6 @@ def rewrite_spool(ctx: JobContext, plan: TaskPlan, path: str) -> None:
         writer.commit()
 
 
-def spool_owner(path: str) -> str:
-    """The Learn job of a spool rewritten by :meth:`DataLayout.rewritten_spool`."""
-    return path.rsplit("/", 1)[-1].split("-", 1)[0]
-
-
 def rewrite_task(ctx: JobContext, job: Job, part: int, plan: TaskPlan) -> Rewrite:
     """The task's stream without the plan's samples, split again as a Learn of it would split it."""
     for kind in (DataFileKind.RETAINED, DataFileKind.PROBE):
@@ -130,17 +125,6 @@ def write_files(ctx: JobContext, rewrite: Rewrite) -> None:
     for kind, path in rewrite.paths.items():
         save_arrays(ctx.layout.absolute(path), **rewrite.arrays[kind])
     rewrite.arrays = {}
-
-
-def replay_data(ctx: JobContext, exclude: set[str]) -> dict[str, TaskData]:
-    """Retained training data of every live task but ``exclude`` (read whatever the strategy's replay mode)."""
-    files = ctx.read(lambda s: DataFileRepository(s).live(kind=DataFileKind.RETAINED), "reading retained data")
-    replay: dict[str, TaskData] = {}
-    for f in files:
-        if f.task not in exclude and f.bytes > 0:
-            arrays = load_arrays(ctx.layout.absolute(f.path))
-            replay[f.task] = TaskData(torch.from_numpy(arrays["inputs"]), torch.from_numpy(arrays["labels"]))
-    return replay
 
 
 def count_rows(ctx: JobContext, path: str) -> int:

@@ -66,7 +66,3 @@ class SampleRepository:
     def drop_task(self, task: str) -> None:
         """Delete every row of a task (it was unlearned as a whole)."""
         self.session.execute(delete(Sample).where(Sample.task == task))
-
-    def count(self, task: str) -> int:
-        """Indexed samples of ``task``."""
-        return len(self.session.scalars(select(Sample.id).where(Sample.task == task)).all())

@@ -9,7 +9,10 @@ every file that held them, and the index no longer knows them.
 from __future__ import annotations
 
 import json
+import re
 import threading
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import numpy as np
 import pytest
 
 from client import LetheClient, pb
+from client.cli import main as lethe
 from client.datasets import load_digits
 from server.app import App
 from server.config import Config
@@ -25,7 +29,7 @@ from server.data import load_arrays
 from server.data.sample_ids import SampleIdKey
 from server.engine.lure import build_lure
 from tests.fakes import SlowStrategy, factory
-from tests.support import make_config, running_app
+from tests.support import Running, make_config, running_app
 
 LURE = {"model.strategy": "lure", "model.options.replay": "full", "training.epochs": 3}
 MEGABATCHES = 6
@@ -178,7 +182,22 @@ def test_predict_never_answers_from_a_model_holding_what_is_being_forgotten(tmp_
         assert client.predict(None, test.inputs).model_version > done.model_version
 
 
-def test_bad_records_requests_are_refused_naming_the_field(migrated_url: str, tmp_path: Path) -> None:
+def _forgotten_counter(server: Running, expected: float) -> bool:
+    """Whether lethe_forgotten_samples_total reaches ``expected`` (it is updated just after the commit)."""
+    deadline = time.monotonic() + 10
+    while True:
+        url = f"http://127.0.0.1:{server.app.ports.metrics}/metrics"
+        body = urllib.request.urlopen(url, timeout=10).read().decode()
+        found = re.search(r"^lethe_forgotten_samples_total (\S+)$", body, re.MULTILINE)
+        assert found, "lethe_forgotten_samples_total is not exported"
+        if float(found.group(1)) == expected or time.monotonic() > deadline:
+            return float(found.group(1)) == expected
+        time.sleep(0.05)
+
+
+def test_bad_records_requests_are_refused_naming_the_field(
+    migrated_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = make_config(
         tmp_path / "data",
         migrated_url,
@@ -228,9 +247,21 @@ def test_bad_records_requests_are_refused_naming_the_field(migrated_url: str, tm
         assert done.state == pb.SUCCEEDED and done.metrics["samples_forgotten"] == 5
         assert client.locate(ids[:5]).unknown == 5 and dict(client.locate(ids[5:8]).tasks) == {"a": 3}
         assert client.predict("a", data.inputs).model_version == before.model_version + 1
+        assert _forgotten_counter(server, 5)
         again = client.forget_samples(ids[5:7], task="a", idempotency_key="request-2")
         assert client.forget_samples(ids[5:7], task="a", idempotency_key="request-2").id == again.id
         assert client.wait(again.id).state == pb.SUCCEEDED
+        assert _forgotten_counter(server, 7)
+
+        # The command line: ids from a file and from the arguments.
+        listed = tmp_path / "person.txt"
+        listed.write_text("\n".join(ids[7:9]) + "\n\n")
+        capsys.readouterr()
+        assert lethe(["locate", "--ids", str(listed), ids[9], "nobody", "--server", server.target]) == 0
+        assert capsys.readouterr().out.splitlines() == ["a\t3", "unknown\t1"]
+        assert lethe(["unlearn", "--ids", str(listed), "--server", server.target]) == 0
+        assert "for 2 samples in every task holding them" in capsys.readouterr().out
+        assert client.locate(ids[7:10]).unknown == 2 and _forgotten_counter(server, 9)
 
 
 def test_uncle_with_retained_data_forgets_memorized_samples(migrated_url: str, tmp_path: Path) -> None:

@@ -10,18 +10,17 @@ commit purges the old files, listing each with its old and new SHA-256 and the r
 
 from __future__ import annotations
 
-import math
 import time
-from collections import defaultdict
 
 import numpy as np
+import torch
 from sqlalchemy.orm import Session
 
 from server.data import FileRecord, sha256_file
 from server.engine import metrics as m
 from server.jobs import sample_files
 from server.jobs.context import JobContext, JobRun
-from server.jobs.evaluation import forget_quality, logits_for
+from server.jobs.evaluation import logits_for
 from server.jobs.snapshot import Evaluated
 from server.storage import (
     DataFile,
@@ -44,6 +43,9 @@ class ForgetSamplesHandler:
     def __init__(self) -> None:
         #: The running job's rewritten tasks (removed samples in memory only), from compute to measure.
         self._rewrites: dict[str, list[sample_files.Rewrite]] = {}
+        #: Samples in each old and new file of the job being committed, counted in measure (no
+        #: transaction open), kept until the next job (a retried commit needs them again).
+        self._rows: dict[str, int] = {}
 
     def compute(self, ctx: JobContext, run: JobRun) -> dict[str, float]:
         """Rewrite the affected tasks' files without the samples; have the strategy forget them."""
@@ -61,7 +63,7 @@ class ForgetSamplesHandler:
         started = time.perf_counter()
         metrics: dict[str, float] = {}
         if rewrites:
-            replay = sample_files.replay_data(ctx, exclude={p.task for p in plans})
+            replay = ctx.retained(exclude={p.task for p in plans})
             forget = getattr(ctx.strategy, "forget_samples", None)
             if forget is None:
                 raise ValueError(f"strategy {ctx.strategy.name!r} cannot forget individual samples")
@@ -79,11 +81,12 @@ class ForgetSamplesHandler:
         After a crash between checkpoint and commit the removed samples are gone from memory (they
         are on no disk): the job then commits without the forget-quality numbers.
         """
-        rows = ctx.read(lambda s: DataFileRepository(s).live(job_id=run.job.id), "reading the rewritten files")
+        new, old = ctx.read(lambda session: _replaced_files(session, run.job), "reading the rewritten files")
         run.files = []
-        for row in (r for r in rows if r.kind in sample_files.REPLACED):
+        for row in new:
             absolute = ctx.layout.absolute(row.path)
             run.files.append(FileRecord(row.path, absolute.stat().st_size, sha256_file(absolute)))
+        self._rows = {row.path: sample_files.count_rows(ctx, row.path) for row in (*new, *old)}
         rewrites = self._rewrites.pop(run.job.id, [])
         return _forget_quality(ctx, evaluated, rewrites) if rewrites else {}
 
@@ -94,39 +97,33 @@ class ForgetSamplesHandler:
             row = files.get(record.path)
             if row is not None:
                 row.bytes, row.sha256 = record.bytes, record.sha256
-        new_by_task: dict[str, dict[DataFileKind, DataFile]] = defaultdict(dict)
-        for row in files.live(job_id=job.id):
-            if row.kind in sample_files.REPLACED:
-                new_by_task[row.task][row.kind] = row
+        new_files, doomed = _replaced_files(session, job)
+        new = {(row.task, row.kind): row for row in new_files}
         forgotten: dict[str, int] = job.options.get("tasks", {})
-        rewritten, doomed = [], []
+        rewritten = []
+        for old in doomed:
+            replacement = new.get((old.task, old.kind))
+            before, after = self._rows[old.path], (self._rows[replacement.path] if replacement else 0)
+            rewritten.append(
+                {
+                    "path": old.path,
+                    "kind": old.kind.value,
+                    "sha256_before": old.sha256,
+                    "new_path": replacement.path if replacement else "",
+                    "sha256_after": replacement.sha256 if replacement else "",
+                    "rows_before": before,
+                    "rows_after": after,
+                    "removed_rows": before - after,
+                }
+            )
         for name in sorted(forgotten):
-            new = new_by_task.get(name, {})
-            for old in files.live(task=name):
-                if old.job_id == job.id or old.kind not in sample_files.REPLACED:
-                    continue
-                doomed.append(old)
-                replacement = new.get(old.kind)
-                rewritten.append(
-                    {
-                        "path": old.path,
-                        "kind": old.kind.value,
-                        "sha256_before": old.sha256,
-                        "new_path": replacement.path if replacement else "",
-                        "sha256_after": replacement.sha256 if replacement else "",
-                        "rows_before": sample_files.count_rows(ctx, old.path),
-                        "rows_after": sample_files.count_rows(ctx, replacement.path) if replacement else 0,
-                    }
-                )
             task = tasks.get_for_update(name)
             if task is not None:
                 task.samples = max(0, task.samples - int(forgotten[name]))
                 if name in evaluated.accuracies:
                     task.accuracy = evaluated.accuracies[name]
-        for entry in rewritten:
-            entry["removed_rows"] = int(entry["rows_before"]) - int(entry["rows_after"])
         for row in files.live(job_id=job.id, kind=DataFileKind.SPOOL):  # now the queued Learn's spool
-            learn = sample_files.spool_owner(row.path)
+            learn = ctx.layout.rewritten_spool_owner(row.path)
             row.job_id = learn
             queued = JobRepository(session).get(learn)
             if queued is not None:
@@ -150,6 +147,19 @@ class ForgetSamplesHandler:
         return ctx.lifecycle.purge(session, doomed, job, "samples forgotten: rewritten without them")
 
 
+def _replaced_files(session: Session, job: Job) -> tuple[list[DataFile], list[DataFile]]:
+    """(the files the job wrote, the live files of its tasks they replace)."""
+    files = DataFileRepository(session)
+    new = [row for row in files.live(job_id=job.id) if row.kind in sample_files.REPLACED]
+    old = [
+        row
+        for name in sorted(job.options.get("tasks", {}))
+        for row in files.live(task=name)
+        if row.job_id != job.id and row.kind in sample_files.REPLACED
+    ]
+    return new, old
+
+
 def _record_intent(ctx: JobContext, job: Job, rewrites: list[sample_files.Rewrite], spools: dict[str, str]) -> None:
     """One row per new file before it is written (see the learn handler)."""
     new = [(r.task, kind, path) for r in rewrites for kind, path in r.paths.items()]
@@ -163,27 +173,26 @@ def _record_intent(ctx: JobContext, job: Job, rewrites: list[sample_files.Rewrit
 
 def _forget_quality(ctx: JobContext, evaluated: Evaluated, rewrites: list[sample_files.Rewrite]) -> dict[str, float]:
     """Accuracy on the removed (trained-on) samples against never-seen data of the same tasks, and MIA."""
-    incremental = ctx.strategy.task_incremental
     correct = seen = ref_correct = ref_seen = 0
     mias: list[float] = []
     for r in rewrites:
-        name = r.task if incremental else None
-        for samples, is_removed in ((r.removed, True), (r.probe, False)):
-            if not len(samples.labels):
-                continue
-            logits = logits_for(evaluated.predictor, name, samples.inputs, allow_unlearned=False)
-            hits = int((logits.argmax(dim=1).numpy() == samples.labels).sum())
-            if is_removed:
-                correct, seen = correct + hits, seen + len(samples.labels)
-            else:
-                ref_correct, ref_seen = ref_correct + hits, ref_seen + len(samples.labels)
-        quality = forget_quality(
-            evaluated.predictor, r.task, r.removed, r.probe, task_incremental=incremental, seed=ctx.settings.seed
+        if not len(r.removed.labels) or not len(r.probe.labels):
+            continue
+        name = r.task if ctx.strategy.task_incremental else None
+        removed = logits_for(evaluated.predictor, name, r.removed.inputs, allow_unlearned=False)
+        probe = logits_for(evaluated.predictor, name, r.probe.inputs, allow_unlearned=False)
+        correct += int((removed.argmax(dim=1).numpy() == r.removed.labels).sum())
+        ref_correct += int((probe.argmax(dim=1).numpy() == r.probe.labels).sum())
+        seen, ref_seen = seen + len(r.removed.labels), ref_seen + len(r.probe.labels)
+        attack = m.mia_with_null(
+            m.per_sample_loss(removed, torch.from_numpy(r.removed.labels)),
+            m.per_sample_loss(probe, torch.from_numpy(r.probe.labels)),
+            seed=ctx.settings.seed,
         )
-        if quality.get("mia_known") == 1.0 and not math.isnan(quality["mia"]):
-            mias.append(quality["mia"])
+        if attack.known:
+            mias.append(attack.score)
     found: dict[str, float] = {}
-    if seen and ref_seen:
+    if seen:
         low, high = m.wilson_interval(correct, seen)
         reference = 100.0 * ref_correct / ref_seen
         found.update(
