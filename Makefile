@@ -46,6 +46,7 @@ bench: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/lethe.proto
+	$(BIN)/python -m grpc_tools.protoc -I . --descriptor_set_out=protos/inference.desc protos/inference.proto
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

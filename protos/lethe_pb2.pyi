@@ -44,6 +44,13 @@ class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TEMPORARY: _ClassVar[TaskState]
     UNLEARNING: _ClassVar[TaskState]
     UNLEARNED: _ClassVar[TaskState]
+
+class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPORT_FORMAT_UNSPECIFIED: _ClassVar[ExportFormat]
+    ONNX: _ClassVar[ExportFormat]
+    TORCHSCRIPT: _ClassVar[ExportFormat]
+    SAFETENSORS: _ClassVar[ExportFormat]
 DATA_TYPE_UNSPECIFIED: DataType
 FLOAT32: DataType
 FLOAT16: DataType
@@ -67,6 +74,10 @@ LEARNED: TaskState
 TEMPORARY: TaskState
 UNLEARNING: TaskState
 UNLEARNED: TaskState
+EXPORT_FORMAT_UNSPECIFIED: ExportFormat
+ONNX: ExportFormat
+TORCHSCRIPT: ExportFormat
+SAFETENSORS: ExportFormat
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -455,3 +466,25 @@ class ForgettingCertificate(_message.Message):
     signature: str
     public_key: str
     def __init__(self, document: _Optional[bytes] = ..., signature: _Optional[str] = ..., public_key: _Optional[str] = ...) -> None: ...
+
+class ExportRequest(_message.Message):
+    __slots__ = ("task", "format")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    format: ExportFormat
+    def __init__(self, task: _Optional[str] = ..., format: _Optional[_Union[ExportFormat, str]] = ...) -> None: ...
+
+class ExportChunk(_message.Message):
+    __slots__ = ("data", "model_version", "input_shape", "total_bytes", "sha256")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    model_version: int
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    total_bytes: int
+    sha256: str
+    def __init__(self, data: _Optional[bytes] = ..., model_version: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...

@@ -114,6 +114,11 @@ class LetheStub:
                 request_serializer=protos_dot_lethe__pb2.GetForgettingCertificateRequest.SerializeToString,
                 response_deserializer=protos_dot_lethe__pb2.ForgettingCertificate.FromString,
                 _registered_method=True)
+        self.Export = channel.unary_stream(
+                '/lethe.v1.Lethe/Export',
+                request_serializer=protos_dot_lethe__pb2.ExportRequest.SerializeToString,
+                response_deserializer=protos_dot_lethe__pb2.ExportChunk.FromString,
+                _registered_method=True)
 
 
 class LetheServicer:
@@ -224,6 +229,14 @@ class LetheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Export(self, request, context):
+        """The network Predict serves for a task, as a file (admin scope, audited): a first message with the
+        facts, then the file in chunks, the last one carrying its SHA-256.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LetheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -306,6 +319,11 @@ def add_LetheServicer_to_server(servicer, server):
                     servicer.GetForgettingCertificate,
                     request_deserializer=protos_dot_lethe__pb2.GetForgettingCertificateRequest.FromString,
                     response_serializer=protos_dot_lethe__pb2.ForgettingCertificate.SerializeToString,
+            ),
+            'Export': grpc.unary_stream_rpc_method_handler(
+                    servicer.Export,
+                    request_deserializer=protos_dot_lethe__pb2.ExportRequest.FromString,
+                    response_serializer=protos_dot_lethe__pb2.ExportChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -740,6 +758,33 @@ class Lethe:
             '/lethe.v1.Lethe/GetForgettingCertificate',
             protos_dot_lethe__pb2.GetForgettingCertificateRequest.SerializeToString,
             protos_dot_lethe__pb2.ForgettingCertificate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Export(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lethe.v1.Lethe/Export',
+            protos_dot_lethe__pb2.ExportRequest.SerializeToString,
+            protos_dot_lethe__pb2.ExportChunk.FromString,
             options,
             channel_credentials,
             insecure,

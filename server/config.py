@@ -39,6 +39,18 @@ class ServerSection:
     threads: int = 16
     grace_seconds: float = 10.0
     max_message_bytes: int = 16 * 1024 * 1024
+    #: Dynamic batching: concurrent Predict/PredictStream/ModelInfer requests for the same task and model version
+    #: are joined into one forward pass of at most this many rows (1 = off).
+    max_batch_size: int = 64
+    #: How long a request waits for others to join its batch; 0 = never wait, join only what queued while the
+    #: previous pass ran (no added latency).
+    max_batch_delay_ms: float = 0.0
+    #: HTTP/2 keepalive: the server pings a connection that has been quiet this long.
+    keepalive_time_s: float = 30.0
+    #: ... and closes it when the ping is not answered within this time.
+    keepalive_timeout_s: float = 10.0
+    #: Clients may ping as often as this (faster pings are answered with GOAWAY `too_many_pings`).
+    keepalive_min_ping_interval_s: float = 0.5
     #: PEM files enabling TLS (both) and mutual TLS (``tls_client_ca`` too: clients must present a
     #: certificate signed by that CA).
     tls_cert: str = ""
@@ -141,6 +153,9 @@ class AuditSection:
     #: here must exist (e.g. `openssl genpkey -algorithm ed25519 -out FILE`). Its public key is written to
     #: `<data_dir>/keys/audit-ed25519.pub`. Keep the key: events signed with a lost key verify only with its public key.
     signing_key_file: str = ""
+    #: Refused calls (UNAUTHENTICATED, PERMISSION_DENIED) are audited at most this many times a minute; the rest are
+    #: counted (``lethe_auth_denied_total``) and summed into the next audited refusal. 0 = never audit them.
+    denied_per_minute: int = 10
 
 
 @dataclass(frozen=True)
@@ -340,6 +355,13 @@ def validate(config: Config) -> list[str]:
         p.append(f"server.threads: must be >= 1, got {s.threads}")
     if s.grace_seconds < 0:
         p.append(f"server.grace_seconds: must be >= 0, got {s.grace_seconds}")
+    if not 1 <= s.max_batch_size <= 65_536:
+        p.append(f"server.max_batch_size: must be 1 (off) to 65536, got {s.max_batch_size}")
+    if not 0 <= s.max_batch_delay_ms <= 1000:
+        p.append(f"server.max_batch_delay_ms: must be 0 to 1000, got {s.max_batch_delay_ms}")
+    for name in ("keepalive_time_s", "keepalive_timeout_s", "keepalive_min_ping_interval_s"):
+        if getattr(s, name) <= 0:
+            p.append(f"server.{name}: must be > 0, got {getattr(s, name)}")
     if s.max_message_bytes < 1024:
         p.append(f"server.max_message_bytes: must be >= 1024, got {s.max_message_bytes}")
     if bool(s.tls_cert) != bool(s.tls_key):

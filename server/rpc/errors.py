@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from dataclasses import dataclass
 
 import grpc
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -48,3 +49,18 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         log.warning("database unavailable: %s", exc.orig if isinstance(exc, DBAPIError) else exc)
         return grpc.StatusCode.UNAVAILABLE, "the database is unavailable; nothing was changed, retry later"
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
+
+
+@dataclass(frozen=True)
+class RichStatus:
+    """What the edge sends for a failed call: code, message and ``grpc-status-details-bin`` trailing metadata."""
+
+    code: grpc.StatusCode
+    message: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()
+
+
+def rich_status(exc: BaseException) -> RichStatus:
+    """The status of ``exc`` with its ``google.rpc.Status`` details (field violations, retry delay, reason)."""
+    code, message = status_for(exc)
+    return RichStatus(code, message)
