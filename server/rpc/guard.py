@@ -30,7 +30,7 @@ class CallGuard:
         self.telemetry = telemetry
 
     @asynccontextmanager
-    async def __call__(self, method: str, context: aio.ServicerContext) -> AsyncIterator[None]:  # type: ignore[type-arg]
+    async def __call__(self, method: str, context: aio.ServicerContext) -> AsyncIterator[None]:
         code = "OK"
         try:
             with log_context(principal=current_principal().name):
@@ -51,7 +51,7 @@ class CallGuard:
             self.telemetry.grpc_requests.labels(method, code).inc()
 
 
-def _ended_code(context: aio.ServicerContext) -> str:  # type: ignore[type-arg]
+def _ended_code(context: aio.ServicerContext) -> str:
     """How a call that was cancelled under the handler ended: its deadline passed, or the client left."""
     remaining = context.time_remaining()
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
