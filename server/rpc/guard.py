@@ -8,9 +8,13 @@ deadline passed is counted as CANCELLED / DEADLINE_EXCEEDED, never as a server e
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
 from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
@@ -21,6 +25,7 @@ from server.rpc.errors import rich_status
 from server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 class CallGuard:
@@ -63,3 +68,19 @@ def _code_name(code: grpc.StatusCode | int | None) -> str:
     if isinstance(code, int):
         return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
     return "UNKNOWN"
+
+
+async def run_blocking(executor: Executor, fn: Callable[..., R], *args: Any) -> R:
+    """Run ``fn(*args)`` on ``executor`` with the caller's context (principal, log fields).
+
+    If the call is cancelled meanwhile (the client left), the step still finishes before the
+    cancellation unwinds the handler: cleanup never races a half-done step (a spool being written,
+    a job being committed).
+    """
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(executor, functools.partial(contextvars.copy_context().run, fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
