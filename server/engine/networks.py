@@ -5,8 +5,8 @@ A standalone network is a private CPU float32 eval-mode module, gradients off, w
 no tensor with the serving snapshot, so a caller may trace, script, export or move it freely.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: torch.jit.script reads MaskedLogits' class annotations, and they must be
+# objects, not strings.
 import copy
 from collections.abc import Mapping
 
@@ -24,6 +24,8 @@ class MaskedLogits(nn.Module):
     State dict: the backbone's entries prefixed ``backbone.``, and the buffer ``seen_classes``.
     """
 
+    seen_classes: torch.Tensor
+
     def __init__(self, backbone: nn.Module, seen_classes: torch.Tensor) -> None:
         super().__init__()
         self.backbone = backbone
@@ -31,8 +33,7 @@ class MaskedLogits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[n, num_classes]`` of ``x`` ``[n, *input_shape]``; unseen classes ``-inf``."""
-        seen: torch.Tensor = self.seen_classes
-        return self.backbone(x).masked_fill(~seen, float("-inf"))
+        return self.backbone(x).masked_fill(~self.seen_classes, float("-inf"))
 
 
 def standalone(module: nn.Module, seen_classes: torch.Tensor | None = None) -> nn.Module:
