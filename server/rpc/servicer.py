@@ -21,6 +21,7 @@ import torch
 from protos import lethe_pb2 as pb
 from protos import lethe_pb2_grpc as pb_grpc
 from protos.tensors import NUMPY_DTYPES, to_tensor
+from server import export
 from server.engine.protocol import LearnOptions, UnknownTaskError, UnlearnedTaskError
 from server.errors import (
     FailedPreconditionError,
@@ -434,6 +435,47 @@ class LetheServicer(pb_grpc.LetheServicer):
             rows = self.jobs.list_evaluations(_cursor(request.after_job_seq), _limit(request.limit))
             return pb.ListEvaluationsResponse(evaluations=[evaluation_message(r) for r in rows])
         raise AssertionError("unreachable")
+
+    # ----------------------------------------------------------------- Export
+    def Export(self, request: pb.ExportRequest, context: grpc.ServicerContext) -> Iterator[pb.ExportChunk]:
+        """The network Predict serves for a task, as a file (admin; audited as ``model.exported``)."""
+        with self._call("Export", context):
+            fmt = export.format_of(request.format)
+            answering = self.serving.answering()  # as Predict: never a model holding data being forgotten
+            if answering.predictor is None:
+                raise UnavailableError("no model free of the data being forgotten is loaded now; retry shortly")
+            task: str | None = None
+            if self.model.task_incremental:
+                task = v.task_name(request.task)
+                state = self.serving.task_state(task)
+                if state is None:
+                    raise NotFoundError(f"task {task!r} does not exist")
+                if state not in (TaskState.LEARNED, TaskState.TEMPORARY):
+                    raise FailedPreconditionError(f"task {task!r} is {state.value}; only a learned task is exported")
+                if task in answering.forgetting:
+                    raise UnavailableError(f"task {task!r}: samples of it are being forgotten; retry when that ends")
+            elif request.task:
+                raise InvalidArgumentError(
+                    "task", f"must be empty: strategy {self.model.strategy!r} is class-incremental (one output space)"
+                )
+            exported = export.export_network(
+                answering.predictor,
+                task=task,
+                fmt=fmt,
+                input_shape=self.model.input_shape,
+                strategy=self.model.strategy,
+                backbone=self.model.backbone,
+            )
+            self.jobs.audit(
+                current_principal().name,
+                "model.exported",
+                task=task or "",
+                format=fmt,
+                model_version=exported.model_version,
+                sha256=exported.sha256,
+                bytes=len(exported.data),
+            )
+            yield from exported.chunks()
 
 
 def _ended_early(context: grpc.ServicerContext) -> bool:
