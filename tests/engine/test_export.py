@@ -39,6 +39,8 @@ CPU = torch.device("cpu")
 INPUT_SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
 LOW, HIGH = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
+#: TorchScript is deprecated upstream; loading it is what this file tests.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 
 
 @dataclass(frozen=True)
