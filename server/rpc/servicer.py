@@ -443,7 +443,7 @@ class LetheServicer(pb_grpc.LetheServicer):
             fmt = export.format_of(request.format)
             answering = self.serving.answering()  # as Predict: never a model holding data being forgotten
             if answering.predictor is None:
-                raise UnavailableError("no model free of the data being forgotten is loaded now; retry shortly")
+                raise UnavailableError("the model is loading, or none free of data being forgotten is kept; retry")
             task: str | None = None
             if self.model.task_incremental:
                 task = v.task_name(request.task)
