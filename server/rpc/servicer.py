@@ -24,6 +24,7 @@ from grpc import aio
 from protos import lethe_pb2 as pb
 from protos import lethe_pb2_grpc as pb_grpc
 from protos.tensors import NUMPY_DTYPES, to_tensor
+from server import export
 from server.engine.protocol import LearnOptions
 from server.errors import (
     FailedPreconditionError,
@@ -432,6 +433,36 @@ class LetheServicer(pb_grpc.LetheServicer):
             return pb.ListEvaluationsResponse(evaluations=[evaluation_message(r) for r in rows])
 
         return await self._unary("ListEvaluations", context, body)
+
+    # ----------------------------------------------------------------- Export
+    async def Export(self, request: pb.ExportRequest, context: aio.ServicerContext) -> AsyncIterator[pb.ExportChunk]:
+        """The network Predict serves for a task, as a file (admin; audited as ``model.exported``)."""
+        async with self.guard("Export", context):
+            target = self.predictions.target(request.task, current_principal())  # as Predict: same refusals
+            exported = await run_blocking(self.executor, self._export, target.task, request.format)
+            for chunk in exported.chunks():
+                yield chunk
+
+    def _export(self, task: str | None, requested: int) -> export.ExportedNetwork:
+        fmt = export.format_of(requested)
+        exported = export.export_network(
+            self.predictions.answering_model(task),
+            task=task,
+            fmt=fmt,
+            input_shape=self.model.input_shape,
+            strategy=self.model.strategy,
+            backbone=self.model.backbone,
+        )
+        self.jobs.audit(
+            current_principal().name,
+            "model.exported",
+            task=task or "",
+            format=fmt,
+            model_version=exported.model_version,
+            sha256=exported.sha256,
+            bytes=len(exported.data),
+        )
+        return exported
 
 
 @dataclass
