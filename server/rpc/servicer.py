@@ -37,7 +37,7 @@ from server.logs import log_context
 from server.rpc import validation as v
 from server.rpc.auth import current_principal
 from server.rpc.convert import audit_message, evaluation_message, job_message, task_message
-from server.rpc.errors import status_for
+from server.rpc.errors import rich_status
 from server.storage import Job, JobKind, JobState, TaskState
 from server.telemetry import Telemetry
 
@@ -116,11 +116,11 @@ class LetheServicer(pb_grpc.LetheServicer):
             code = "CANCELLED"
             raise
         except Exception as exc:
-            status, message = status_for(exc)
-            code = status.name
-            if status == grpc.StatusCode.INTERNAL:
+            status = rich_status(exc)
+            code = status.code.name
+            if status.code == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", method)
-            context.abort(status, message)
+            context.abort_with_status(status.grpc_status())
         finally:
             self.telemetry.grpc_requests.labels(method, code).inc()
 
