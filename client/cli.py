@@ -191,8 +191,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             upload.done()
             _error(
-                "interrupted during the upload: the stream was cancelled before it ended, so no job was "
-                f"queued (check with 'lethe jobs{_server_flag(args)}')"
+                "interrupted during the upload: the stream was cancelled, and the server keeps nothing of a "
+                f"stream cut short (check with 'lethe jobs{_server_flag(args)}')"
             )
             return EXIT_INTERRUPTED
         upload.done()
