@@ -114,24 +114,16 @@ def edge_row(exc: BaseException) -> EdgeRow:
 
 
 def _message(exc: BaseException, row: EdgeRow) -> str:
+    """The client-facing message; what it hides of an infrastructure failure goes to the log."""
+    if row.reason == "DISK_FULL":
+        log.error("data directory full: %s", exc)
+    elif row.reason == "DATABASE_UNAVAILABLE":
+        log.warning("database unavailable: %s", exc.orig if isinstance(exc, DBAPIError) else exc)
     if row.message is not None:
         return row.message
     if isinstance(exc, KeyError) and exc.args:  # str(KeyError) quotes its text
         return str(exc.args[0])
     return str(exc)
-
-
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Status code and client-facing message for an exception.
-
-    Unexpected exceptions become INTERNAL with a generic message (details go to the log only).
-    """
-    row = edge_row(exc)
-    if row.reason == "DISK_FULL":
-        log.error("data directory full: %s", exc)
-    elif row.reason == "DATABASE_UNAVAILABLE":
-        log.warning("database unavailable: %s", exc.orig if isinstance(exc, DBAPIError) else exc)
-    return row.code, _message(exc, row)
 
 
 @dataclass(frozen=True)
@@ -161,7 +153,7 @@ class _Status(grpc.Status):
 def rich_status(exc: BaseException) -> RichStatus:
     """The status of ``exc`` with its ``google.rpc.Status`` details (field violations, retry delay, reason)."""
     row = edge_row(exc)
-    code, message = status_for(exc)
+    code, message = row.code, _message(exc, row)
     reason, retry_after, metadata = row.reason, row.retry_after, {}
     if isinstance(exc, LetheError):
         reason = exc.reason or reason
