@@ -76,7 +76,9 @@ class CallGuard:
         running = self._in_flight.get(method, 0)
         if limit is not None and running >= limit:
             raise ResourceExhaustedError(
-                f"{method}: {limit} calls are already in progress, the most this server takes at once; retry shortly"
+                f"{method}: {limit} calls are already in progress, the most this server takes at once; retry shortly",
+                reason="TOO_MANY_CALLS",
+                retry_after=1.0,
             )
         self._in_flight[method] = running + 1
 
