@@ -1329,7 +1329,7 @@ def test_refusals_say_whether_and_when_to_retry(tmp_path: Path) -> None:
             stub.Predict(pb.PredictRequest(task="a", inputs=to_tensor(X4)), timeout=30)
         assert busy.value.code() == grpc.StatusCode.UNAVAILABLE, busy.value.details()
         rich = status_details(busy.value)
-        assert rich is not None and rich.domain == "lethe.v1" and rich.reason == "SERVER_UNAVAILABLE"
+        assert rich is not None and rich.domain == "lethe.v1" and rich.reason == "TASK_BEING_FORGOTTEN"
         assert rich.retry_after is not None and rich.retry_after > 0
 
         queued = client.learn("b", X[:20], Y[:20])
