@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2
+from grpc import aio
+from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 from sqlalchemy import Engine
 
@@ -41,6 +45,12 @@ from server.rpc import (
     TokenTable,
     create_server,
 )
+from server.rpc.auth import RefusalLog
+from server.rpc.batching import Batcher
+from server.rpc.guard import CallGuard
+from server.rpc.predicting import PredictService, max_response_rows
+from server.rpc.server import HealthServicer, Keepalive
+from server.rpc.validation import SampleLimits
 from server.storage import (
     AuditLog,
     SchemaError,
@@ -56,6 +66,7 @@ from server.storage import (
 from server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __version__ = "0.1.0"
 
@@ -136,9 +147,13 @@ class App:
         self.registry = registry or CollectorRegistry()
         self.data_dir = Path(config.storage.data_dir).resolve()
         self.engine: Engine | None = None
-        self.server: grpc.Server | None = None
+        self.server: aio.Server | None = None
         self.worker: Worker | None = None
-        self.health = health.HealthServicer()
+        self.health: HealthServicer | None = None
+        #: The gRPC edge runs on this event loop, in its own thread; blocking work goes to ``executor``.
+        self.loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self.loop.run_forever, name="lethe-rpc-loop", daemon=True)
+        self.executor = ThreadPoolExecutor(max_workers=config.server.threads, thread_name_prefix="lethe-rpc")
         self.ports = Ports(0, None)
         self.telemetry: Telemetry | None = None
         self.audit_head: AuditHeadPublisher | None = None
@@ -259,7 +274,40 @@ class App:
         )
         proofs = ProofService(sessions, audit_log, key, lambda: publisher.current)
         records = SampleRequests(jobs, sample_forgetting_refusal(strategy), strategy.unlearn_methods[0])
-        servicer = LetheServicer(jobs, serving, telemetry, model, defaults, proofs=proofs, records=records)
+        s = c.server
+
+        def batched(rows: int, requests: int) -> None:
+            telemetry.predict_batch_rows.observe(rows)
+            telemetry.predict_batch_requests.observe(requests)
+
+        ready = threading.Event()
+        predictions = PredictService(
+            serving,
+            task_incremental=strategy.task_incremental,
+            strategy=c.model.strategy,
+            samples=SampleLimits(tuple(c.model.input_shape), c.model.num_classes),
+            max_rows=max_response_rows(c.limits.max_predict_samples, c.model.num_classes, s.max_message_bytes),
+            batcher=Batcher(
+                self.executor,
+                max_batch_size=s.max_batch_size,
+                max_batch_delay_ms=s.max_batch_delay_ms,
+                on_batch=batched,
+            ),
+            ready=ready.is_set,
+        )
+        guard = CallGuard(telemetry)
+        servicer = LetheServicer(
+            jobs,
+            serving,
+            telemetry,
+            model,
+            defaults,
+            predictions=predictions,
+            executor=self.executor,
+            guard=guard,
+            proofs=proofs,
+            records=records,
+        )
         if c.auth.enabled:
             tokens: TokenTable | None = TokenTable(c.auth.tokens)
         else:
@@ -269,23 +317,40 @@ class App:
                 "and read everything"
             )
 
+        def audit_refusal(method: str, code: str, principal: str, suppressed: int) -> None:
+            def write() -> None:
+                try:
+                    jobs.audit(
+                        principal or "unauthenticated", "auth.denied", method=method, code=code, suppressed=suppressed
+                    )
+                except Exception:  # an audit row of a refusal is not worth failing anything for
+                    log.exception("could not audit a refused call")
+
+            self.executor.submit(write)
+
+        refusals = RefusalLog(audit_refusal, c.audit.denied_per_minute)
+
         def denied(method: str, code: str, principal: str) -> None:
             telemetry.grpc_requests.labels(method, code).inc()
-            jobs.audit(principal or "unauthenticated", "auth.denied", method=method, code=code)
+            telemetry.auth_denied.labels(method, code).inc()
+            refusals.refused(method, code, principal)
 
-        auth = AuthInterceptor(tokens, on_denied=denied)
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.server, port = create_server(
-            servicer,
-            self.health,
-            auth,
-            address=f"{c.server.host}:{c.server.port}",
-            threads=c.server.threads,
-            max_message_bytes=c.server.max_message_bytes,
-            credentials=server_credentials(c),
+        def undecodable(method: str) -> None:
+            telemetry.grpc_requests.labels(method, "INVALID_ARGUMENT").inc()
+
+        auth = AuthInterceptor(tokens, on_denied=denied, on_undecodable=undecodable)
+        self._loop_thread.start()
+        self.server, port = self._on_loop(
+            self._serve(
+                servicer,
+                auth,
+                address=f"{s.host}:{s.port}",
+                max_message_bytes=s.max_message_bytes,
+                keepalive=Keepalive(s.keepalive_time_s, s.keepalive_timeout_s, s.keepalive_min_ping_interval_s),
+                max_concurrent_rpcs=s.threads * 64,
+                credentials=server_credentials(c),
+            )
         )
-        self.server.start()
         self.ports.grpc = port
         if c.server.metrics_port >= 0:
             self._metrics_server, _thread = start_http_server(
@@ -308,7 +373,8 @@ class App:
             model_version=strategy.version,
             audit_key=key.public_key.fingerprint,
         )
-        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self.set_health(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        ready.set()
         telemetry.ready.set(1)
         log.info("lethe serving on %s:%d (metrics %s)", c.server.host, port, self.ports.metrics)
         return self.ports
@@ -316,23 +382,47 @@ class App:
     def _worker_died(self, error: BaseException) -> None:
         """The worker could not record how a job ended and stopped: stop reporting ready."""
         log.critical("the worker stopped (%s); the server is NOT ready until it is restarted", error)
-        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.set_health(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.telemetry is not None:
             self.telemetry.ready.set(0)
+
+    async def _serve(self, servicer: LetheServicer, auth: AuthInterceptor, **options: Any) -> tuple[aio.Server, int]:
+        """On the loop: build the health service and the server, bind, start."""
+        self.health = HealthServicer()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        server, port = create_server(servicer, self.health, auth, **options)
+        await server.start()
+        return server, port
+
+    def _on_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run ``coroutine`` on the edge's event loop and wait for its result (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def set_health(self, service: str, status: int) -> None:
+        """Set a health status from any thread (no-op before the server exists or after the loop ended)."""
+        health = self.health
+        if health is None or not self.loop.is_running():
+            return
+        asyncio.run_coroutine_threadsafe(health.set(service, status), self.loop)
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful stop: readiness NOT_SERVING, refuse new RPCs, finish in-flight ones, stop the worker."""
         grace = self.config.server.grace_seconds if grace is None else grace
-        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.set_health(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.telemetry is not None:
             self.telemetry.ready.set(0)
         if self.worker is not None:
             self.worker.request_stop(grace)
         if self.server is not None:
-            self.server.stop(grace).wait()
+            self._on_loop(self.server.stop(grace))
         if self.worker is not None:
             # A training step in progress ends at its next progress report after the deadline.
             self.worker.join(grace + 60)
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._loop_thread.join(10)
+        self.executor.shutdown(wait=True, cancel_futures=True)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -343,4 +433,4 @@ class App:
     def wait(self) -> None:
         """Block until the gRPC server terminates."""
         if self.server is not None:
-            self.server.wait_for_termination()
+            self._on_loop(self.server.wait_for_termination())

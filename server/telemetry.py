@@ -82,6 +82,21 @@ class Telemetry:
         self.grpc_requests = Counter(
             "lethe_grpc_requests", "gRPC requests by method and status code", ["method", "code"], registry=r
         )
+        self.auth_denied = Counter(
+            "lethe_auth_denied", "Calls refused for a missing/invalid token or scope", ["method", "code"], registry=r
+        )
+        self.predict_batch_rows = Histogram(
+            "lethe_predict_batch_rows",
+            "Rows per forward pass of dynamic batching (Predict, PredictStream, ModelInfer)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 8192),
+            registry=r,
+        )
+        self.predict_batch_requests = Histogram(
+            "lethe_predict_batch_requests",
+            "Requests joined into one forward pass by dynamic batching",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+            registry=r,
+        )
         self.ingest_bytes = Counter("lethe_ingest_bytes", "Bytes accepted by Learn", registry=r)
         self.ingest_samples = Counter("lethe_ingest_samples", "Samples accepted by Learn", registry=r)
         self.retained_bytes = Gauge("lethe_retained_data_bytes", "Bytes of task data kept on disk", registry=r)

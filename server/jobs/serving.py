@@ -101,6 +101,11 @@ class ServingState:
         with self._lock:
             return self._tasks.get(task)
 
+    def task_states(self) -> dict[str, TaskState]:
+        """A copy of every task's state."""
+        with self._lock:
+            return dict(self._tasks)
+
     def set_task_state(self, task: str, state: TaskState | None) -> None:
         """Mirror a committed change (None removes the task)."""
         with self._lock:

@@ -1,31 +1,33 @@
-"""The ``lethe.v1.Lethe`` servicer: proto <-> domain only.
+"""The ``lethe.v1.Lethe`` servicer (``grpc.aio``): proto <-> domain only.
 
-Each method validates its request, calls the job service or the published model snapshot, and
-converts the result. Domain errors become status codes through :mod:`server.rpc.errors`.
+Each method validates its request, calls the job service or the prediction service, and converts
+the result. Blocking work (SQL, files) runs on the executor through :func:`run_blocking`; the event
+loop only parses, checks and waits. Domain errors become status codes through :class:`CallGuard`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeVar
 
-import grpc
 import numpy as np
 import torch
+from grpc import aio
 
 from protos import lethe_pb2 as pb
 from protos import lethe_pb2_grpc as pb_grpc
 from protos.tensors import NUMPY_DTYPES, to_tensor
-from server.engine.protocol import LearnOptions, UnknownTaskError, UnlearnedTaskError
+from server.engine.protocol import LearnOptions
 from server.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
-    NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
     UnavailableError,
@@ -33,16 +35,17 @@ from server.errors import (
 from server.jobs import JobService, LearnStream, LearnSubmission, ServingState, UnlearnSubmission
 from server.jobs.proof import ProofService
 from server.jobs.records import ForgetSamplesSubmission, SampleRequests
-from server.logs import log_context
 from server.rpc import validation as v
 from server.rpc.auth import current_principal
 from server.rpc.convert import audit_message, evaluation_message, job_message, task_message
-from server.rpc.errors import status_for
+from server.rpc.guard import CallGuard, run_blocking
+from server.rpc.predicting import PredictService
 from server.storage import Job, JobKind, JobState, TaskState
 from server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 E = TypeVar("E", bound=Enum)
+R = TypeVar("R")
 
 #: Page size when a list request leaves ``limit`` at 0, and the largest allowed.
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
@@ -50,6 +53,10 @@ DEFAULT_PAGE, MAX_PAGE = 100, 1000
 MAX_SEQ = 2**31 - 1
 #: Seconds between WatchJob updates while a job reports progress on every batch.
 _WATCH_MIN_INTERVAL = 0.1
+#: Seconds after which a watch reads its job again even when nothing was announced.
+_WATCH_REFRESH = 5.0
+#: Predict inputs smaller than this are decoded on the event loop (a few microseconds); larger ones on the executor.
+_DECODE_ON_LOOP_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,7 @@ class LearnDefaults:
 
 
 class LetheServicer(pb_grpc.LetheServicer):
-    """Thin gRPC servicer over :class:`JobService` and :class:`ServingState`."""
+    """Thin ``grpc.aio`` servicer over :class:`JobService` and :class:`PredictService`."""
 
     def __init__(
         self,
@@ -91,6 +98,10 @@ class LetheServicer(pb_grpc.LetheServicer):
         telemetry: Telemetry,
         model: ModelDescription,
         defaults: LearnDefaults,
+        *,
+        predictions: PredictService,
+        executor: Executor,
+        guard: CallGuard,
         proofs: ProofService | None = None,
         records: SampleRequests | None = None,
     ) -> None:
@@ -103,79 +114,83 @@ class LetheServicer(pb_grpc.LetheServicer):
         self.telemetry = telemetry
         self.model = model
         self.defaults = defaults
+        self.predictions = predictions
+        self.executor = executor
+        self.guard = guard
         self.samples = v.SampleLimits(model.input_shape, model.num_classes)
 
-    @contextmanager
-    def _call(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
-        """Count the call and turn domain errors into status codes (never an unhandled exception)."""
-        code = "OK"
-        try:
-            with log_context(principal=current_principal().name):
-                yield
-        except grpc.RpcError:
-            code = "CANCELLED"
-            raise
-        except Exception as exc:
-            status, message = status_for(exc)
-            code = status.name
-            if status == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method)
-            context.abort(status, message)
-        finally:
-            self.telemetry.grpc_requests.labels(method, code).inc()
+    async def _unary(self, method: str, context: aio.ServicerContext, body: Callable[[], R]) -> R:
+        """Run a unary call's whole body (validation, SQL, conversion) on the executor."""
+        async with self.guard(method, context):
+            return await run_blocking(self.executor, body)
+        raise AssertionError("unreachable")  # the guard aborted
 
     # ------------------------------------------------------------------ Learn
-    def Learn(self, request_iterator: Iterator[pb.LearnRequest], context: grpc.ServicerContext) -> pb.Job:
-        with self._call("Learn", context):
-            return self._learn(request_iterator, context)
-        raise AssertionError("unreachable")  # context.abort raised
+    async def Learn(self, request_iterator: AsyncIterator[pb.LearnRequest], context: aio.ServicerContext) -> pb.Job:
+        async with self.guard("Learn", context):
+            return await self._learn(request_iterator, context)
+        raise AssertionError("unreachable")
 
-    def _learn(self, requests: Iterator[pb.LearnRequest], context: grpc.ServicerContext) -> pb.Job:
-        first = next(requests, None)
+    async def _learn(self, requests: AsyncIterator[pb.LearnRequest], context: aio.ServicerContext) -> pb.Job:
+        first = await anext(aiter(requests), None)
         if first is None:
             raise InvalidArgumentError("header", "the stream is empty; the first message must carry the header")
         if first.WhichOneof("payload") != "header":
             raise InvalidArgumentError("header", "the first message must carry the header, not a chunk")
         submission = self._submission(first.header)
-        existing = self.jobs.check_learn(submission)
+        existing = await run_blocking(self.executor, self.jobs.check_learn, submission)
         if existing is not None:
             return job_message(existing)
-        wire_bytes = 0
-        with LearnStream(self.jobs, submission) as stream:
-            for index, message in enumerate(requests, start=1):
-                payload = message.WhichOneof("payload")
-                if payload == "header":
-                    raise InvalidArgumentError("header", f"message {index} repeats the header; send it only once")
-                if payload is None:
-                    raise InvalidArgumentError(
-                        "chunk", f"message {index} is empty; every message after the header must carry a chunk"
-                    )
-                chunk = message.chunk
-                limit = self.defaults.max_stream_samples
-                inputs = v.inputs_tensor(
-                    chunk.inputs,
-                    self.samples,
-                    f"chunk[{index}].inputs",
-                    max(limit - stream.samples, 0),
-                    f"limits.max_stream_samples ({limit} per Learn stream, {stream.samples} already received)",
-                )
-                labels = v.labels_tensor(chunk.labels, len(inputs), self.samples.num_classes, f"chunk[{index}].labels")
-                ids = v.sample_ids(list(chunk.sample_ids), len(inputs), f"chunk[{index}].sample_ids")
-                # The payload's size on the wire, from the validated shapes (reading a bytes field copies it).
-                wire_bytes += inputs.size * NUMPY_DTYPES[chunk.inputs.dtype].itemsize + labels.nbytes
-                if wire_bytes > self.defaults.max_stream_bytes:
-                    raise ResourceExhaustedError(
-                        f"chunk: the stream exceeds limits.max_stream_bytes ({self.defaults.max_stream_bytes} bytes)"
-                    )
-                stream.append(inputs, labels, ids, f"chunk[{index}].sample_ids")
+        stream = await run_blocking(self.executor, LearnStream, self.jobs, submission)
+        received = _Received()
+        try:
+            index = 0
+            async for message in requests:
+                index += 1
+                await run_blocking(self.executor, self._chunk, stream, index, message, received)
             if stream.samples < 2:
                 raise InvalidArgumentError(
                     "chunk", f"the stream must carry at least 2 samples (a probe set is held out), got {stream.samples}"
                 )
-            job = stream.submit(current_principal().name, ended_early=lambda: _ended_early(context))
-        self.telemetry.ingest_bytes.inc(wire_bytes)
+            principal = current_principal().name
+            job = await run_blocking(
+                self.executor, lambda: stream.submit(principal, ended_early=lambda: _ended_early(context))
+            )
+        except BaseException as exc:
+            await run_blocking(self.executor, stream.__exit__, type(exc), exc, exc.__traceback__)
+            raise
+        await run_blocking(self.executor, stream.__exit__, None, None, None)
+        self.telemetry.ingest_bytes.inc(received.wire_bytes)
         self.telemetry.ingest_samples.inc(stream.samples)
         return job_message(job)
+
+    def _chunk(self, stream: LearnStream, index: int, message: pb.LearnRequest, received: _Received) -> None:
+        """Validate and spool one message of a Learn stream (on the executor)."""
+        payload = message.WhichOneof("payload")
+        if payload == "header":
+            raise InvalidArgumentError("header", f"message {index} repeats the header; send it only once")
+        if payload is None:
+            raise InvalidArgumentError(
+                "chunk", f"message {index} is empty; every message after the header must carry a chunk"
+            )
+        chunk = message.chunk
+        limit = self.defaults.max_stream_samples
+        inputs = v.inputs_tensor(
+            chunk.inputs,
+            self.samples,
+            f"chunk[{index}].inputs",
+            max(limit - stream.samples, 0),
+            f"limits.max_stream_samples ({limit} per Learn stream, {stream.samples} already received)",
+        )
+        labels = v.labels_tensor(chunk.labels, len(inputs), self.samples.num_classes, f"chunk[{index}].labels")
+        ids = v.sample_ids(list(chunk.sample_ids), len(inputs), f"chunk[{index}].sample_ids")
+        # The payload's size on the wire, from the validated shapes (reading a bytes field copies it).
+        received.wire_bytes += inputs.size * NUMPY_DTYPES[chunk.inputs.dtype].itemsize + labels.nbytes
+        if received.wire_bytes > self.defaults.max_stream_bytes:
+            raise ResourceExhaustedError(
+                f"chunk: the stream exceeds limits.max_stream_bytes ({self.defaults.max_stream_bytes} bytes)"
+            )
+        stream.append(inputs, labels, ids, f"chunk[{index}].sample_ids")
 
     def _submission(self, header: pb.LearnHeader) -> LearnSubmission:
         task = v.task_name(header.task, "header.task")
@@ -201,26 +216,26 @@ class LetheServicer(pb_grpc.LetheServicer):
         )
 
     # ---------------------------------------------------------------- Unlearn
-    def Unlearn(self, request: pb.UnlearnRequest, context: grpc.ServicerContext) -> pb.Job:
-        with self._call("Unlearn", context):
-            method = request.method
-            if method and method not in self.model.unlearn_methods:
-                raise InvalidArgumentError(
-                    "method",
-                    f"strategy {self.model.strategy!r} supports {', '.join(self.model.unlearn_methods)} "
-                    f"(empty = {self.model.unlearn_methods[0]}), got {method[:40]!r}",
-                )
-            if request.sample_ids:
-                return job_message(self._forget_samples(request))
-            task = v.task_name(request.task)
-            submission = UnlearnSubmission(
-                task=task,
-                reason=v.reason(request.reason),
-                idempotency_key=v.idempotency_key(request.idempotency_key, "idempotency_key"),
-                method=method,
+    async def Unlearn(self, request: pb.UnlearnRequest, context: aio.ServicerContext) -> pb.Job:
+        return await self._unary("Unlearn", context, lambda: job_message(self._unlearn(request)))
+
+    def _unlearn(self, request: pb.UnlearnRequest) -> Job:
+        method = request.method
+        if method and method not in self.model.unlearn_methods:
+            raise InvalidArgumentError(
+                "method",
+                f"strategy {self.model.strategy!r} supports {', '.join(self.model.unlearn_methods)} "
+                f"(empty = {self.model.unlearn_methods[0]}), got {method[:40]!r}",
             )
-            return job_message(self.jobs.submit_unlearn(submission, current_principal().name))
-        raise AssertionError("unreachable")
+        if request.sample_ids:
+            return self._forget_samples(request)
+        submission = UnlearnSubmission(
+            task=v.task_name(request.task),
+            reason=v.reason(request.reason),
+            idempotency_key=v.idempotency_key(request.idempotency_key, "idempotency_key"),
+            method=method,
+        )
+        return self.jobs.submit_unlearn(submission, current_principal().name)
 
     def _forget_samples(self, request: pb.UnlearnRequest) -> Job:
         submission = ForgetSamplesSubmission(
@@ -232,185 +247,160 @@ class LetheServicer(pb_grpc.LetheServicer):
         )
         return self.records.submit(submission, current_principal().name)
 
-    def LocateSamples(
-        self, request: pb.LocateSamplesRequest, context: grpc.ServicerContext
+    async def LocateSamples(
+        self, request: pb.LocateSamplesRequest, context: aio.ServicerContext
     ) -> pb.LocateSamplesResponse:
-        with self._call("LocateSamples", context):
+        def body() -> pb.LocateSamplesResponse:
             if not request.sample_ids:
                 raise InvalidArgumentError("sample_ids", "name at least one sample id")
             ids = v.forget_ids(request.sample_ids, self.defaults.max_forget_samples)
             located = self.records.locate(ids, current_principal().name)
             return pb.LocateSamplesResponse(tasks=located.tasks, unknown=located.unknown)
-        raise AssertionError("unreachable")
+
+        return await self._unary("LocateSamples", context, body)
 
     # ---------------------------------------------------------------- Predict
-    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
-        with self._call("Predict", context):
-            return self._predict(request)
+    async def Predict(self, request: pb.PredictRequest, context: aio.ServicerContext) -> pb.PredictResponse:
+        async with self.guard("Predict", context):
+            return await self._predict(request)
         raise AssertionError("unreachable")
 
-    def PredictStream(
-        self, request_iterator: Iterator[pb.PredictRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.PredictResponse]:
-        with self._call("PredictStream", context):
-            for request in request_iterator:
-                yield self._predict(request)
+    async def PredictStream(
+        self, request_iterator: AsyncIterator[pb.PredictRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.PredictResponse]:
+        async with self.guard("PredictStream", context):
+            async for request in request_iterator:
+                yield await self._predict(request)
 
-    def _predict(self, request: pb.PredictRequest) -> pb.PredictResponse:
+    async def _predict(self, request: pb.PredictRequest) -> pb.PredictResponse:
         started = time.perf_counter()
-        answering = self.serving.answering()
-        predictor = answering.predictor
-        if predictor is None and answering.forgetting:
-            jobs = ", ".join(sorted(set(answering.forgetting.values())))
-            raise UnavailableError(
-                f"an accepted unlearn (job {jobs}) is being applied and no model free of the data it forgets is "
-                "kept; predictions resume when it ends"
-            )
-        if predictor is None:
-            raise UnavailableError("the model is still loading; retry shortly")
-        task: str | None = None
-        audit_as: str | None = None  # who evaluates an unlearned task; audited once the request is valid
-        if self.model.task_incremental:
-            task = v.task_name(request.task)
-            state = self.serving.task_state(task)
-            if state is None:
-                raise NotFoundError(f"task {task!r} does not exist")
-            if state == TaskState.LEARNING:
-                raise FailedPreconditionError(f"task {task!r} is still being learned; wait for its learn job")
-            if state in (TaskState.UNLEARNING, TaskState.UNLEARNED):
-                if not request.allow_unlearned:
-                    raise FailedPreconditionError(
-                        f"task {task!r} is {state.value}; predictions are refused (an admin may audit it with "
-                        "allow_unlearned)"
-                    )
-                principal = current_principal()
-                if not principal.has("admin"):
-                    raise PermissionDeniedError("allow_unlearned needs the 'admin' scope")
-                audit_as = principal.name
-            elif task in answering.forgetting:
-                raise UnavailableError(
-                    f"task {task!r}: samples of it are being forgotten (job {answering.forgetting[task]}); "
-                    "predictions resume when the job ends"
-                )
-        else:
-            if request.task:
-                raise InvalidArgumentError(
-                    "task", f"must be empty: strategy {self.model.strategy!r} is class-incremental (one output space)"
-                )
-            if request.allow_unlearned:
-                raise InvalidArgumentError("allow_unlearned", "applies only to task-incremental strategies")
-        inputs = v.inputs_tensor(request.inputs, self.samples, "inputs", self.defaults.max_predict_samples)
-        if audit_as is not None:
-            self.jobs.audit(audit_as, "predict.unlearned", task=task or "", samples=len(inputs))
-        try:
-            writable = np.require(inputs, requirements="W")  # torch wants a writable buffer; a copy if read-only
-            logits = predictor.predict(task, torch.from_numpy(writable), allow_unlearned=request.allow_unlearned)
-        except UnknownTaskError:
-            raise NotFoundError(f"task {task!r} is not in the published model") from None
-        except UnlearnedTaskError:
-            raise FailedPreconditionError(f"task {task!r} is unlearned; predictions are refused") from None
-        classes = logits.argmax(dim=1).numpy().astype(np.int64)
-        outputs = torch.softmax(logits, dim=1) if request.return_probabilities else logits
+        principal = current_principal()
+        target = self.predictions.target(request.task, principal, allow_unlearned=request.allow_unlearned)
+        inputs = await self._inputs(request.inputs)
+        if target.audited_principal is not None:
+            audit = functools.partial(self.jobs.audit, task=target.task or "", samples=len(inputs))
+            await run_blocking(self.executor, audit, target.audited_principal, "predict.unlearned")
+        prediction = await self.predictions.predict(target, inputs)
+        logits = prediction.logits
+        outputs = torch.softmax(torch.from_numpy(logits), dim=1).numpy() if request.return_probabilities else logits
         response = pb.PredictResponse(
-            outputs=to_tensor(outputs.numpy().astype(np.float32)),
-            classes=classes.tolist(),
-            model_version=predictor.version,
+            outputs=to_tensor(np.ascontiguousarray(outputs, dtype=np.float32)),
+            classes=prediction.classes.tolist(),
+            model_version=prediction.version,
         )
         self.telemetry.predict_latency.observe(time.perf_counter() - started)
         return response
 
-    # ------------------------------------------------------------------- Jobs
-    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
-        with self._call("GetJob", context):
-            return job_message(self.jobs.get_job(v.job_id(request.id)))
-        raise AssertionError("unreachable")
+    async def _inputs(self, tensor: pb.Tensor) -> np.ndarray:
+        """Decode and check Predict inputs: small ones on the loop, large ones on the executor."""
+        limit = self.predictions.max_rows
+        label = (
+            f"limits.max_predict_samples ({self.defaults.max_predict_samples}) and the response size limit "
+            f"(server.max_message_bytes: at most {limit} rows of {self.samples.num_classes} classes)"
+        )
+        if len(tensor.data) < _DECODE_ON_LOOP_BYTES:
+            return v.inputs_tensor(tensor, self.samples, "inputs", limit, label)
+        return await run_blocking(self.executor, v.inputs_tensor, tensor, self.samples, "inputs", limit, label)
 
-    def WatchJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> Iterator[pb.Job]:
-        with self._call("WatchJob", context):
+    # ------------------------------------------------------------------- Jobs
+    async def GetJob(self, request: pb.GetJobRequest, context: aio.ServicerContext) -> pb.Job:
+        return await self._unary("GetJob", context, lambda: job_message(self.jobs.get_job(v.job_id(request.id))))
+
+    async def WatchJob(self, request: pb.GetJobRequest, context: aio.ServicerContext) -> AsyncIterator[pb.Job]:
+        async with self.guard("WatchJob", context):
             job_id = v.job_id(request.id)
-            last: pb.Job | None = None
             events = self.jobs.events
-            seen = events.counter
-            while context.is_active():
-                job = self.jobs.get_job(job_id)
-                message = job_message(job)
-                if message != last:
-                    yield message
-                    last = message
-                if job.state.terminal:
-                    return
+            last: pb.Job | None = None
+            seen, waited = -1, 0.0
+            while True:
+                counter = events.counter  # read before the job: a change after it is seen next time
+                if counter != seen or waited >= _WATCH_REFRESH:
+                    seen, waited = counter, 0.0
+                    job = await run_blocking(self.executor, self.jobs.get_job, job_id)
+                    message = job_message(job)
+                    if message != last:
+                        yield message
+                        last = message
+                    if job.state.terminal:
+                        return
                 if events.closed:
                     raise UnavailableError("the server is shutting down; watch again after it restarts")
-                time.sleep(_WATCH_MIN_INTERVAL)
-                seen = events.wait(seen, timeout=5.0)
+                await asyncio.sleep(_WATCH_MIN_INTERVAL)
+                waited += _WATCH_MIN_INTERVAL
 
-    def CancelJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
-        with self._call("CancelJob", context):
+    async def CancelJob(self, request: pb.GetJobRequest, context: aio.ServicerContext) -> pb.Job:
+        def body() -> pb.Job:
             job_id = v.job_id(request.id)
             principal = current_principal()
             if self.jobs.get_job(job_id).kind == JobKind.UNLEARN and not principal.has("admin"):
                 raise PermissionDeniedError("cancelling an unlearn job needs the 'admin' scope")
             return job_message(self.jobs.cancel(job_id, principal.name))
-        raise AssertionError("unreachable")
 
-    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:
-        with self._call("ListJobs", context):
+        return await self._unary("CancelJob", context, body)
+
+    async def ListJobs(self, request: pb.ListJobsRequest, context: aio.ServicerContext) -> pb.ListJobsResponse:
+        def body() -> pb.ListJobsResponse:
             state = _enum_or_none(JobState, pb.JobState, request.state, "state")
             task = v.task_name(request.task) if request.task else None
             jobs = self.jobs.list_jobs(state, task, _cursor(request.after_seq), _limit(request.limit))
             return pb.ListJobsResponse(jobs=[job_message(j) for j in jobs])
-        raise AssertionError("unreachable")
+
+        return await self._unary("ListJobs", context, body)
 
     # ------------------------------------------------------------------ Tasks
-    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
-        with self._call("GetTask", context):
-            return task_message(self.jobs.get_task(v.task_name(request.name, "name")))
-        raise AssertionError("unreachable")
+    async def GetTask(self, request: pb.GetTaskRequest, context: aio.ServicerContext) -> pb.Task:
+        return await self._unary(
+            "GetTask", context, lambda: task_message(self.jobs.get_task(v.task_name(request.name, "name")))
+        )
 
-    def ListTasks(self, request: pb.ListTasksRequest, context: grpc.ServicerContext) -> pb.ListTasksResponse:
-        with self._call("ListTasks", context):
+    async def ListTasks(self, request: pb.ListTasksRequest, context: aio.ServicerContext) -> pb.ListTasksResponse:
+        def body() -> pb.ListTasksResponse:
             state = _enum_or_none(TaskState, pb.TaskState, request.state, "state")
             return pb.ListTasksResponse(tasks=[task_message(t) for t in self.jobs.list_tasks(state)])
-        raise AssertionError("unreachable")
+
+        return await self._unary("ListTasks", context, body)
 
     # ------------------------------------------------------- Audit, model, evals
-    def ListAuditEvents(
-        self, request: pb.ListAuditEventsRequest, context: grpc.ServicerContext
+    async def ListAuditEvents(
+        self, request: pb.ListAuditEventsRequest, context: aio.ServicerContext
     ) -> pb.ListAuditEventsResponse:
-        with self._call("ListAuditEvents", context):
+        def body() -> pb.ListAuditEventsResponse:
             task = v.task_name(request.task) if request.task else None
             events = self.jobs.list_audit(_cursor(request.after_seq), _limit(request.limit), task)
             return pb.ListAuditEventsResponse(events=[audit_message(e) for e in events])
-        raise AssertionError("unreachable")
 
-    def GetAuditHead(self, request: pb.GetAuditHeadRequest, context: grpc.ServicerContext) -> pb.AuditHead:
-        with self._call("GetAuditHead", context):
+        return await self._unary("ListAuditEvents", context, body)
+
+    async def GetAuditHead(self, request: pb.GetAuditHeadRequest, context: aio.ServicerContext) -> pb.AuditHead:
+        def body() -> pb.AuditHead:
             proofs = self._proofs()
             head = proofs.audit_head()
             return pb.AuditHead(
                 seq=head.seq, hash=head.hash, signature=head.signature, public_key=proofs.key.public_key.pem
             )
-        raise AssertionError("unreachable")
 
-    def GetForgettingCertificate(
-        self, request: pb.GetForgettingCertificateRequest, context: grpc.ServicerContext
+        return await self._unary("GetAuditHead", context, body)
+
+    async def GetForgettingCertificate(
+        self, request: pb.GetForgettingCertificateRequest, context: aio.ServicerContext
     ) -> pb.ForgettingCertificate:
-        with self._call("GetForgettingCertificate", context):
+        def body() -> pb.ForgettingCertificate:
             task = v.task_name(request.task) if request.task else ""
             job_id = v.job_id(request.job_id, "job_id") if request.job_id else ""
             issued = self._proofs().certificate(task=task, job_id=job_id, principal=current_principal().name)
             return pb.ForgettingCertificate(
                 document=issued.document, signature=issued.signature, public_key=issued.public_key
             )
-        raise AssertionError("unreachable")
+
+        return await self._unary("GetForgettingCertificate", context, body)
 
     def _proofs(self) -> ProofService:
         if self.proofs is None:
             raise FailedPreconditionError("this server was started without an audit signing key")
         return self.proofs
 
-    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
-        with self._call("GetModel", context):
+    async def GetModel(self, request: pb.GetModelRequest, context: aio.ServicerContext) -> pb.ModelInfo:
+        def body() -> pb.ModelInfo:
             m = self.model
             predictor = self.serving.predictor
             return pb.ModelInfo(
@@ -425,25 +415,35 @@ class LetheServicer(pb_grpc.LetheServicer):
                 unlearn_methods=list(m.unlearn_methods),
                 device=m.device,
             )
-        raise AssertionError("unreachable")
 
-    def ListEvaluations(
-        self, request: pb.ListEvaluationsRequest, context: grpc.ServicerContext
+        return await self._unary("GetModel", context, body)
+
+    async def ListEvaluations(
+        self, request: pb.ListEvaluationsRequest, context: aio.ServicerContext
     ) -> pb.ListEvaluationsResponse:
-        with self._call("ListEvaluations", context):
+        def body() -> pb.ListEvaluationsResponse:
             rows = self.jobs.list_evaluations(_cursor(request.after_job_seq), _limit(request.limit))
             return pb.ListEvaluationsResponse(evaluations=[evaluation_message(r) for r in rows])
-        raise AssertionError("unreachable")
+
+        return await self._unary("ListEvaluations", context, body)
 
 
-def _ended_early(context: grpc.ServicerContext) -> bool:
+@dataclass
+class _Received:
+    """What a Learn stream has carried so far."""
+
+    wire_bytes: int = 0
+
+
+def _ended_early(context: aio.ServicerContext) -> bool:
     """Whether the client cancelled the call or its deadline passed.
 
     A client stream that is cancelled half-way can end the request iterator exactly like a complete
     one (grpc/grpc#33038); the cancellation itself is delivered moments later. Asked after the spool's
     fsync, this tells the two apart, so a truncated stream is never recorded as a job.
     """
-    return not context.is_active() or context.time_remaining() <= 0
+    remaining = context.time_remaining()
+    return context.done() or context.cancelled() or (remaining is not None and remaining <= 0)
 
 
 def _cursor(after: int) -> int:

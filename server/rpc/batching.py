@@ -1,0 +1,143 @@
+"""Dynamic batching: concurrent prediction requests for the same key share one forward pass.
+
+Requests are grouped by key (task and whether an admin evaluates an unlearned task), never mixed across
+keys; one forward pass uses one model snapshot, so no pass mixes model versions either. Per key, one
+pass runs at a time on the executor; requests that arrive meanwhile form the next pass (at most
+``max_batch_size`` rows, a request larger than that runs alone and is never split). With a delay, the
+first request of a pass waits up to ``max_batch_delay_ms`` for company.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+from collections.abc import Callable, Hashable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: One forward pass: key, inputs ``[n, ...]`` -> logits ``[n, C]`` and the model version.
+Forward = Callable[[Any, np.ndarray], tuple[np.ndarray, int]]
+
+
+@dataclass
+class _Pending:
+    inputs: np.ndarray
+    done: asyncio.Future[tuple[np.ndarray, int]]
+
+
+@dataclass
+class _Lane:
+    """The queue of one key and its dispatcher."""
+
+    queue: list[_Pending] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+class Batcher:
+    """Joins concurrent requests per key into forward passes run on ``executor``.
+
+    Args:
+        executor: where forward passes run (never on the event loop).
+        max_batch_size: most rows in one pass; 1 turns batching off (every request runs alone, concurrently).
+        max_batch_delay_ms: how long the first request of a pass waits for others (0 = no wait).
+        on_batch: called with the rows and requests of every pass (metrics).
+    """
+
+    def __init__(
+        self,
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_batch_delay_ms: float,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.delay = max_batch_delay_ms / 1000.0
+        self.on_batch = on_batch
+        #: Set by the owner (PredictService) before the first request.
+        self.forward: Forward | None = None
+        self._lanes: dict[Hashable, _Lane] = {}
+
+    async def submit(self, key: Hashable, inputs: np.ndarray) -> tuple[np.ndarray, int]:
+        """Logits of ``inputs`` and the model version, from a pass shared with other requests of ``key``."""
+        if self.max_batch_size <= 1:
+            return await self._run(key, inputs, 1)
+        loop = asyncio.get_running_loop()
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+        pending = _Pending(inputs, loop.create_future())
+        lane.queue.append(pending)
+        lane.wake.set()
+        if lane.task is None or lane.task.done():
+            lane.task = loop.create_task(self._dispatch(key, lane), name=f"batcher-{key}")
+        return await pending.done
+
+    async def _run(self, key: Hashable, inputs: np.ndarray, requests: int) -> tuple[np.ndarray, int]:
+        assert self.forward is not None, "Batcher.forward is not set"
+        if self.on_batch is not None:
+            self.on_batch(len(inputs), requests)
+        loop = asyncio.get_running_loop()
+        call = contextvars.copy_context().run
+        return await loop.run_in_executor(self.executor, call, self.forward, key, inputs)
+
+    async def _dispatch(self, key: Hashable, lane: _Lane) -> None:
+        """Run passes while the lane has requests; end when it is empty (a new request restarts it)."""
+        while lane.queue:
+            if self.delay > 0 and self._rows(lane.queue) < self.max_batch_size:
+                lane.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._filled(lane), timeout=self.delay)
+            batch = self._take(lane)
+            if not batch:
+                continue
+            try:
+                logits, version = await self._run(
+                    key, np.concatenate([p.inputs for p in batch]) if len(batch) > 1 else batch[0].inputs, len(batch)
+                )
+            except Exception as exc:  # every request of the pass gets the error (same key: same verdict)
+                for pending in batch:
+                    if not pending.done.done():
+                        pending.done.set_exception(exc)
+                continue
+            start = 0
+            for pending in batch:
+                rows = len(pending.inputs)
+                if not pending.done.done():
+                    pending.done.set_result((logits[start : start + rows], version))
+                start += rows
+        if self._lanes.get(key) is lane:  # no await since the queue emptied: no request can be waiting
+            del self._lanes[key]
+
+    async def _filled(self, lane: _Lane) -> None:
+        while self._rows(lane.queue) < self.max_batch_size:
+            await lane.wake.wait()
+            lane.wake.clear()
+
+    def _take(self, lane: _Lane) -> list[_Pending]:
+        """The next pass: queued requests in order, up to ``max_batch_size`` rows (at least one request)."""
+        batch: list[_Pending] = []
+        rows = 0
+        while lane.queue:
+            pending = lane.queue[0]
+            if pending.done.done():  # the client went away while it waited
+                lane.queue.pop(0)
+                continue
+            if batch and rows + len(pending.inputs) > self.max_batch_size:
+                break
+            batch.append(lane.queue.pop(0))
+            rows += len(pending.inputs)
+        return batch
+
+    @staticmethod
+    def _rows(queue: list[_Pending]) -> int:
+        return sum(len(p.inputs) for p in queue if not p.done.done())

@@ -1,0 +1,86 @@
+"""One wrapper around every RPC of both services: count it, log with the principal, map errors.
+
+Domain errors become their status code with ``google.rpc.Status`` details (:func:`rich_status`);
+unexpected exceptions become INTERNAL (logged with the traceback); a client that went away or whose
+deadline passed is counted as CANCELLED / DEADLINE_EXCEEDED, never as a server error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import grpc
+from grpc import aio
+
+from server.logs import log_context
+from server.rpc.auth import current_principal
+from server.rpc.errors import rich_status
+from server.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+
+class CallGuard:
+    """``async with guard(method, context):`` around the body of an RPC."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+
+    @asynccontextmanager
+    async def __call__(self, method: str, context: aio.ServicerContext) -> AsyncIterator[None]:
+        code = "OK"
+        try:
+            with log_context(principal=current_principal().name):
+                yield
+        except asyncio.CancelledError:
+            code = _ended_code(context)
+            raise
+        except aio.AbortError:
+            code = _code_name(context.code())
+            raise
+        except Exception as exc:
+            status = rich_status(exc)
+            code = status.code.name
+            if status.code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method)
+            await context.abort(status.code, status.message, status.trailing_metadata)
+        finally:
+            self.telemetry.grpc_requests.labels(method, code).inc()
+
+
+def _ended_code(context: aio.ServicerContext) -> str:
+    """How a call that was cancelled under the handler ended: its deadline passed, or the client left."""
+    remaining = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+
+def _code_name(code: grpc.StatusCode | int | None) -> str:
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
+    return "UNKNOWN"
+
+
+async def run_blocking(executor: Executor, fn: Callable[..., R], *args: Any) -> R:
+    """Run ``fn(*args)`` on ``executor`` with the caller's context (principal, log fields).
+
+    If the call is cancelled meanwhile (the client left), the step still finishes before the
+    cancellation unwinds the handler: cleanup never races a half-done step (a spool being written,
+    a job being committed).
+    """
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(executor, functools.partial(contextvars.copy_context().run, fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
