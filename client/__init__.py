@@ -15,10 +15,16 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 import numpy as np
@@ -27,12 +33,14 @@ from protos import lethe_pb2 as pb
 from protos import lethe_pb2_grpc as pb_grpc
 from protos.tensors import from_tensor, to_tensor
 
-__all__ = ["JobFailedError", "LetheClient", "Prediction", "pb"]
+__all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "JobFailedError", "LetheClient", "Prediction", "pb"]
 
 #: Default bytes of input data per streamed chunk (well under the 16 MiB message limit).
 DEFAULT_CHUNK_BYTES = 1 << 20
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
+#: Formats :meth:`LetheClient.export` writes (``ExportFormat`` names in lower case).
+EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
 
 
 class JobFailedError(RuntimeError):
@@ -43,6 +51,31 @@ class JobFailedError(RuntimeError):
             f"job {job.id} ({pb.JobKind.Name(job.kind)} {job.task}) {pb.JobState.Name(job.state)}: {job.message}"
         )
         self.job = job
+
+
+class ExportError(RuntimeError):
+    """An exported file arrived incomplete or altered (size or SHA-256 not as the server announced)."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """An exported network written to disk.
+
+    Attributes:
+        path: the file.
+        bytes: its size.
+        sha256: hex SHA-256 of its content, as the server computed it and this client checked it.
+        model_version: the model version whose network it is.
+        input_shape: shape of one sample the network takes (the batch dimension comes first and is free).
+        format: one of :data:`EXPORT_FORMATS`.
+    """
+
+    path: Path
+    bytes: int
+    sha256: str
+    model_version: int
+    input_shape: tuple[int, ...]
+    format: str
 
 
 @dataclass(frozen=True)
@@ -235,6 +268,62 @@ class LetheClient:
         return Prediction(
             from_tensor(response.outputs), np.asarray(response.classes, dtype=np.int64), response.model_version
         )
+
+    def export(self, task: str | None, fmt: str, out: Path | str, *, timeout: float = 600.0) -> ExportResult:
+        """Write the network Predict serves for ``task`` to ``out`` in format ``fmt`` (admin; audited).
+
+        ``task`` is None for class-incremental strategies. The stream goes to a temporary file next to
+        ``out``, is checked against the size and SHA-256 the server announces, and is renamed over
+        ``out`` only then: ``out`` is never left half-written. The file is readable by its owner only
+        (mode 0600): it holds everything the model learned from the task's data.
+
+        Raises:
+            ValueError: ``fmt`` is not one of :data:`EXPORT_FORMATS`.
+            ExportError: the file did not arrive as announced (nothing is written to ``out``).
+            grpc.RpcError: the server refused (e.g. PERMISSION_DENIED without the admin scope).
+        """
+        if fmt not in EXPORT_FORMATS:
+            raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+        request = pb.ExportRequest(task=task or "", format=fmt.upper())
+        target = Path(out)
+
+        def download() -> ExportResult:
+            handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+            try:
+                with os.fdopen(handle, "wb") as file:
+                    result = self._receive_export(request, file, target, fmt, timeout)
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(temporary, target)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary)
+                raise
+            return result
+
+        return self._retry(download)  # type: ignore[return-value]
+
+    def _receive_export(
+        self, request: pb.ExportRequest, file: BinaryIO, target: Path, fmt: str, timeout: float
+    ) -> ExportResult:
+        digest = hashlib.sha256()
+        received, announced, version, shape, sha256 = 0, -1, 0, (), ""
+        for index, chunk in enumerate(self.stub.Export(request, metadata=self.metadata, timeout=timeout)):
+            if index == 0:
+                announced, version, shape = chunk.total_bytes, chunk.model_version, tuple(chunk.input_shape)
+            if chunk.data:
+                file.write(chunk.data)
+                digest.update(chunk.data)
+                received += len(chunk.data)
+            sha256 = chunk.sha256 or sha256
+        if received != announced:
+            raise ExportError(f"export of {target.name}: received {received} bytes, the server announced {announced}")
+        if not sha256 or digest.hexdigest() != sha256:
+            raise ExportError(
+                f"export of {target.name}: SHA-256 {digest.hexdigest()} differs from the server's "
+                f"{sha256 or '(none sent)'}"
+            )
+        return ExportResult(target, received, sha256, version, shape, fmt)
 
     # ---------------------------------------------------------------- jobs
     def job(self, job_id: str) -> pb.Job:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client import JobFailedError, LetheClient, pb
+from client import EXPORT_FORMATS, ExportError, JobFailedError, LetheClient, pb
 from client.audit import (
     certificate_file,
     head_from_message,
@@ -399,6 +399,21 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """``lethe export [--task T] --format F --out FILE``: the network Predict serves, checked and written atomically."""
+    with _client(args) as client:
+        try:
+            result = client.export(args.task or None, args.format, args.out)
+        except ExportError as exc:
+            print(f"lethe: {exc}", file=sys.stderr)
+            return 1
+    print(
+        f"wrote {result.path}: {result.bytes} bytes, sha256 {result.sha256}, model version {result.model_version}, "
+        f"{result.format}, input [n, {', '.join(map(str, result.input_shape))}]"
+    )
+    return 0
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     import hashlib
     import secrets
@@ -531,6 +546,25 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--principal", required=True)
     token.add_argument("--scopes", required=True, help="comma-separated: predict, learn, unlearn, admin")
     token.set_defaults(func=cmd_token)
+    export = sub.add_parser("export", help="write the network Predict serves for a task to a file (admin, audited)")
+    export.add_argument(
+        "--task",
+        default="",
+        metavar="T",
+        help="the task (task-incremental strategies); leave out for class-incremental ones",
+    )
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=EXPORT_FORMATS,
+        help="onnx (onnxruntime, Triton), torchscript (torch.jit.load) or safetensors (weights only: needs the "
+        "architecture)",
+    )
+    export.add_argument(
+        "--out", required=True, type=Path, metavar="FILE", help="the file to write (replaced atomically when complete)"
+    )
+    export.set_defaults(func=cmd_export)
+    _add_client_options(export)
     for p in (learn, unlearn, locate, predict, jobs, cancel, audit, proof, sub.choices["tasks"], sub.choices["model"]):
         _add_client_options(p)
 

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 from sqlalchemy import Engine
 
+from protos import inference as oip
 from server.audit_head import HEAD_FILE, AuditHeadPublisher, compare_with_database
 from server.audit_key import load_or_create_audit_key, write_public_key
 from server.config import Config
@@ -48,6 +49,7 @@ from server.rpc import (
 from server.rpc.auth import RefusalLog
 from server.rpc.batching import Batcher
 from server.rpc.guard import CallGuard
+from server.rpc.inference import InferenceServicer
 from server.rpc.predicting import PredictService, max_response_rows
 from server.rpc.server import HealthServicer, Keepalive
 from server.rpc.validation import SampleLimits
@@ -296,6 +298,7 @@ class App:
             ready=ready.is_set,
         )
         guard = CallGuard(telemetry)
+        inference = InferenceServicer(predictions, guard, server_version=__version__)
         servicer = LetheServicer(
             jobs,
             serving,
@@ -348,6 +351,8 @@ class App:
                 max_message_bytes=s.max_message_bytes,
                 keepalive=Keepalive(s.keepalive_time_s, s.keepalive_timeout_s, s.keepalive_min_ping_interval_s),
                 max_concurrent_rpcs=s.threads * 64,
+                extra_handlers=(inference.handler(),),
+                extra_services=(oip.SERVICE_NAME,),
                 credentials=server_credentials(c),
             )
         )

@@ -203,15 +203,17 @@ def _listening_target(process: subprocess.Popen[bytes], log: Path, timeout: floa
     raise TimeoutError(f"server printed no port after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def start_deployed(data_dir: Path, *settings: str, timeout: float = 120) -> DeployedServer:
+def start_deployed(data_dir: Path, *settings: str, timeout: float = 120, auth: bool = False) -> DeployedServer:
     """Start ``lethe serve`` as a user would, in a fresh process: every setting at its default except
-    ``--no-auth`` (every scope), port 0, a free metrics port, SQLite under ``data_dir``, and ``settings``
-    (``"model.seed=1"``, ... passed as ``--set``). No ``LETHE_*`` variable of the test's environment reaches
-    it; torch threads, width, epochs and strategy are the defaults. Wait until it serves."""
+    ``--no-auth`` (every scope; with ``auth`` authentication stays on and ``settings`` name the tokens),
+    port 0, a free metrics port, SQLite under ``data_dir``, and ``settings`` (``"model.seed=1"``, ... passed
+    as ``--set``). No ``LETHE_*`` variable of the test's environment reaches it; torch threads, width,
+    epochs and strategy are the defaults. Wait until it serves."""
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / "server.log"
     args = [sys.executable, "-m", "server", "--data-dir", str(data_dir), "--port", "0", "--metrics-port", "0"]
-    args.append("--no-auth")
+    if not auth:
+        args.append("--no-auth")
     for setting in settings:
         args += ["--set", setting]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LETHE_")} | {"PYTHONUNBUFFERED": "1"}
@@ -244,9 +246,11 @@ def stop_deployed(server: DeployedServer) -> None:
 
 
 @contextlib.contextmanager
-def deployed_server(data_dir: Path, *settings: str, timeout: float = 120) -> Iterator[DeployedServer]:
+def deployed_server(
+    data_dir: Path, *settings: str, timeout: float = 120, auth: bool = False
+) -> Iterator[DeployedServer]:
     """:func:`start_deployed` for the duration of a ``with`` block."""
-    server = start_deployed(data_dir, *settings, timeout=timeout)
+    server = start_deployed(data_dir, *settings, timeout=timeout, auth=auth)
     try:
         yield server
     finally:

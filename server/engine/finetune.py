@@ -24,6 +24,7 @@ import torch.nn.functional as F  # noqa: N812 - the conventional alias
 from torch import nn
 
 from server.engine.backbones import build_backbone, detach_head
+from server.engine.networks import standalone, with_mask
 from server.engine.protocol import (
     LearnOptions,
     Progress,
@@ -135,6 +136,29 @@ class FinetunePredictor:
                 logits = F.linear(features, weight.to(self._device), bias.to(self._device))
             logits = mask_logits(logits, self._masks[task])
         return logits.to("cpu", torch.float32)
+
+    def network(self, task: str | None) -> nn.Module:
+        """The network :meth:`predict` serves for ``task``: the trunk with the task's head put back.
+
+        A CPU float32 eval-mode backbone (the head under the backbone's ``head_name``, so its state
+        dict reads like a fresh backbone's), wrapped in ``MaskedLogits`` when the task has not seen
+        every class.
+
+        Raises:
+            ValueError: if ``task`` is ``None``.
+            UnknownTaskError: if the task was never learned.
+            UnlearnedTaskError: if the task was unlearned.
+        """
+        if task is None:
+            raise ValueError("strategy 'finetune' is task-incremental: a network needs a task name")
+        head = self._heads.get(task)
+        if head is None:
+            if task in self._unlearned:
+                raise UnlearnedTaskError(f"task {task!r} was unlearned")
+            raise UnknownTaskError(f"task {task!r} was never learned")
+        network = standalone(self._trunk)  # a private copy: nn.Identity under head_name, put the head back
+        setattr(network, str(self._trunk.head_name), standalone(head))
+        return with_mask(network, self._masks[task])
 
 
 class FinetuneStrategy:

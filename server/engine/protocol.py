@@ -121,6 +121,19 @@ class Predictor(Protocol):
         """
         ...
 
+    # Optional capability (not part of the protocol's required members, looked up with getattr):
+    #
+    #     def network(self, task: str | None) -> torch.nn.Module
+    #
+    # The network ``predict`` serves for ``task``, as a standalone module (export, DESIGN.md
+    # section 9): CPU, float32, eval mode, gradients off, sharing no tensor with the snapshot, whose
+    # ``forward(x)`` for float32 ``x`` ``[n, *input_shape]`` returns the logits ``predict(task, x)``
+    # returns, ``-inf`` at the classes a task never saw included (``networks.MaskedLogits``). No
+    # generator inside: a hypernetwork strategy bakes the task's generated weights into a plain
+    # backbone. Same rules as ``predict`` without ``allow_unlearned``: ``ValueError`` for a missing or
+    # superfluous task, :class:`UnknownTaskError`, :class:`UnlearnedTaskError`. Called from gRPC
+    # threads: it reads only the snapshot's immutable state. A predictor without it cannot be exported.
+
 
 @runtime_checkable
 class Strategy(Protocol):

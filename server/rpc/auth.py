@@ -41,6 +41,7 @@ METHOD_SCOPES: dict[str, str] = {
     "GetAuditHead": "admin",  # as ListAuditEvents: the head is checked against the events
     "GetForgettingCertificate": "admin",
     "LocateSamples": "admin",
+    "Export": "admin",  # takes the model out of the server's control; audited
     "GetJob": "any",
     "WatchJob": "any",
     "ListJobs": "any",
@@ -48,7 +49,6 @@ METHOD_SCOPES: dict[str, str] = {
     "ListTasks": "any",
     "GetModel": "any",
     "ListEvaluations": "any",
-    "Export": "admin",
 }
 
 

@@ -8,6 +8,7 @@ deadline passed is counted as CANCELLED / DEADLINE_EXCEEDED, never as a server e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
@@ -82,5 +83,7 @@ async def run_blocking(executor: Executor, fn: Callable[..., R], *args: Any) -> 
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
-        await asyncio.wait([future])
+        while not future.done():  # gRPC may cancel a call's task more than once
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([future])
         raise

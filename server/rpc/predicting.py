@@ -108,7 +108,7 @@ class PredictService:
                 )
             if allow_unlearned:
                 raise InvalidArgumentError("allow_unlearned", "applies only to task-incremental strategies")
-            self._predictor_or_refusal(None)
+            self.answering_model(None)
             return Target(None)
         name = task_name(task, field)
         state = self.serving.task_state(name)
@@ -125,7 +125,7 @@ class PredictService:
             if not principal.has("admin"):
                 raise PermissionDeniedError("allow_unlearned needs the 'admin' scope")
             return Target(name, allow_unlearned=True, audited_principal=principal.name)
-        self._predictor_or_refusal(name)
+        self.answering_model(name)
         return Target(name)
 
     def servable_tasks(self) -> list[str]:
@@ -148,7 +148,8 @@ class PredictService:
         return Prediction(logits, version)
 
     # ------------------------------------------------------------- on the executor
-    def _predictor_or_refusal(self, task: str | None) -> Predictor:
+    def answering_model(self, task: str | None) -> Predictor:
+        """The model Predict answers ``task`` from now (checked again: an Unlearn may have been accepted)."""
         answering = self.serving.answering()
         predictor = answering.predictor
         if predictor is None and answering.forgetting:
@@ -169,7 +170,7 @@ class PredictService:
     def _forward(self, key: tuple[str | None, bool], inputs: np.ndarray) -> tuple[np.ndarray, int]:
         """One forward pass for one key (task, allow_unlearned): the answering model, checked again."""
         task, allow_unlearned = key
-        predictor = self._predictor_or_refusal(None if allow_unlearned else task)
+        predictor = self.answering_model(None if allow_unlearned else task)
         writable = np.require(inputs, requirements="W")  # torch wants a writable buffer; a copy if read-only
         try:
             logits = predictor.predict(task, torch.from_numpy(writable), allow_unlearned=allow_unlearned)

@@ -24,6 +24,7 @@ from grpc import aio
 from protos import lethe_pb2 as pb
 from protos import lethe_pb2_grpc as pb_grpc
 from protos.tensors import NUMPY_DTYPES, to_tensor
+from server import export
 from server.engine.protocol import LearnOptions
 from server.errors import (
     FailedPreconditionError,
@@ -55,6 +56,8 @@ MAX_SEQ = 2**31 - 1
 _WATCH_MIN_INTERVAL = 0.1
 #: Seconds after which a watch reads its job again even when nothing was announced.
 _WATCH_REFRESH = 5.0
+#: Seconds a Learn stream's end waits for a cancellation racing it (see :func:`_ended_early`).
+_END_OF_STREAM_GRACE = 0.05
 #: Predict inputs smaller than this are decoded on the event loop (a few microseconds); larger ones on the executor.
 _DECODE_ON_LOOP_BYTES = 256 * 1024
 
@@ -141,20 +144,24 @@ class LetheServicer(pb_grpc.LetheServicer):
         existing = await run_blocking(self.executor, self.jobs.check_learn, submission)
         if existing is not None:
             return job_message(existing)
-        stream = await run_blocking(self.executor, LearnStream, self.jobs, submission)
+        # Opened on the loop (a file create): no await between it and the try that cleans it up.
+        stream = LearnStream(self.jobs, submission)
         received = _Received()
         try:
             index = 0
             async for message in requests:
                 index += 1
                 await run_blocking(self.executor, self._chunk, stream, index, message, received)
+            # A cancelled stream ends the iterator like a complete one; its cancellation follows within
+            # a millisecond. Give it time to arrive (as CancelledError, here) before anything is recorded.
+            await asyncio.sleep(_END_OF_STREAM_GRACE)
             if stream.samples < 2:
                 raise InvalidArgumentError(
                     "chunk", f"the stream must carry at least 2 samples (a probe set is held out), got {stream.samples}"
                 )
-            principal = current_principal().name
+            principal, handler = current_principal().name, asyncio.current_task()
             job = await run_blocking(
-                self.executor, lambda: stream.submit(principal, ended_early=lambda: _ended_early(context))
+                self.executor, lambda: stream.submit(principal, ended_early=lambda: _ended_early(context, handler))
             )
         except BaseException as exc:
             await run_blocking(self.executor, stream.__exit__, type(exc), exc, exc.__traceback__)
@@ -427,6 +434,36 @@ class LetheServicer(pb_grpc.LetheServicer):
 
         return await self._unary("ListEvaluations", context, body)
 
+    # ----------------------------------------------------------------- Export
+    async def Export(self, request: pb.ExportRequest, context: aio.ServicerContext) -> AsyncIterator[pb.ExportChunk]:
+        """The network Predict serves for a task, as a file (admin; audited as ``model.exported``)."""
+        async with self.guard("Export", context):
+            target = self.predictions.target(request.task, current_principal())  # as Predict: same refusals
+            exported = await run_blocking(self.executor, self._export, target.task, request.format)
+            for chunk in exported.chunks():
+                yield chunk
+
+    def _export(self, task: str | None, requested: int) -> export.ExportedNetwork:
+        fmt = export.format_of(requested)
+        exported = export.export_network(
+            self.predictions.answering_model(task),
+            task=task,
+            fmt=fmt,
+            input_shape=self.model.input_shape,
+            strategy=self.model.strategy,
+            backbone=self.model.backbone,
+        )
+        self.jobs.audit(
+            current_principal().name,
+            "model.exported",
+            task=task or "",
+            format=fmt,
+            model_version=exported.model_version,
+            sha256=exported.sha256,
+            bytes=len(exported.data),
+        )
+        return exported
+
 
 @dataclass
 class _Received:
@@ -435,13 +472,16 @@ class _Received:
     wire_bytes: int = 0
 
 
-def _ended_early(context: aio.ServicerContext) -> bool:
-    """Whether the client cancelled the call or its deadline passed.
+def _ended_early(context: aio.ServicerContext, handler: asyncio.Task[Any] | None) -> bool:
+    """Whether the client cancelled the call or its deadline passed (asked from the executor).
 
-    A client stream that is cancelled half-way can end the request iterator exactly like a complete
-    one (grpc/grpc#33038); the cancellation itself is delivered moments later. Asked after the spool's
-    fsync, this tells the two apart, so a truncated stream is never recorded as a job.
+    When a client cancels a stream half-way, or its deadline passes, the request iterator ends exactly
+    like a complete stream (grpc/grpc#33038); the cancellation reaches the handler's task moments later
+    (well under a millisecond on the event loop). Asked after the spool's fsync, this tells the two
+    apart, so a truncated stream is never recorded as a job.
     """
+    if handler is not None and handler.cancelling():
+        return True
     remaining = context.time_remaining()
     return context.done() or context.cancelled() or (remaining is not None and remaining <= 0)
 

@@ -327,6 +327,38 @@ class StrategyConformance:
         with pytest.raises(UnknownTaskError):
             h.strategy.unlearn("never-learned", h.strategy.unlearn_methods[0], no_progress, {})
 
+    # -- export (the optional ``network`` verb) ------------------------------------------------
+
+    def test_network_answers_as_predict(self) -> None:
+        h = self.harness()
+        if getattr(h.strategy.predictor(), "network", None) is None:
+            pytest.skip(f"{self.strategy_name}'s predictor has no network verb (cannot be exported)")
+        h.learn(TASK_A)
+        h.learn(TASK_B)
+        predictor = h.strategy.predictor()
+        incremental = h.strategy.task_incremental
+        for task in (TASK_A, TASK_B) if incremental else (None,):
+            network = predictor.network(task)  # type: ignore[attr-defined]
+            assert isinstance(network, torch.nn.Module) and not network.training
+            assert all(t.device.type == "cpu" for t in network.state_dict().values())
+            assert all(p.dtype == torch.float32 and not p.requires_grad for p in network.parameters())
+            probe = digits_tasks()[task or TASK_A].probe.inputs
+            expected = predictor.predict(task, probe)
+            with torch.no_grad():
+                assert torch.equal(network(probe), expected), f"{task}: the network answers otherwise than predict"
+                for parameter in network.parameters():  # a private copy: changing it changes nothing served
+                    parameter.add_(1.0)
+            assert torch.equal(predictor.predict(task, probe), expected)
+        with pytest.raises(ValueError):
+            predictor.network(None if incremental else TASK_A)  # type: ignore[attr-defined]
+        if not incremental:
+            return
+        with pytest.raises(UnknownTaskError):
+            predictor.network("never-learned")  # type: ignore[attr-defined]
+        h.unlearn(TASK_A)
+        with pytest.raises(UnlearnedTaskError):
+            h.strategy.predictor().network(TASK_A)  # type: ignore[attr-defined]
+
     # -- concurrency ----------------------------------------------------------------------------
 
     def test_predictor_is_an_immutable_snapshot_under_concurrent_use(self) -> None:

@@ -1302,7 +1302,10 @@ def auth_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthEnv]:
     tmp = tmp_path_factory.mktemp("bad-auth")
     tokens = [f"{name}:{hash_token(name + '-token')}:{scope}" for name, scope in TOKENS.items()]
     config = make_config(
-        tmp / "data", f"sqlite:///{tmp / 'lethe.db'}", **{**LIMITS, "auth.enabled": True, "auth.tokens": tokens}
+        tmp / "data",
+        f"sqlite:///{tmp / 'lethe.db'}",
+        # Every refusal audited (the default audits 10 a minute; test_edge covers the rate limit).
+        **{**LIMITS, "auth.enabled": True, "auth.tokens": tokens, "audit.denied_per_minute": 1000},
     )
     with running_app(config, token="root-token") as running:
         client = running.client
@@ -1337,12 +1340,12 @@ AUTH_CASES: list[tuple[str, str | None, grpc.StatusCode, str, Callable[[AuthEnv,
         True,
     ),
     (
-        "learn-lowercase-scheme",
+        "learn-basic-scheme",
         None,
         grpc.StatusCode.UNAUTHENTICATED,
         "authorization: Bearer",
         lambda env, md: env.stub.Learn(
-            iter([learn_header()]), metadata=(("authorization", "bearer root-token"),), timeout=30
+            iter([learn_header()]), metadata=(("authorization", "Basic root-token"),), timeout=30
         ),
         True,
     ),
@@ -1437,6 +1440,10 @@ def test_refused_without_a_token_or_scope_and_only_audited(
     assert refused.value.code() == code, refused.value.details()
     assert fragment in (refused.value.details() or "")
     after = auth_env.snapshot()
+    deadline = time.monotonic() + 10
+    while after.audit_events < before.audit_events + int(audited) and time.monotonic() < deadline:
+        time.sleep(0.05)  # a refusal's audit row is written off the event loop
+        after = auth_env.snapshot()
     assert after.audit_events == before.audit_events + int(audited)
     if audited:
         assert auth_env.running.client.audit_events()[-1].action == "auth.denied"

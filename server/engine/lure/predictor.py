@@ -8,6 +8,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from server.engine.networks import standalone
+
 
 class LurePredictor:
     """An eval-mode deep copy of the network at one model version.
@@ -74,3 +76,13 @@ class LurePredictor:
                 for s in range(0, len(inputs), self._batch_size)
             ]
         return torch.cat(chunks)
+
+    def network(self, task: str | None) -> nn.Module:
+        """The network :meth:`predict` serves: a private CPU float32 eval-mode copy (no logit is masked).
+
+        Raises:
+            ValueError: ``task`` is not ``None``.
+        """
+        if task is not None:
+            raise ValueError(f"task must be empty for the class-incremental lure strategy, got {task!r}")
+        return standalone(self._model)

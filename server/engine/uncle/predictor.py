@@ -12,6 +12,7 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
+from server.engine.networks import standalone_from_state
 from server.engine.protocol import UnknownTaskError, UnlearnedTaskError
 from server.engine.training import check_predict_inputs
 from server.engine.uncle.hypernetwork import ChunkedHypernetwork
@@ -160,6 +161,23 @@ class UnclePredictor:
         if unseen is not None:
             logits = logits.masked_fill(unseen, float("-inf"))
         return logits.to("cpu", torch.float32)
+
+    def network(self, task: str | None) -> nn.Module:
+        """The network :meth:`predict` serves for ``task``, with its generated weights baked in.
+
+        A plain backbone (no hypernetwork inside) holding the task's generated parameters and
+        BatchNorm statistics, CPU float32, eval mode; wrapped in ``MaskedLogits`` when the task has
+        not seen every class, so its logits equal :meth:`predict`'s, ``-inf`` included.
+
+        Raises:
+            ValueError: if ``task`` is ``None``.
+            UnknownTaskError: if the task was never learned.
+            UnlearnedTaskError: if the task was unlearned.
+        """
+        generated = self._generated(task, allow_unlearned=False)
+        assert task is not None  # _generated refuses None
+        served = self._tasks[task]
+        return standalone_from_state(self._template, {**generated.parameters, **served.buffers}, served.mask)
 
     def parameters_for(self, task: str, *, allow_unlearned: bool = False) -> Mapping[str, torch.Tensor]:
         """The generated backbone parameters of ``task`` at this version.

@@ -1,0 +1,122 @@
+"""Dynamic batching: passes never mix keys, respect the row limit, keep request order, never split a
+request, hand every request its own rows, and share a pass's error. The forward pass here records what
+it was given and computes a function of its rows, so a wrong slice shows."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+
+from server.rpc.batching import Batcher
+
+
+class Recorder:
+    """A forward pass: logits = [row sum, key marker]; remembers each pass; can be slowed or fail."""
+
+    def __init__(self, delay: float = 0.05, fail_key: Any = None) -> None:
+        self.passes: list[tuple[Any, int]] = []
+        self.delay = delay
+        self.fail_key = fail_key
+        self.lock = threading.Lock()
+
+    def __call__(self, key: Any, inputs: np.ndarray) -> tuple[np.ndarray, int]:
+        with self.lock:
+            self.passes.append((key, len(inputs)))
+        threading.Event().wait(self.delay)
+        if key == self.fail_key:
+            raise RuntimeError(f"pass of {key} failed")
+        marker = np.full((len(inputs), 1), hash(key) % 1000, dtype=np.float32)
+        return np.concatenate([inputs.sum(axis=1, keepdims=True), marker], axis=1), 7
+
+
+def _rows(start: int, n: int) -> np.ndarray:
+    return np.arange(start, start + n, dtype=np.float32).reshape(n, 1) * np.ones((1, 3), dtype=np.float32)
+
+
+async def _submit_all(batcher: Batcher, requests: list[tuple[Any, np.ndarray]]) -> list[Any]:
+    return await asyncio.gather(*(batcher.submit(k, x) for k, x in requests), return_exceptions=True)
+
+
+def _run(max_batch_size: int, requests: list[tuple[Any, np.ndarray]], recorder: Recorder, delay_ms: float = 0.0):  # type: ignore[no-untyped-def]
+    with ThreadPoolExecutor(4) as executor:
+        batcher = Batcher(executor, max_batch_size=max_batch_size, max_batch_delay_ms=delay_ms)
+        batcher.forward = recorder
+        return asyncio.run(_submit_all(batcher, requests))
+
+
+def test_every_request_gets_its_own_rows_and_keys_are_never_mixed() -> None:
+    requests = [(("a", False) if i % 2 else ("b", False), _rows(10 * i, 1 + i % 3)) for i in range(24)]
+    recorder = Recorder()
+    results = _run(8, requests, recorder)
+    for (key, x), (logits, version) in zip(requests, results, strict=True):
+        assert version == 7
+        np.testing.assert_array_equal(logits[:, 0], x.sum(axis=1))
+        assert np.all(logits[:, 1] == hash(key) % 1000)
+    assert all(rows <= 8 for _, rows in recorder.passes)
+    assert len(recorder.passes) < len(requests)  # requests really were joined
+    assert sum(rows for _, rows in recorder.passes) == sum(len(x) for _, x in requests)
+
+
+def test_a_request_larger_than_the_limit_runs_alone_and_whole() -> None:
+    recorder = Recorder()
+    big = _rows(0, 20)
+    results = _run(8, [("k", _rows(100, 2)), ("k", big), ("k", _rows(200, 3))], recorder)
+    assert ("k", 20) in recorder.passes
+    np.testing.assert_array_equal(results[1][0][:, 0], big.sum(axis=1))
+
+
+def test_an_error_reaches_every_request_of_its_pass_and_no_other_key() -> None:
+    recorder = Recorder(fail_key="bad")
+    results = _run(64, [("bad", _rows(0, 2)), ("bad", _rows(5, 2)), ("good", _rows(9, 2))], recorder)
+    assert isinstance(results[0], RuntimeError) and isinstance(results[1], RuntimeError)
+    np.testing.assert_array_equal(results[2][0][:, 0], _rows(9, 2).sum(axis=1))
+
+
+def test_size_one_turns_batching_off() -> None:
+    recorder = Recorder(delay=0.01)
+    _run(1, [("k", _rows(i, 2)) for i in range(6)], recorder)
+    assert sorted(rows for _, rows in recorder.passes) == [2] * 6
+
+
+def test_a_delay_gathers_requests_that_arrive_after_the_first() -> None:
+    recorder = Recorder(delay=0.0)
+
+    async def staggered(batcher: Batcher) -> list[Any]:
+        async def late(i: int) -> Any:
+            await asyncio.sleep(0.005 * i)
+            return await batcher.submit("k", _rows(i, 1))
+
+        return await asyncio.gather(*(late(i) for i in range(5)))
+
+    with ThreadPoolExecutor(2) as executor:
+        batcher = Batcher(executor, max_batch_size=64, max_batch_delay_ms=200)
+        batcher.forward = recorder
+        results = asyncio.run(staggered(batcher))
+    assert recorder.passes == [("k", 5)]
+    assert [r[0][0, 0] for r in results] == [3.0 * i for i in range(5)]
+
+
+@pytest.mark.parametrize("delay_ms", [0.0, 5.0])
+def test_a_cancelled_request_is_dropped_without_disturbing_the_others(delay_ms: float) -> None:
+    recorder = Recorder(delay=0.05)
+
+    async def scenario(batcher: Batcher) -> list[Any]:
+        first = asyncio.ensure_future(batcher.submit("k", _rows(0, 1)))
+        await asyncio.sleep(0.01)  # the first pass is running
+        gone = asyncio.ensure_future(batcher.submit("k", _rows(1, 1)))
+        kept = asyncio.ensure_future(batcher.submit("k", _rows(2, 1)))
+        await asyncio.sleep(0)
+        gone.cancel()
+        return [await first, await kept]
+
+    with ThreadPoolExecutor(2) as executor:
+        batcher = Batcher(executor, max_batch_size=64, max_batch_delay_ms=delay_ms)
+        batcher.forward = recorder
+        _, kept = asyncio.run(scenario(batcher))
+    assert kept[0][0, 0] == 6.0
+    assert sum(rows for _, rows in recorder.passes) == 2  # the cancelled row never reached the model
