@@ -6,10 +6,10 @@ its own under :data:`benchmarks.servers.CACHE_DIR` with ``uv``; later runs reuse
 
 - **The model.** A Lethe server (``finetune``, the default ``mlp`` backbone, 2×256 on ``[1,8,8]``)
   learns the digits (all 10 classes, as one task named :data:`MODEL`). The state dict of the network
-  it serves for that task (its trunk with the task's head) goes into a temporary MLServer model
-  repository with a small custom runtime (:data:`RUNTIME`): a torch MLP with the same modules, so
-  both servers run the same forward pass on the same weights; the benchmark checks that their logits
-  agree on the same batch.
+  it serves for that task, exported by Lethe itself (the Export RPC, safetensors), goes into a
+  temporary MLServer model repository with a small custom runtime (:data:`RUNTIME`): a torch MLP
+  with the same modules, so both servers run the same forward pass on the same weights; the
+  benchmark checks that their logits agree on the same batch.
 - **Servers**, each a subprocess of its own (:mod:`benchmarks.servers`), all running during the
   throughput measurements: Lethe with dynamic batching off (``server.max_batch_size=1``), on (the
   default 64, no added delay) and on with ``server.max_batch_delay_ms=2``; MLServer at its defaults
@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -282,17 +282,18 @@ LETHE_CONFIGS: dict[str, dict[str, Any]] = {
 LETHE_BASE = {"model.strategy": "finetune", "model.device": "cpu", "server.metrics_port": 0}
 
 
-def served_state(data_dir: Path, task: str) -> dict[str, Any]:
-    """The state dict of the network Lethe serves for ``task``: its latest checkpoint's trunk and the task's head."""
-    from server.checkpoints import CheckpointStore
+def export_weights(lethe: LetheServer, task: str, out: Path) -> Path:
+    """The state dict of the network Lethe serves for ``task``, through its Export RPC, saved for torch.load.
 
-    checkpoint = CheckpointStore(data_dir.resolve()).load_latest()
-    if checkpoint is None:
-        raise RuntimeError("the Lethe server wrote no checkpoint")
-    state = checkpoint.strategy_state
-    network = dict(state["trunk"])
-    network.update({f"head.{name}": value for name, value in state["heads"][task].items()})
-    return network
+    Lethe exports safetensors (its ``lethe export --format safetensors``); the runtime loads a plain
+    ``torch.save`` file, so MLServer's environment needs nothing but torch.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    exported = lethe.client.export(task, "safetensors", out.with_suffix(".safetensors"))
+    torch.save(load_file(str(exported.path)), out)
+    return out
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
@@ -496,12 +497,9 @@ def measure_all(settings: PeerSettings, options: RunOptions) -> PeerMeasurements
         try:
             learned.client.wait(learned.client.learn(MODEL, inputs, labels, epochs=settings.epochs).id, timeout=900)
             reference = learned.client.predict(MODEL, inputs[:64]).outputs
+            weights = export_weights(learned, MODEL, root / "weights.pt")
         finally:
             stop_lethe(learned)
-        import torch
-
-        weights = root / "weights.pt"
-        torch.save(served_state(root / "learn" / "data", MODEL), weights)
 
         with (
             _lethe_servers(root, root / "learn" / "data", options) as lethes,
@@ -594,6 +592,20 @@ def run(options: RunOptions, settings: PeerSettings | None = None) -> BenchmarkR
                             goal,
                         )
                     )
+    for rows, threads in settings.workloads:
+        for protocol, protocol_name in protocols:
+            ours = _best_per_repetition(m.rates, LETHE_CONFIGS, protocol, rows, threads)
+            theirs = _best_per_repetition(m.rates, [c.label for c in MLSERVER_CONFIGS], "oip", rows, threads)
+            result.comparisons.append(
+                compare(
+                    f"{rows} row(s) × {threads} thread(s): Lethe's best configuration, {protocol_name}",
+                    "rows/s",
+                    "MLServer's best configuration, ModelInfer",
+                    theirs,
+                    ours,
+                    GOAL_PARITY,
+                )
+            )
     ready_rows = [[name, Summary.of(values).format(2)] for name, values in m.ready.items()]
     result.tables.append(
         ("Time to ready (s): process start to ready, median (range)", ["server", "seconds"], ready_rows)
@@ -619,6 +631,14 @@ def run(options: RunOptions, settings: PeerSettings | None = None) -> BenchmarkR
         result.notes.append("Lethe answered ModelInfer with UNIMPLEMENTED: only its Predict was measured.")
     result.seconds = total.seconds
     return result
+
+
+def _best_per_repetition(
+    rates: Mapping[str, list[float]], servers: Iterable[str], protocol: str, rows: int, threads: int
+) -> list[float]:
+    """Repetition by repetition, the highest rate of any of ``servers`` on this workload."""
+    series = [rates[_key(server, protocol, rows, threads)] for server in servers]
+    return [max(values) for values in zip(*series, strict=True)]
 
 
 def version_of_mlserver() -> str:
