@@ -38,6 +38,7 @@ evaluation/commit phase ≤ 2 × idle p99.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -51,13 +52,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from benchmarks.report import BenchmarkResult, RunOptions, machine_info, machine_summary, now_utc, result_markdown
 from benchmarks.servers import lethe_server
 from benchmarks.timing import Stopwatch, compare
-from client import LetheClient
+from client import FailedPreconditionError, LetheClient, LetheError
 from client.datasets import load_digits
 from protos import lethe_pb2 as pb
 from server.config import TrainingSection
@@ -290,11 +290,8 @@ def settle(client: LetheClient, job: pb.Job) -> None:
     arrives: CancelJob refuses it (today) or cancels the running job (once running jobs can be
     cancelled). Either way the next call starts on an idle server.
     """
-    try:
+    with contextlib.suppress(FailedPreconditionError):  # already over
         job = client.cancel(job.id)
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
-            raise
     if job.state not in TERMINAL:
         client.wait(job.id, timeout=600, check=False)
 
@@ -325,10 +322,11 @@ class Canceller:
             try:
                 if self._client.cancel(job_id).state in TERMINAL:
                     continue
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                    self._error = exc
-                    return
+            except FailedPreconditionError:
+                pass
+            except LetheError as exc:
+                self._error = exc
+                return
             self.pending.append(job_id)
 
     def close(self) -> list[str]:

@@ -36,7 +36,7 @@ import numpy as np
 from benchmarks.report import BenchmarkResult, RunOptions
 from benchmarks.servers import bare_server, lethe_server
 from benchmarks.timing import Stopwatch, compare, interleaved
-from client import DEFAULT_CHUNK_BYTES, LetheClient
+from client import DEFAULT_CHUNK_BYTES, FailedPreconditionError, LetheClient
 from protos import lethe_pb2 as pb
 from protos.tensors import from_tensor, to_tensor
 from server.config import ServerSection
@@ -104,9 +104,7 @@ def _settle(client: LetheClient, job: pb.Job) -> None:
     """Make sure the job's training cannot overlap the next measurement: cancel it, or wait for it."""
     try:
         client.cancel(job.id)
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:  # already running or done
-            raise
+    except FailedPreconditionError:  # already running or done
         client.wait(job.id, timeout=600, check=False)
 
 

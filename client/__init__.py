@@ -11,6 +11,16 @@ Example::
         lethe.wait(job.id)
         classes = lethe.predict("digits-01", digits.inputs[:5]).classes
         lethe.wait(lethe.unlearn("digits-01", reason="customer request").id)
+
+Failed calls raise the typed exceptions of :mod:`client.errors` (all subclasses of
+:class:`client.errors.LetheError`), never ``grpc.RpcError``::
+
+    try:
+        lethe.learn("digits-01", digits.inputs, digits.labels)
+    except AlreadyExistsError:
+        ...  # the name is taken: task names are never reused
+    except InvalidArgumentError as error:
+        print(error.field_violations)  # [("chunk[1].labels.data", "labels must be in [0, 10), got 12")]
 """
 
 from __future__ import annotations
@@ -23,28 +33,72 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import grpc
 import numpy as np
 
+from client.errors import (
+    AlreadyExistsError,
+    CallCancelledError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    LetheError,
+    NotFoundError,
+    OutOfRangeError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+    from_rpc_error,
+)
 from protos import lethe_pb2 as pb
 from protos import lethe_pb2_grpc as pb_grpc
 from protos.tensors import from_tensor, to_tensor
 
-__all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "JobFailedError", "LetheClient", "Prediction", "pb"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "AlreadyExistsError",
+    "CallCancelledError",
+    "DeadlineExceededError",
+    "ExportError",
+    "ExportResult",
+    "FailedPreconditionError",
+    "InternalError",
+    "InvalidArgumentError",
+    "JobFailedError",
+    "LetheClient",
+    "LetheError",
+    "NotFoundError",
+    "OutOfRangeError",
+    "PermissionDeniedError",
+    "Prediction",
+    "ResourceExhaustedError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "from_rpc_error",
+    "pb",
+]
+T = TypeVar("T")
 
 #: Default bytes of input data per streamed chunk (well under the 16 MiB message limit).
 DEFAULT_CHUNK_BYTES = 1 << 20
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_RETRYABLE = (UnavailableError, DeadlineExceededError)
+#: Longest pause between retries, whatever the server's RetryInfo asks.
+_MAX_RETRY_DELAY = 5.0
 _TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
 #: Formats :meth:`LetheClient.export` writes (``ExportFormat`` names in lower case).
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
 
 
 class JobFailedError(RuntimeError):
-    """A waited-for job ended FAILED or CANCELLED."""
+    """A waited-for job ended FAILED or CANCELLED (the call itself succeeded: not a :class:`LetheError`)."""
 
     def __init__(self, job: pb.Job) -> None:
         super().__init__(
@@ -98,6 +152,8 @@ class LetheClient:
         retries: attempts for calls that fail with UNAVAILABLE (Learn and Unlearn reuse one idempotency key,
             so a retry never creates a second job).
         timeout: seconds for each unary call.
+
+    Every method raises :class:`client.errors.LetheError` subclasses for failed calls.
     """
 
     def __init__(
@@ -136,16 +192,25 @@ class LetheClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _retry(self, call: Callable[[], object]) -> object:
+    @staticmethod
+    def _call(call: Callable[[], T]) -> T:
+        """One call; a failure raises its typed :class:`LetheError`."""
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    def _retry(self, call: Callable[[], T]) -> T:
+        """:meth:`_call`, again after UNAVAILABLE or DEADLINE_EXCEEDED (waiting at least the server's RetryInfo)."""
         delay = 0.2
-        for attempt in range(self.retries):
+        for attempt in range(max(self.retries, 1)):
             try:
-                return call()
-            except grpc.RpcError as exc:
-                if exc.code() not in _RETRYABLE or attempt == self.retries - 1:
+                return self._call(call)
+            except _RETRYABLE as exc:
+                if attempt >= self.retries - 1:
                     raise
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                time.sleep(min(max(delay, exc.retry_after or 0.0), _MAX_RETRY_DELAY))
+                delay = min(delay * 2, _MAX_RETRY_DELAY)
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------ learning
@@ -206,16 +271,14 @@ class LetheClient:
                 if progress is not None:
                     progress(stop, len(labels))
 
-        return self._retry(lambda: self.stub.Learn(stream(), metadata=self.metadata))  # type: ignore[return-value]
+        return self._retry(lambda: self.stub.Learn(stream(), metadata=self.metadata))
 
     def unlearn(self, task: str, *, reason: str = "", method: str = "", idempotency_key: str | None = None) -> pb.Job:
         """Ask the server to forget ``task``; return the unlearn job."""
         request = pb.UnlearnRequest(
             task=task, reason=reason, method=method, idempotency_key=idempotency_key or uuid.uuid4().hex
         )
-        return self._retry(  # type: ignore[return-value]
-            lambda: self.stub.Unlearn(request, metadata=self.metadata, timeout=self.timeout)
-        )
+        return self._retry(lambda: self.stub.Unlearn(request, metadata=self.metadata, timeout=self.timeout))
 
     def forget_samples(
         self,
@@ -232,16 +295,12 @@ class LetheClient:
             sample_ids=list(sample_ids),
             idempotency_key=idempotency_key or uuid.uuid4().hex,
         )
-        return self._retry(  # type: ignore[return-value]
-            lambda: self.stub.Unlearn(request, metadata=self.metadata, timeout=self.timeout)
-        )
+        return self._retry(lambda: self.stub.Unlearn(request, metadata=self.metadata, timeout=self.timeout))
 
     def locate(self, sample_ids: Sequence[str]) -> pb.LocateSamplesResponse:
         """Which tasks hold these sample ids, and how many no task holds (admin)."""
         request = pb.LocateSamplesRequest(sample_ids=list(sample_ids))
-        return self._retry(  # type: ignore[return-value]
-            lambda: self.stub.LocateSamples(request, metadata=self.metadata, timeout=self.timeout)
-        )
+        return self._retry(lambda: self.stub.LocateSamples(request, metadata=self.metadata, timeout=self.timeout))
 
     # ---------------------------------------------------------- prediction
     def predict(
@@ -262,7 +321,7 @@ class LetheClient:
             return_probabilities=probabilities,
             allow_unlearned=allow_unlearned,
         )
-        response: pb.PredictResponse = self._retry(  # type: ignore[assignment]
+        response: pb.PredictResponse = self._retry(
             lambda: self.stub.Predict(request, metadata=self.metadata, timeout=self.timeout)
         )
         return Prediction(
@@ -280,7 +339,7 @@ class LetheClient:
         Raises:
             ValueError: ``fmt`` is not one of :data:`EXPORT_FORMATS`.
             ExportError: the file did not arrive as announced (nothing is written to ``out``).
-            grpc.RpcError: the server refused (e.g. PERMISSION_DENIED without the admin scope).
+            LetheError: the server refused (e.g. PermissionDeniedError without the admin scope).
         """
         if fmt not in EXPORT_FORMATS:
             raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
@@ -301,7 +360,7 @@ class LetheClient:
                 raise
             return result
 
-        return self._retry(download)  # type: ignore[return-value]
+        return self._retry(download)
 
     def _receive_export(
         self, request: pb.ExportRequest, file: BinaryIO, target: Path, fmt: str, timeout: float
@@ -329,13 +388,17 @@ class LetheClient:
     def job(self, job_id: str) -> pb.Job:
         """The job's current state."""
         request = pb.GetJobRequest(id=job_id)
-        return self._retry(  # type: ignore[return-value]
-            lambda: self.stub.GetJob(request, metadata=self.metadata, timeout=self.timeout)
-        )
+        return self._retry(lambda: self.stub.GetJob(request, metadata=self.metadata, timeout=self.timeout))
 
     def watch(self, job_id: str) -> Iterator[pb.Job]:
-        """Every state change of a job, ending at its terminal state."""
-        yield from self.stub.WatchJob(pb.GetJobRequest(id=job_id), metadata=self.metadata)
+        """Every state change of a job, ending at its terminal state (closing the iterator ends the call)."""
+        call = self.stub.WatchJob(pb.GetJobRequest(id=job_id), metadata=self.metadata)
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            call.cancel()
 
     def wait(
         self,
@@ -345,64 +408,77 @@ class LetheClient:
         progress: Callable[[pb.Job], None] | None = None,
         check: bool = True,
     ) -> pb.Job:
-        """Block until the job ends; raise :class:`JobFailedError` if it did not succeed (``check``)."""
+        """Block until the job ends; raise :class:`JobFailedError` if it did not succeed (``check``).
+
+        Raises:
+            DeadlineExceededError: (a :class:`TimeoutError`) the job did not end within ``timeout`` seconds.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         job = self.job(job_id)
         while job.state not in _TERMINAL:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            call = self.stub.WatchJob(pb.GetJobRequest(id=job_id), metadata=self.metadata, timeout=remaining)
             try:
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                for update in self.stub.WatchJob(
-                    pb.GetJobRequest(id=job_id), metadata=self.metadata, timeout=remaining
-                ):
+                for update in call:
                     job = update
                     if progress is not None:
                         progress(job)
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise TimeoutError(f"job {job_id} did not finish within {timeout} s") from None
-                if exc.code() not in _RETRYABLE:
-                    raise
-                time.sleep(0.5)
+                error = from_rpc_error(exc)
+                if isinstance(error, DeadlineExceededError):
+                    raise DeadlineExceededError(
+                        f"job {job_id} did not finish within {timeout} s", reason=error.reason
+                    ) from exc
+                if not isinstance(error, _RETRYABLE):
+                    raise error from exc
+                time.sleep(min(max(0.5, error.retry_after or 0.0), _MAX_RETRY_DELAY))
                 job = self.job(job_id)
+            finally:
+                call.cancel()
         if check and job.state != pb.SUCCEEDED:
             raise JobFailedError(job)
         return job
 
     def cancel(self, job_id: str) -> pb.Job:
         """Cancel a queued job, or a running learn (returns once it has stopped, the model as before it)."""
-        return self.stub.CancelJob(pb.GetJobRequest(id=job_id), metadata=self.metadata, timeout=self.timeout)
+        return self._call(
+            lambda: self.stub.CancelJob(pb.GetJobRequest(id=job_id), metadata=self.metadata, timeout=self.timeout)
+        )
 
     def jobs(
         self, *, state: pb.JobState = pb.JOB_STATE_UNSPECIFIED, task: str = "", after_seq: int = 0, limit: int = 0
     ) -> list[pb.Job]:
         """A page of jobs in submission order."""
         request = pb.ListJobsRequest(state=state, task=task, after_seq=after_seq, limit=limit)
-        return list(self.stub.ListJobs(request, metadata=self.metadata, timeout=self.timeout).jobs)
+        return list(self._call(lambda: self.stub.ListJobs(request, metadata=self.metadata, timeout=self.timeout)).jobs)
 
     # ------------------------------------------------------- tasks, model
     def task(self, name: str) -> pb.Task:
         """One task."""
-        return self.stub.GetTask(pb.GetTaskRequest(name=name), metadata=self.metadata, timeout=self.timeout)
+        request = pb.GetTaskRequest(name=name)
+        return self._call(lambda: self.stub.GetTask(request, metadata=self.metadata, timeout=self.timeout))
 
     def tasks(self, *, state: pb.TaskState = pb.TASK_STATE_UNSPECIFIED) -> list[pb.Task]:
         """Every task (optionally in one state)."""
         request = pb.ListTasksRequest(state=state)
-        return list(self.stub.ListTasks(request, metadata=self.metadata, timeout=self.timeout).tasks)
+        return list(
+            self._call(lambda: self.stub.ListTasks(request, metadata=self.metadata, timeout=self.timeout)).tasks
+        )
 
     def model(self) -> pb.ModelInfo:
         """What the server's model is."""
-        return self.stub.GetModel(pb.GetModelRequest(), metadata=self.metadata, timeout=self.timeout)
+        return self._call(
+            lambda: self.stub.GetModel(pb.GetModelRequest(), metadata=self.metadata, timeout=self.timeout)
+        )
 
     def evaluations(self) -> list[pb.Evaluation]:
         """The whole accuracy matrix, oldest job first."""
         rows: list[pb.Evaluation] = []
         after = 0
         while True:
-            page = self.stub.ListEvaluations(
-                pb.ListEvaluationsRequest(after_job_seq=after, limit=1000),
-                metadata=self.metadata,
-                timeout=self.timeout,
-            ).evaluations
+            request = pb.ListEvaluationsRequest(after_job_seq=after, limit=1000)
+            call = partial(self.stub.ListEvaluations, request, metadata=self.metadata, timeout=self.timeout)
+            page = self._call(call).evaluations
             rows.extend(page)
             if len(page) < 1000:
                 return rows
@@ -413,11 +489,9 @@ class LetheClient:
         events: list[pb.AuditEvent] = []
         after = 0
         while True:
-            page = self.stub.ListAuditEvents(
-                pb.ListAuditEventsRequest(after_seq=after, limit=1000, task=task),
-                metadata=self.metadata,
-                timeout=self.timeout,
-            ).events
+            request = pb.ListAuditEventsRequest(after_seq=after, limit=1000, task=task)
+            call = partial(self.stub.ListAuditEvents, request, metadata=self.metadata, timeout=self.timeout)
+            page = self._call(call).events
             events.extend(page)
             if len(page) < 1000:
                 return events
@@ -425,7 +499,8 @@ class LetheClient:
 
     def audit_head(self) -> pb.AuditHead:
         """The server's signed audit head (seq, hash, signature) and its audit public key (PEM)."""
-        return self.stub.GetAuditHead(pb.GetAuditHeadRequest(), metadata=self.metadata, timeout=self.timeout)
+        request = pb.GetAuditHeadRequest()
+        return self._call(lambda: self.stub.GetAuditHead(request, metadata=self.metadata, timeout=self.timeout))
 
     def forgetting_certificate(self, *, task: str = "", job_id: str = "") -> pb.ForgettingCertificate:
         """A signed forgetting certificate: of ``task``'s newest successful unlearn, or of unlearn job ``job_id``.
@@ -433,4 +508,6 @@ class LetheClient:
         Write it with :func:`client.audit.certificate_file`; check it with :func:`client.audit.verify_certificate`.
         """
         request = pb.GetForgettingCertificateRequest(task=task, job_id=job_id)
-        return self.stub.GetForgettingCertificate(request, metadata=self.metadata, timeout=self.timeout)
+        return self._call(
+            lambda: self.stub.GetForgettingCertificate(request, metadata=self.metadata, timeout=self.timeout)
+        )

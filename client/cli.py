@@ -3,6 +3,10 @@
 Client commands talk to a server given by ``--server HOST:PORT`` (env ``LETHE_SERVER``, default
 127.0.0.1:50051) with ``--token`` (env ``LETHE_TOKEN``). ``lethe serve`` and ``lethe db`` run the
 daemon side and need the ``server`` extra.
+
+A failure prints one line on stderr, ``lethe: CODE: message``, with a hint where one helps (an
+unreachable server, a missing token), and exits non-zero: 1 for a refusal, 2 for bad input here,
+130 after Ctrl-C. Never a traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
-from client import EXPORT_FORMATS, ExportError, JobFailedError, LetheClient, pb
+from client import (
+    EXPORT_FORMATS,
+    DeadlineExceededError,
+    ExportError,
+    InvalidArgumentError,
+    JobFailedError,
+    LetheClient,
+    LetheError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+    UnavailableError,
+    pb,
+)
 from client.audit import (
     certificate_file,
     head_from_message,
@@ -29,6 +45,10 @@ from client.audit import (
 )
 from client.datasets import Dataset, load_dataset, parse_classes
 from protos.audit_signing import AuditPublicKey
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+#: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
 
 
 def _bar(fraction: float, width: int = 30) -> str:
@@ -141,14 +161,14 @@ def print_job(job: pb.Job) -> None:
         print(f"    {name:<24} {value:.4g}")
 
 
-def _wait(client: LetheClient, job: pb.Job, show: bool) -> pb.Job:
+def _wait(client: LetheClient, job: pb.Job, show: bool, *, check: bool = True) -> pb.Job:
     bar = _Progress("training" if job.kind == pb.LEARN else "unlearning", show)
 
     def update(j: pb.Job) -> None:
         bar.update(j.progress, j.message)
 
     try:
-        return client.wait(job.id, progress=update)
+        return client.wait(job.id, progress=update, check=check)
     finally:
         bar.done()
 
@@ -158,25 +178,54 @@ def cmd_learn(args: argparse.Namespace) -> int:
     show = args.progress or sys.stderr.isatty()
     with _client(args) as client:
         upload = _Progress("upload", show)
-        job = client.learn(
-            args.task,
-            dataset.inputs,
-            dataset.labels,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            idempotency_key=args.idempotency_key,
-            progress=lambda sent, total: upload.update(sent / total, f"{sent}/{total} samples"),
-            sample_ids=_read_ids([args.ids]) if args.ids else None,
-        )
+        try:
+            job = client.learn(
+                args.task,
+                dataset.inputs,
+                dataset.labels,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                learning_rate=args.lr,
+                idempotency_key=args.idempotency_key,
+                progress=lambda sent, total: upload.update(sent / total, f"{sent}/{total} samples"),
+                sample_ids=_read_ids([args.ids]) if args.ids else None,
+            )
+        except KeyboardInterrupt:
+            upload.done()
+            _error(
+                "interrupted during the upload: the stream was cancelled, and the server keeps nothing of a "
+                f"stream cut short (check with 'lethe jobs{_server_flag(args)}')"
+            )
+            return EXIT_INTERRUPTED
         upload.done()
         print(f"queued learn job {job.id} for task {args.task} ({len(dataset)} samples)")
         if job.sample_id_prefix:
             print(f"sample ids: {job.sample_id_prefix}0 ... {job.sample_id_prefix}{len(dataset) - 1} (stream order)")
         if args.no_wait:
             return 0
-        print_job(_wait(client, job, show))
+        try:
+            print_job(_wait(client, job, show))
+        except KeyboardInterrupt:
+            return _left_running(job, args)
     return 0
+
+
+def _server_flag(args: argparse.Namespace) -> str:
+    """`` --server HOST:PORT`` when the follow-up commands need it to reach the same server."""
+    return "" if args.server == os.environ.get("LETHE_SERVER", DEFAULT_SERVER) else f" --server {args.server}"
+
+
+def _left_running(job: pb.Job, args: argparse.Namespace) -> int:
+    """After Ctrl-C while waiting: the job goes on; say how to follow or cancel it."""
+    at = _server_flag(args)
+    cancel = f"'lethe cancel {job.id}{at}'"
+    if job.kind == pb.UNLEARN:
+        cancel += " (admin scope, only while it is queued: a running unlearn finishes)"
+    _error(
+        f"interrupted; {_state(job.kind, pb.JobKind)} job {job.id} keeps running on the server: follow it with "
+        f"'lethe jobs {job.id} --wait{at}', cancel it with {cancel}"
+    )
+    return EXIT_INTERRUPTED
 
 
 def _read_ids(values: list[str]) -> list[str]:
@@ -206,7 +255,10 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
             )
             print(f"unlearn job {job.id} for task {args.task}: {_state(job.state, pb.JobState)}")
         if not args.no_wait:
-            done = _wait(client, job, args.progress or sys.stderr.isatty())
+            try:
+                done = _wait(client, job, args.progress or sys.stderr.isatty())
+            except KeyboardInterrupt:
+                return _left_running(job, args)
             print_job(done)
             for line in forget_summary(done.metrics):
                 print(line)
@@ -245,12 +297,20 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_jobs(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.id:
-            print_job(client.job(args.id))
-            return 0
+            job = client.job(args.id)
+            if args.wait and job.state not in (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED):
+                try:
+                    job = _wait(client, job, args.progress or sys.stderr.isatty(), check=False)
+                except KeyboardInterrupt:
+                    return _left_running(job, args)
+            print_job(job)
+            return 0 if not args.wait or job.state == pb.SUCCEEDED else 1
+        # The id first: it is what 'lethe jobs ID' and 'lethe cancel ID' take.
+        print(f"{'id':<32}  {'kind':<8} {'task':<24} {'state':<10} {'version':<7} {'created (UTC)'}")
         for job in client.jobs(limit=args.limit):
             print(
-                f"{job.seq:>5} {job.id}  {_state(job.kind, pb.JobKind):<8} {job.task:<24} "
-                f"{_state(job.state, pb.JobState):<10} v{job.model_version:<4} {_time(job.created_at)}"
+                f"{job.id}  {_state(job.kind, pb.JobKind):<8} {job.task:<24} "
+                f"{_state(job.state, pb.JobState):<10} v{job.model_version:<6} {_time(job.created_at)}"
             )
     return 0
 
@@ -444,7 +504,12 @@ def _server_side(args: argparse.Namespace) -> int:
 
 
 def _add_client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=os.environ.get("LETHE_SERVER", "127.0.0.1:50051"), help="HOST:PORT")
+    parser.add_argument(
+        "--server",
+        default=os.environ.get("LETHE_SERVER", DEFAULT_SERVER),
+        metavar="HOST:PORT",
+        help=f"the Lethe server (env LETHE_SERVER; default {DEFAULT_SERVER})",
+    )
     parser.add_argument("--token", default=os.environ.get("LETHE_TOKEN"), help="bearer token (env LETHE_TOKEN)")
     parser.add_argument("--ca", help="PEM CA certificate of the server (enables TLS)")
     parser.add_argument("--cert", help="PEM client certificate (mutual TLS)")
@@ -474,12 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
     db.set_defaults(func=_server_side)
 
     learn = sub.add_parser("learn", help="stream a dataset as a new task")
-    learn.add_argument("task")
+    learn.add_argument("task", help="name of the new task (letters, digits, '.', '_', '-'; never reused)")
     _add_data_options(learn)
-    learn.add_argument("--epochs", type=int, default=0)
-    learn.add_argument("--batch-size", type=int, default=0)
-    learn.add_argument("--lr", type=float, default=0.0)
-    learn.add_argument("--idempotency-key")
+    learn.add_argument("--epochs", type=int, default=0, help="training epochs (0 = the server's default)")
+    learn.add_argument("--batch-size", type=int, default=0, help="training batch size (0 = the server's default)")
+    learn.add_argument("--lr", type=float, default=0.0, help="learning rate (0 = the server's default)")
+    learn.add_argument("--idempotency-key", help="resending with the same key returns the same job (default: random)")
     learn.add_argument("--ids", metavar="FILE", help="sample ids, one per line in stream order (default: server-made)")
     learn.add_argument("--no-wait", action="store_true", help="return once the job is queued")
     learn.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
@@ -488,11 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn = sub.add_parser("unlearn", help="forget a task, or a person's samples (right to be forgotten)")
     unlearn.add_argument("task", nargs="?", default="", help="the task; with --ids: only there (empty = every task)")
     unlearn.add_argument("--ids", nargs="+", metavar="FILE|ID", help="forget these samples (files: one id per line)")
-    unlearn.add_argument("--reason", default="")
-    unlearn.add_argument("--method", default="")
-    unlearn.add_argument("--idempotency-key")
-    unlearn.add_argument("--no-wait", action="store_true")
-    unlearn.add_argument("--progress", action="store_true")
+    unlearn.add_argument("--reason", default="", help="why (recorded in the audit trail), e.g. a request number")
+    unlearn.add_argument("--method", default="", help="unlearning method (default: the strategy's; see 'lethe model')")
+    unlearn.add_argument("--idempotency-key", help="resending with the same key returns the same job (default: random)")
+    unlearn.add_argument("--no-wait", action="store_true", help="return once the job is queued")
+    unlearn.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
     unlearn.set_defaults(func=cmd_unlearn)
 
     locate = sub.add_parser("locate", help="which tasks hold these sample ids (admin)")
@@ -500,9 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     locate.set_defaults(func=cmd_locate)
 
     predict = sub.add_parser("predict", help="predict a dataset and report accuracy")
-    predict.add_argument("task", nargs="?", default="")
+    predict.add_argument("task", nargs="?", default="", help="the task (task-incremental models; omit for lure)")
     _add_data_options(predict)
-    predict.add_argument("--limit", type=int, default=1000)
+    predict.add_argument("--limit", type=int, default=1000, help="predict at most this many samples (default 1000)")
     predict.add_argument("--show", type=int, default=0, help="print the first N predictions")
     predict.add_argument("--allow-unlearned", action="store_true", help="audit an unlearned task (admin)")
     predict.set_defaults(func=cmd_predict)
@@ -510,40 +575,46 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_ in (("tasks", cmd_tasks, "list tasks"), ("model", cmd_model, "describe the model")):
         p = sub.add_parser(name, help=help_)
         p.set_defaults(func=func)
-    jobs = sub.add_parser("jobs", help="list jobs, or show one")
-    jobs.add_argument("id", nargs="?")
-    jobs.add_argument("--limit", type=int, default=100)
+    jobs = sub.add_parser("jobs", help="list jobs (id first), or show one by its id")
+    jobs.add_argument("id", nargs="?", help="the job id (32 hex characters) to show")
+    jobs.add_argument("--limit", type=int, default=100, help="list at most this many jobs, oldest first (default 100)")
+    jobs.add_argument("--wait", action="store_true", help="with an id: follow the job until it ends")
+    jobs.add_argument("--progress", action="store_true", help="with --wait: a progress bar even when not on a terminal")
     jobs.set_defaults(func=cmd_jobs)
     cancel = sub.add_parser(
         "cancel", help="cancel a queued job or a running learn and show it (an unlearn needs the admin scope)"
     )
-    cancel.add_argument("id")
+    cancel.add_argument("id", help="the job id (as 'lethe jobs' lists it)")
     cancel.set_defaults(func=cmd_cancel)
     audit = sub.add_parser(
         "audit",
         help="show the audit trail; 'verify' checks its chain, signatures and signed head; 'public-key' exports "
         "the key",
     )
-    audit.add_argument("action", nargs="?", choices=("verify", "public-key"))
+    audit.add_argument(
+        "action", nargs="?", choices=("verify", "public-key"), help="verify the trail, or export the public key"
+    )
     audit.add_argument("--verify", action="store_true", help="the same as 'lethe audit verify'")
     audit.add_argument("--public-key", help="verify: the server's audit public key (PEM) from a trusted source")
     audit.add_argument("--head", help="verify: a copy of the server's audit-head.json instead of GetAuditHead")
     audit.add_argument("--out", help="public-key: write the key to this file")
-    audit.add_argument("--task")
+    audit.add_argument("--task", help="list: only the events of this task")
     audit.set_defaults(func=cmd_audit)
     proof = sub.add_parser(
         "proof",
         help="a signed forgetting certificate: 'proof TASK', 'proof --request JOB_ID', 'proof verify FILE' (admin)",
     )
-    proof.add_argument("words", nargs="*", metavar="TASK | verify FILE")
+    proof.add_argument(
+        "words", nargs="*", metavar="TASK | verify FILE", help="the unlearned task, or 'verify' and a certificate file"
+    )
     proof.add_argument("--task", help="the unlearned task (when its name is 'verify')")
     proof.add_argument("--request", metavar="JOB_ID", help="the unlearn job")
     proof.add_argument("--out", help="write the certificate to this file (default: print it)")
     proof.add_argument("--public-key", help="verify: the server's audit public key (PEM) from a trusted source")
     proof.set_defaults(func=cmd_proof)
     token = sub.add_parser("token", help="create a bearer token: prints it once and its config line")
-    token.add_argument("action", choices=("create",))
-    token.add_argument("--principal", required=True)
+    token.add_argument("action", choices=("create",), help="create: a new random token")
+    token.add_argument("--principal", required=True, help="who the token is for (written on every audit event)")
     token.add_argument("--scopes", required=True, help="comma-separated: predict, learn, unlearn, admin")
     token.set_defaults(func=cmd_token)
     export = sub.add_parser("export", help="write the network Predict serves for a task to a file (admin, audited)")
@@ -580,19 +651,50 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lethe`` command."""
     args = build_parser().parse_args(argv)
-    import grpc
-
     try:
         return int(args.func(args))
-    except grpc.RpcError as exc:
-        print(f"lethe: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    except LetheError as exc:
+        _error(describe_error(exc, args))
         return 1
     except JobFailedError as exc:
-        print(f"lethe: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 1
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED
     except (ValueError, OSError) as exc:
-        print(f"lethe: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
+    except Exception as exc:  # never a traceback; say what it was
+        _error(f"unexpected error: {type(exc).__name__}: {exc}")
+        return 1
+
+
+def _error(message: str) -> None:
+    """One line on stderr."""
+    print("lethe: " + " ".join(message.split()), file=sys.stderr)
+
+
+def describe_error(error: LetheError, args: argparse.Namespace) -> str:
+    """``CODE: message`` of a failed call, with a hint where the user can act on it."""
+    code, message = error.code.name, error.message
+    server = getattr(args, "server", DEFAULT_SERVER)
+    if isinstance(error, (UnavailableError, DeadlineExceededError)) and error.reason is None:
+        # No ErrorInfo: the server itself never answered (refused, unknown host, TLS mismatch, timeout).
+        return (
+            f"{code}: cannot reach a Lethe server at {server} ({message}); give its address with "
+            "--server HOST:PORT or LETHE_SERVER (and --ca if it uses TLS)"
+        )
+    if isinstance(error, UnauthenticatedError):
+        sent = "the token given was refused" if getattr(args, "token", None) else "no token was given"
+        return f"{code}: {message} ({sent}); pass a valid token with --token TOKEN or LETHE_TOKEN"
+    if isinstance(error, PermissionDeniedError):
+        return f"{code}: {message}; use a token that holds that scope (or admin)"
+    if isinstance(error, InvalidArgumentError) and error.field_violations:
+        return f"{code}: " + "; ".join(f"{field}: {description}" for field, description in error.field_violations)
+    if error.retry_after is not None and error.reason is not None:
+        return f"{code}: {message} (retry in {error.retry_after:g} s)"
+    return f"{code}: {message}"
 
 
 if __name__ == "__main__":

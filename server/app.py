@@ -48,7 +48,7 @@ from server.rpc import (
 )
 from server.rpc.auth import RefusalLog
 from server.rpc.batching import Batcher
-from server.rpc.guard import CallGuard
+from server.rpc.guard import CallGuard, method_limits
 from server.rpc.inference import InferenceServicer
 from server.rpc.predicting import PredictService, max_response_rows
 from server.rpc.server import HealthServicer, Keepalive
@@ -297,7 +297,7 @@ class App:
             ),
             ready=ready.is_set,
         )
-        guard = CallGuard(telemetry)
+        guard = CallGuard(telemetry, method_limits(s.threads))
         inference = InferenceServicer(predictions, guard, server_version=__version__)
         servicer = LetheServicer(
             jobs,
@@ -335,7 +335,7 @@ class App:
 
         def denied(method: str, code: str, principal: str) -> None:
             telemetry.grpc_requests.labels(method, code).inc()
-            telemetry.auth_denied.labels(method, code).inc()
+            telemetry.auth_denied.labels(code).inc()
             refusals.refused(method, code, principal)
 
         def undecodable(method: str) -> None:
@@ -350,7 +350,7 @@ class App:
                 address=f"{s.host}:{s.port}",
                 max_message_bytes=s.max_message_bytes,
                 keepalive=Keepalive(s.keepalive_time_s, s.keepalive_timeout_s, s.keepalive_min_ping_interval_s),
-                max_concurrent_rpcs=s.threads * 64,
+                max_concurrent_rpcs=s.threads * 256,
                 extra_handlers=(inference.handler(),),
                 extra_services=(oip.SERVICE_NAME,),
                 credentials=server_credentials(c),
@@ -419,8 +419,9 @@ class App:
             self.telemetry.ready.set(0)
         if self.worker is not None:
             self.worker.request_stop(grace)
-        if self.server is not None:
+        if self.server is not None and self.loop.is_running():  # stop() may be called again
             self._on_loop(self.server.stop(grace))
+        self.server = None
         if self.worker is not None:
             # A training step in progress ends at its next progress report after the deadline.
             self.worker.join(grace + 60)
@@ -437,5 +438,5 @@ class App:
 
     def wait(self) -> None:
         """Block until the gRPC server terminates."""
-        if self.server is not None:
+        if self.server is not None and self.loop.is_running():
             self._on_loop(self.server.wait_for_termination())

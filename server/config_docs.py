@@ -31,7 +31,11 @@ from server.engine.registry import STRATEGIES, strategy_options
 NOTES: dict[str, str] = {
     "server.host": "Address the gRPC server listens on; `0.0.0.0` for all interfaces (the container image sets it).",
     "server.metrics_host": "Address of the Prometheus endpoint (`/metrics`).",
-    "server.threads": "gRPC worker threads: the most RPCs handled at once (Predict, Learn streams, watches).",
+    "server.threads": (
+        "Threads for the edge's blocking work (SQL, spool writes, forward passes); the gRPC server itself is "
+        "asyncio, so open streams hold none. Also sets per-method limits of calls in flight: `threads` Learn "
+        "streams, 64 x `threads` WatchJob and PredictStream streams, 2 exports (see operations.md, The gRPC edge)."
+    ),
     "server.grace_seconds": (
         "On SIGTERM: seconds in-flight RPCs and the running job get to finish; a job still running after it "
         "is re-queued and runs again after the restart."

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -83,6 +85,10 @@ def serve(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_toml(config), end="")
         return 0
+    busy = _busy_address(config)
+    if busy is not None:  # before the slow start (torch, the model), and in one line
+        print(busy, file=sys.stderr)
+        return 2
     configure_logging(config.telemetry.log_format, config.telemetry.log_level)
     from server.app import App  # heavy imports (torch) only when serving
     from server.jobs import StateMismatchError
@@ -93,6 +99,14 @@ def serve(args: argparse.Namespace) -> int:
         ports = app.start()
     except (SchemaError, StateMismatchError, ValueError) as exc:
         print(f"lethe: {exc}", file=sys.stderr)
+        app.stop(0)
+        return 2
+    except (RuntimeError, OSError) as exc:
+        if not _is_bind_failure(exc):
+            raise
+        # Taken between the check above and the bind.
+        reason = str(exc).split(";")[0]  # gRPC adds advice on its debug logging
+        print(f"lethe: {reason}; stop what holds it or choose another port (--port, --metrics-port)", file=sys.stderr)
         app.stop(0)
         return 2
     print(f"lethe listening on {config.server.host}:{ports.grpc}", flush=True)
@@ -114,6 +128,43 @@ def serve(args: argparse.Namespace) -> int:
     log.info("received signal %d: shutting down", received[0])
     app.stop()
     return 0
+
+
+def _busy_address(config: Config) -> str | None:
+    """The one-line refusal when the gRPC or metrics address is held by another process, else None."""
+    s = config.server
+    for host, port, flag in ((s.host, s.port, "--port"), (s.metrics_host, s.metrics_port, "--metrics-port")):
+        if port > 0 and _in_use(host, port):
+            return (
+                f"lethe: cannot listen on {host}:{port}: the address is already in use (another lethe serve?); "
+                f"stop what holds it or choose another port with {flag} (0 picks a free one)"
+            )
+    return None
+
+
+def _in_use(host: str, port: int) -> bool:
+    """Whether binding ``host:port`` fails because something already listens there."""
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False  # an unresolvable host: the server reports it
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # As the servers do: a port in TIME_WAIT is free to listen on again.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def _is_bind_failure(exc: BaseException) -> bool:
+    """gRPC's "cannot listen on" / "Failed to bind" RuntimeError, or EADDRINUSE from the metrics server."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.EADDRINUSE
+    return str(exc).startswith(("cannot listen on", "Failed to bind"))
 
 
 def db_command(args: argparse.Namespace) -> int:
@@ -155,7 +206,11 @@ def db_command(args: argparse.Namespace) -> int:
 
 def add_db_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``lethe db``."""
-    parser.add_argument("db_command", choices=("upgrade", "verify-audit"))
+    parser.add_argument(
+        "db_command",
+        choices=("upgrade", "verify-audit"),
+        help="upgrade: migrate the schema to the newest; verify-audit: check the audit chain in the database",
+    )
     parser.add_argument("--config", help="TOML configuration file")
     parser.add_argument("--database-url", help="database URL (default: the configuration's)")
     parser.add_argument("--public-key", help="verify-audit: the audit public key (PEM): checks every signature")

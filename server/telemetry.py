@@ -83,8 +83,13 @@ class Telemetry:
             "lethe_grpc_requests", "gRPC requests by method and status code", ["method", "code"], registry=r
         )
         self.auth_denied = Counter(
-            "lethe_auth_denied", "Calls refused for a missing/invalid token or scope", ["method", "code"], registry=r
+            "lethe_auth_denied",
+            "Calls refused for a missing or invalid token, or a missing scope",
+            ["code"],
+            registry=r,
         )
+        for code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            self.auth_denied.labels(code)
         self.predict_batch_rows = Histogram(
             "lethe_predict_batch_rows",
             "Rows per forward pass of dynamic batching (Predict, PredictStream, ModelInfer)",

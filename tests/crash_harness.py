@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 
-from client import LetheClient, pb
+from client import LetheClient, LetheError, pb
 from client.audit import head_from_message, verify_audit, verify_chain, warnings_in
 from protos import lethe_pb2_grpc as pb_grpc
 from protos.audit_signing import AuditPublicKey
@@ -403,9 +403,9 @@ class CrashHarness:
         x, _ = digits([0])
         for name in self.unlearned:
             assert tasks[name].state == pb.UNLEARNED, f"{name} is {pb.TaskState.Name(tasks[name].state)}"
-            with pytest.raises(grpc.RpcError) as refused:
+            with pytest.raises(LetheError) as refused:
                 client.predict(name, x[:2])
-            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
         purged = [
             f["path"]
             for e in events

@@ -57,7 +57,9 @@ class LearnStream:
         elif (self._digests is not None) != bool(sample_ids):
             had = "carried ids" if self._digests is not None else "carried none"
             raise InvalidArgumentError(
-                field, f"a stream carries ids in every chunk or in none; the chunks before this one {had}"
+                field,
+                f"a stream carries ids in every chunk or in none; the chunks before this one {had}",
+                reason="SAMPLE_IDS_MIXED",
             )
         if self._digests is None:
             return []
@@ -65,7 +67,9 @@ class LearnStream:
         for sample_id, digest in zip(sample_ids, digests, strict=True):
             if digest in self._seen:
                 raise InvalidArgumentError(
-                    field, f"sample id {sample_id[:64]!r} appears twice; ids are unique within a task"
+                    field,
+                    f"sample id {sample_id[:64]!r} appears twice; ids are unique within a task",
+                    reason="SAMPLE_ID_REPEATED",
                 )
             self._seen.add(digest)
         self._digests += digests
@@ -85,7 +89,9 @@ class LearnStream:
         record = self._spool.commit()
         if ended_early():
             purge(self.jobs.data_dir, record.path)
-            raise UnavailableError("the Learn stream was cancelled before it ended; nothing was recorded")
+            raise UnavailableError(
+                "the Learn stream was cancelled before it ended; nothing was recorded", reason="STREAM_CANCELLED"
+            )
         if self._digests is None:
             digests, made = self.jobs.sample_key.server_made(self.job_id, self.samples), True
         else:

@@ -147,7 +147,9 @@ class ProofService:
             FailedPreconditionError: The job is not a SUCCEEDED UNLEARN, or the task has none.
         """
         if bool(task) == bool(job_id):
-            raise InvalidArgumentError("task", "give the unlearned task or the unlearn job_id (exactly one)")
+            raise InvalidArgumentError(
+                "task", "give the unlearned task or the unlearn job_id (exactly one)", reason="ONE_OF_TASK_OR_JOB"
+            )
         with self.sessions() as session, session.begin():
             # The head's lock: no audited change commits while the certificate is read.
             head = session.scalars(
@@ -179,16 +181,20 @@ class ProofService:
         if job_id:
             job = jobs.get(job_id)
             if job is None:
-                raise NotFoundError(f"job {job_id!r} does not exist")
+                raise NotFoundError(
+                    f"job {job_id!r} does not exist", reason="JOB_NOT_FOUND", metadata={"job_id": job_id}
+                )
             if job.kind != JobKind.UNLEARN or job.state != JobState.SUCCEEDED:
                 raise FailedPreconditionError(
                     f"job {job_id} is a {job.state.value} {job.kind.value} job; certificates are issued for "
-                    "succeeded unlearn jobs only"
+                    "succeeded unlearn jobs only",
+                    reason="NO_CERTIFICATE",
+                    metadata={"job_id": job_id},
                 )
             return job
         found = TaskRepository(session).get(task)
         if found is None:
-            raise NotFoundError(f"task {task!r} does not exist")
+            raise NotFoundError(f"task {task!r} does not exist", reason="TASK_NOT_FOUND", metadata={"task": task})
         newest = session.scalars(
             select(Job)
             .where(Job.task == task, Job.kind == JobKind.UNLEARN, Job.state == JobState.SUCCEEDED)
@@ -196,7 +202,11 @@ class ProofService:
             .limit(1)
         ).one_or_none()
         if newest is None:
-            raise FailedPreconditionError(f"task {task!r} ({found.state.value}) has no succeeded unlearn job")
+            raise FailedPreconditionError(
+                f"task {task!r} ({found.state.value}) has no succeeded unlearn job",
+                reason="NO_CERTIFICATE",
+                metadata={"task": task},
+            )
         return newest
 
     def _document(self, session: Session, job: Job, head: AuditHead, principal: str) -> bytes:

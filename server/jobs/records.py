@@ -97,11 +97,13 @@ class SampleRequests:
             NotFoundError: some ids are in no task (or not in ``task``); nothing is queued.
         """
         if self.refusal is not None:
-            raise FailedPreconditionError(f"sample_ids: {self.refusal}")
+            raise FailedPreconditionError(f"sample_ids: {self.refusal}", reason="SAMPLE_FORGETTING_UNSUPPORTED")
         if submission.method and submission.method != self.default_method:
             raise FailedPreconditionError(
                 f"method: {submission.method!r} cannot forget individual samples; leave it empty "
-                f"(records are forgotten with {self.default_method!r})"
+                f"(records are forgotten with {self.default_method!r})",
+                reason="METHOD_UNSUPPORTED",
+                metadata={"method": submission.method[:64], "supported": self.default_method},
             )
         self.jobs.writable()
         existing = self.jobs.existing_job(submission.idempotency_key, JobKind.UNLEARN, submission.task)
@@ -138,7 +140,9 @@ class SampleRequests:
             quoted = ", ".join(repr(i[:64]) for i in unknown[:_QUOTED])
             raise NotFoundError(
                 f"sample_ids: {len(unknown)} of {len(digests)} ids are not held {where} (never learned, already "
-                f"forgotten, or in a task that was unlearned), e.g. {quoted}; nothing was queued"
+                f"forgotten, or in a task that was unlearned), e.g. {quoted}; nothing was queued",
+                reason="SAMPLES_NOT_FOUND",
+                metadata={"unknown": str(len(unknown)), "requested": str(len(digests))},
             )
 
     @staticmethod
@@ -152,7 +156,9 @@ class SampleRequests:
         busy = sum(1 for row in rows if row.forget_job_id is not None)
         raise FailedPreconditionError(
             f"sample_ids: {busy} of these samples are already being forgotten by job(s) "
-            f"{', '.join(sorted(claims))}; wait for them to end, then send the rest"
+            f"{', '.join(sorted(claims))}; wait for them to end, then send the rest",
+            reason="SAMPLES_BEING_FORGOTTEN",
+            metadata={"job_ids": ",".join(sorted(claims))},
         )
 
     @staticmethod
@@ -164,12 +170,16 @@ class SampleRequests:
                 continue
             if task.state == TaskState.UNLEARNING:
                 raise FailedPreconditionError(
-                    f"sample_ids: task {name!r} is being unlearned as a whole; its samples go with it"
+                    f"sample_ids: task {name!r} is being unlearned as a whole; its samples go with it",
+                    reason="TASK_UNLEARNING",
+                    metadata={"task": name},
                 )
             if task.samples - tasks[name] < 2:
                 raise FailedPreconditionError(
                     f"sample_ids: these are {tasks[name]} of the {task.samples} samples of task {name!r}; "
-                    "unlearn the whole task instead"
+                    "unlearn the whole task instead",
+                    reason="TASK_WOULD_BE_EMPTY",
+                    metadata={"task": name},
                 )
 
     def _new_job(

@@ -22,7 +22,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from server.data import FileRecord, purge
 from server.data.sample_ids import SampleIdKey, server_made_id
 from server.engine.protocol import LearnOptions
-from server.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError, UnavailableError
+from server.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from server.jobs.events import JobEvents
 from server.jobs.lifecycle import Lifecycle
 from server.jobs.serving import ServingState
@@ -46,6 +52,9 @@ from server.storage import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Seconds a client is told to wait before resending a request refused because the queue is full.
+QUEUE_FULL_RETRY_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,11 @@ class JobService:
 
     def writable(self) -> None:
         if not self._ready.wait(self.limits.ready_wait_seconds):
-            raise UnavailableError("the server is still recovering its state after a start; retry shortly")
+            raise UnavailableError(
+                "the server is still recovering its state after a start; retry shortly",
+                reason="SERVER_STARTING",
+                retry_after=1.0,
+            )
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -142,7 +155,9 @@ class JobService:
         if job is not None and (job.kind != kind or job.task != task):
             raise FailedPreconditionError(
                 f"idempotency_key {idempotency_key!r} was already used for a {job.kind.value} of task "
-                f"{job.task!r} (job {job.id}); use a new key for a different request"
+                f"{job.task!r} (job {job.id}); use a new key for a different request",
+                reason="IDEMPOTENCY_KEY_REUSED",
+                metadata={"job_id": job.id, "task": job.task},
             )
         return job
 
@@ -167,17 +182,23 @@ class JobService:
             existing = self._matching(session, submission.idempotency_key, JobKind.LEARN, task_name)
             if existing is not None:
                 return existing
+            about = {"task": task_name, "state": task.state.value}
             if task.state in (TaskState.UNLEARNING, TaskState.UNLEARNED):
-                raise FailedPreconditionError(
-                    f"task {task_name!r} is {task.state.value}; task names are never reused, choose a new name"
+                raise AlreadyExistsError(
+                    f"task {task_name!r} is {task.state.value}; task names are never reused, choose a new name",
+                    reason="TASK_NAME_RETIRED",
+                    metadata=about,
                 )
-            raise FailedPreconditionError(f"task {task_name!r} is already {task.state.value}")
-        if tasks.count() >= self.limits.max_tasks:
-            raise ResourceExhaustedError(f"the server holds its maximum of {self.limits.max_tasks} tasks")
-        if jobs.count_queued() >= self.limits.max_queued_jobs:
-            raise ResourceExhaustedError(
-                f"the job queue is full ({self.limits.max_queued_jobs} queued jobs); retry later"
+            raise AlreadyExistsError(
+                f"task {task_name!r} is already {task.state.value}", reason="TASK_EXISTS", metadata=about
             )
+        if tasks.count() >= self.limits.max_tasks:
+            raise ResourceExhaustedError(
+                f"the server holds its maximum of {self.limits.max_tasks} tasks",
+                reason="TASK_LIMIT",
+                metadata={"max_tasks": str(self.limits.max_tasks)},
+            )
+        self.check_queue(jobs)
         return None
 
     def submit_learn(
@@ -254,7 +275,11 @@ class JobService:
             existing = self.existing_job(submission.idempotency_key, JobKind.LEARN, submission.task)
             if existing is not None:
                 return existing
-            raise FailedPreconditionError(f"task {submission.task!r} was created concurrently") from None
+            raise AlreadyExistsError(
+                f"task {submission.task!r} was created concurrently",
+                reason="TASK_EXISTS",
+                metadata={"task": submission.task},
+            ) from None
         except BaseException:
             purge(self.data_dir, spool.path)
             raise
@@ -313,15 +338,20 @@ class JobService:
             existing = self._matching(session, submission.idempotency_key, JobKind.UNLEARN, submission.task)
             if existing is not None:
                 return existing, None, []
+            about = {"task": submission.task}
             if task is None:
-                raise NotFoundError(f"task {submission.task!r} does not exist")
+                raise NotFoundError(f"task {submission.task!r} does not exist", reason="TASK_NOT_FOUND", metadata=about)
             if task.state == TaskState.UNLEARNED:
-                raise FailedPreconditionError(f"task {submission.task!r} is already unlearned")
+                raise FailedPreconditionError(
+                    f"task {submission.task!r} is already unlearned", reason="TASK_UNLEARNED", metadata=about
+                )
             if task.state == TaskState.UNLEARNING and any(
                 jobs.list(task=submission.task, state=state, kind=JobKind.UNLEARN, limit=1)
                 for state in (JobState.QUEUED, JobState.RUNNING)
             ):
-                raise FailedPreconditionError(f"task {submission.task!r} is already being unlearned")
+                raise FailedPreconditionError(
+                    f"task {submission.task!r} is already being unlearned", reason="TASK_UNLEARNING", metadata=about
+                )
             # UNLEARNING with no active unlearn job: the previous attempt failed; this one retries.
             job = Job(
                 id=job_id,
@@ -370,7 +400,10 @@ class JobService:
         """Refuse a new job while the queue is full."""
         if jobs.count_queued() >= self.limits.max_queued_jobs:
             raise ResourceExhaustedError(
-                f"the job queue is full ({self.limits.max_queued_jobs} queued jobs); retry later"
+                f"the job queue is full ({self.limits.max_queued_jobs} queued jobs); retry later",
+                reason="QUEUE_FULL",
+                retry_after=QUEUE_FULL_RETRY_SECONDS,
+                metadata={"max_queued_jobs": str(self.limits.max_queued_jobs)},
             )
 
     # ---------------------------------------------------------------- cancel
@@ -390,15 +423,21 @@ class JobService:
         with self.transaction() as session:
             job = JobRepository(session).get_for_update(job_id)  # the worker cannot claim it meanwhile
             if job is None:
-                raise NotFoundError(f"job {job_id!r} does not exist")
+                raise NotFoundError(
+                    f"job {job_id!r} does not exist", reason="JOB_NOT_FOUND", metadata={"job_id": job_id}
+                )
             running = job.state == JobState.RUNNING
             if running and job.kind == JobKind.UNLEARN:
                 raise FailedPreconditionError(
-                    f"job {job_id} is a running unlearn; forgetting, once started, finishes and cannot be cancelled"
+                    f"job {job_id} is a running unlearn; forgetting, once started, finishes and cannot be cancelled",
+                    reason="UNLEARN_RUNNING",
+                    metadata={"job_id": job_id},
                 )
             if not running and job.state != JobState.QUEUED:
                 raise FailedPreconditionError(
-                    f"job {job_id} is {job.state.value}; only queued or running jobs can be cancelled"
+                    f"job {job_id} is {job.state.value}; only queued or running jobs can be cancelled",
+                    reason="JOB_ENDED",
+                    metadata={"job_id": job_id, "state": job.state.value},
                 )
             if not running:
                 purged = self.lifecycle.cancel(session, job, principal, "cancelled on request")
@@ -423,7 +462,11 @@ class JobService:
         if job.state.terminal:
             self.events.discard_cancel(job_id)
         if job.state == JobState.SUCCEEDED:
-            raise FailedPreconditionError(f"job {job_id} finished before it could be cancelled")
+            raise FailedPreconditionError(
+                f"job {job_id} finished before it could be cancelled",
+                reason="JOB_ENDED",
+                metadata={"job_id": job_id, "state": job.state.value},
+            )
         return job
 
     def _delete_files(self, paths: Sequence[str]) -> None:
@@ -436,7 +479,7 @@ class JobService:
         with self.sessions() as session:
             job = JobRepository(session).get(job_id)
         if job is None:
-            raise NotFoundError(f"job {job_id!r} does not exist")
+            raise NotFoundError(f"job {job_id!r} does not exist", reason="JOB_NOT_FOUND", metadata={"job_id": job_id})
         live = self.events.progress(job.id)
         if live is not None and job.state == JobState.RUNNING:
             job.progress, job.message = live.fraction, live.message
@@ -452,7 +495,7 @@ class JobService:
         with self.sessions() as session:
             task = TaskRepository(session).get(name)
         if task is None:
-            raise NotFoundError(f"task {name!r} does not exist")
+            raise NotFoundError(f"task {name!r} does not exist", reason="TASK_NOT_FOUND", metadata={"task": name})
         return task
 
     def list_tasks(self, state: TaskState | None) -> list[Task]:

@@ -24,6 +24,9 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from server.errors import InvalidArgumentError, LetheError, PermissionDeniedError, UnauthenticatedError
+from server.rpc.errors import rich_status
+
 log = logging.getLogger(__name__)
 
 SERVICE = "/lethe.v1.Lethe/"
@@ -192,13 +195,22 @@ class AuthInterceptor(aio.ServerInterceptor):
                 self._denied(method, "UNAUTHENTICATED", "")
                 return _abort_handler(
                     handler,
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "missing or invalid token: send 'authorization: Bearer <token>' metadata",
+                    UnauthenticatedError(
+                        "missing or invalid token: send 'authorization: Bearer <token>' metadata",
+                        reason="TOKEN_INVALID" if token else "TOKEN_MISSING",
+                    ),
                 )
             scope = scope or METHOD_SCOPES.get(method, "admin")
             if not found.has(scope):
                 self._denied(method, "PERMISSION_DENIED", found.name)
-                return _abort_handler(handler, grpc.StatusCode.PERMISSION_DENIED, f"{method} needs the '{scope}' scope")
+                return _abort_handler(
+                    handler,
+                    PermissionDeniedError(
+                        f"{method} needs the '{scope}' scope",
+                        reason="SCOPE_MISSING",
+                        metadata={"scope": scope, "method": method},
+                    ),
+                )
             principal = found
         return _wrap(handler, principal, method, self.on_undecodable)
 
@@ -208,14 +220,15 @@ class AuthInterceptor(aio.ServerInterceptor):
             self.on_denied(method, code, principal)
 
 
-def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that refuses the call."""
+def _abort_handler(handler: grpc.RpcMethodHandler, error: LetheError) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that refuses the call with ``error``'s rich status."""
+    status = rich_status(error)
 
     async def deny(request: Any, context: aio.ServicerContext) -> Any:
-        await context.abort(code, message)
+        await context.abort(status.code, status.message, status.trailing_metadata)
 
     async def deny_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(code, message)
+        await context.abort(status.code, status.message, status.trailing_metadata)
         yield  # pragma: no cover - makes this an async generator
 
     make = _SHAPES[(handler.request_streaming, handler.response_streaming)]
@@ -246,7 +259,7 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 
 
 def _undecodable_message(method: str, marker: _Undecodable) -> str:
-    return f"request: not a valid {method} request message ({type(marker.error).__name__})"
+    return f"not a valid {method} request message ({type(marker.error).__name__})"
 
 
 def _wrap(
@@ -260,7 +273,10 @@ def _wrap(
     async def refuse(context: aio.ServicerContext, marker: _Undecodable) -> None:
         if on_undecodable is not None:
             on_undecodable(method)
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _undecodable_message(method, marker))
+        status = rich_status(
+            InvalidArgumentError("request", _undecodable_message(method, marker), reason="UNDECODABLE")
+        )
+        await context.abort(status.code, status.message, status.trailing_metadata)
 
     async def checked(requests: AsyncIterator[Any], context: aio.ServicerContext) -> AsyncIterator[Any]:
         async for request in requests:

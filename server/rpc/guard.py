@@ -12,7 +12,7 @@ import contextlib
 import contextvars
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc import aio
 
+from server.errors import ResourceExhaustedError
 from server.logs import log_context
 from server.rpc.auth import current_principal
 from server.rpc.errors import rich_status
@@ -30,16 +31,27 @@ R = TypeVar("R")
 
 
 class CallGuard:
-    """``async with guard(method, context):`` around the body of an RPC."""
+    """``async with guard(method, context):`` around the body of an RPC.
 
-    def __init__(self, telemetry: Telemetry) -> None:
+    Args:
+        telemetry: where calls are counted.
+        limits: the most calls of a method in flight at once (methods not named: no limit of their own,
+            only the server's ``maximum_concurrent_rpcs``); one more is refused with RESOURCE_EXHAUSTED.
+    """
+
+    def __init__(self, telemetry: Telemetry, limits: Mapping[str, int] | None = None) -> None:
         self.telemetry = telemetry
+        self.limits = dict(limits or {})
+        self._in_flight: dict[str, int] = {}
 
     @asynccontextmanager
     async def __call__(self, method: str, context: aio.ServicerContext) -> AsyncIterator[None]:
         code = "OK"
+        admitted = False
         try:
             with log_context(principal=current_principal().name):
+                self._admit(method)
+                admitted = True
                 yield
         except asyncio.CancelledError:
             code = _ended_code(context)
@@ -54,7 +66,37 @@ class CallGuard:
                 log.exception("%s failed", method)
             await context.abort(status.code, status.message, status.trailing_metadata)
         finally:
+            if admitted:
+                self._in_flight[method] -= 1
             self.telemetry.grpc_requests.labels(method, code).inc()
+
+    def _admit(self, method: str) -> None:
+        """Count the call in; refuse it when its method is at its limit (the loop is single-threaded)."""
+        limit = self.limits.get(method)
+        running = self._in_flight.get(method, 0)
+        if limit is not None and running >= limit:
+            raise ResourceExhaustedError(
+                f"{method}: {limit} calls are already in progress, the most this server takes at once; retry shortly",
+                reason="TOO_MANY_CALLS",
+                retry_after=1.0,
+            )
+        self._in_flight[method] = running + 1
+
+
+def method_limits(threads: int) -> dict[str, int]:
+    """Per-method limits of calls in flight, from ``server.threads`` (the executor's size).
+
+    Learn streams each hold an open spool; an export holds a thread for seconds (one runs at a time);
+    long streams (WatchJob, PredictStream) hold no thread but are capped so a client cannot exhaust memory.
+    """
+    return {
+        "Learn": threads,
+        "Export": 2,
+        "LocateSamples": threads,
+        "GetForgettingCertificate": threads,
+        "WatchJob": threads * 64,
+        "PredictStream": threads * 64,
+    }
 
 
 def _ended_code(context: aio.ServicerContext) -> str:

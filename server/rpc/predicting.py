@@ -113,17 +113,22 @@ class PredictService:
         name = task_name(task, field)
         state = self.serving.task_state(name)
         if state is None:
-            raise NotFoundError(f"task {name!r} does not exist")
+            raise NotFoundError(f"task {name!r} does not exist", reason="TASK_NOT_FOUND")
         if state == TaskState.LEARNING:
-            raise FailedPreconditionError(f"task {name!r} is still being learned; wait for its learn job")
+            raise FailedPreconditionError(
+                f"task {name!r} is still being learned; wait for its learn job", reason="TASK_LEARNING"
+            )
         if state in (TaskState.UNLEARNING, TaskState.UNLEARNED):
             if not allow_unlearned:
                 raise FailedPreconditionError(
                     f"task {name!r} is {state.value}; predictions are refused (an admin may audit it with "
-                    "allow_unlearned)"
+                    "allow_unlearned)",
+                    reason="TASK_UNLEARNED",
                 )
             if not principal.has("admin"):
-                raise PermissionDeniedError("allow_unlearned needs the 'admin' scope")
+                raise PermissionDeniedError(
+                    "allow_unlearned needs the 'admin' scope", reason="SCOPE_MISSING", metadata={"scope": "admin"}
+                )
             return Target(name, allow_unlearned=True, audited_principal=principal.name)
         self.answering_model(name)
         return Target(name)
@@ -156,14 +161,16 @@ class PredictService:
             jobs = ", ".join(sorted(set(answering.forgetting.values())))
             raise UnavailableError(
                 f"an accepted unlearn (job {jobs}) is being applied and no model free of the data it forgets is "
-                "kept; predictions resume when it ends"
+                "kept; predictions resume when it ends",
+                reason="UNLEARN_IN_PROGRESS",
             )
         if predictor is None:
-            raise UnavailableError("the model is still loading; retry shortly")
+            raise UnavailableError("the model is still loading; retry shortly", reason="MODEL_LOADING")
         if task is not None and task in answering.forgetting:
             raise UnavailableError(
                 f"task {task!r}: samples of it are being forgotten (job {answering.forgetting[task]}); "
-                "predictions resume when the job ends"
+                "predictions resume when the job ends",
+                reason="TASK_BEING_FORGOTTEN",
             )
         return predictor
 
@@ -175,7 +182,9 @@ class PredictService:
         try:
             logits = predictor.predict(task, torch.from_numpy(writable), allow_unlearned=allow_unlearned)
         except UnknownTaskError:
-            raise NotFoundError(f"task {task!r} is not in the published model") from None
+            raise NotFoundError(f"task {task!r} is not in the published model", reason="TASK_NOT_FOUND") from None
         except UnlearnedTaskError:
-            raise FailedPreconditionError(f"task {task!r} is unlearned; predictions are refused") from None
+            raise FailedPreconditionError(
+                f"task {task!r} is unlearned; predictions are refused", reason="TASK_UNLEARNED"
+            ) from None
         return logits.numpy().astype(np.float32, copy=False), predictor.version

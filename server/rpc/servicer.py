@@ -331,7 +331,9 @@ class LetheServicer(pb_grpc.LetheServicer):
                     if job.state.terminal:
                         return
                 if events.closed:
-                    raise UnavailableError("the server is shutting down; watch again after it restarts")
+                    raise UnavailableError(
+                        "the server is shutting down; watch again after it restarts", reason="SERVER_STOPPING"
+                    )
                 await asyncio.sleep(_WATCH_MIN_INTERVAL)
                 waited += _WATCH_MIN_INTERVAL
 

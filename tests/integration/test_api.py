@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import pb
+from client import AlreadyExistsError, InvalidArgumentError, LetheError, NotFoundError, pb
 from client.audit import verify_chain
 from tests.support import digits, make_config, running_app
 
@@ -50,9 +50,9 @@ def test_learn_predict_unlearn_round_trip(server, tmp_path: Path) -> None:  # ty
     assert unlearn.kind == pb.UNLEARN and unlearn.model_version == 3
     assert "spill" in unlearn.metrics and "purged_bytes" in unlearn.metrics and unlearn.metrics["purged_bytes"] > 0
     assert unlearn.metrics["spill"] < 1e-6  # finetune deletes a head: nothing else can move
-    with pytest.raises(grpc.RpcError) as refused:
+    with pytest.raises(LetheError) as refused:
         client.predict("zero-one", x01[:5])
-    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "unlearned" in refused.value.details()
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION and "unlearned" in refused.value.message
     audited = client.predict("zero-one", x01, allow_unlearned=True)  # an auditor's check (admin, audited)
     assert audited.outputs.shape == (len(y01), 10) and set(audited.classes) <= {0, 1}
 
@@ -111,9 +111,9 @@ def test_idempotent_retries_create_one_job(server) -> None:  # type: ignore[no-u
     u1 = server.client.unlearn("six-seven", idempotency_key="forget-key")
     u2 = server.client.unlearn("six-seven", idempotency_key="forget-key")
     assert u1.id == u2.id
-    with pytest.raises(grpc.RpcError) as reused:
+    with pytest.raises(LetheError) as reused:
         server.client.learn("other", x, y, idempotency_key="same-key")
-    assert reused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reused.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert len(server.client.jobs()) == 2
 
 
@@ -137,31 +137,33 @@ def test_cancel_queued_job_and_errors(server) -> None:  # type: ignore[no-untype
     waiting = client.learn("waiting", x2, y2)
     cancelled = client.cancel(waiting.id)
     assert cancelled.state == pb.CANCELLED
-    with pytest.raises(grpc.RpcError) as again:
+    with pytest.raises(LetheError) as again:
         client.cancel(waiting.id)
-    assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    with pytest.raises(grpc.RpcError) as missing:
+    assert again.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(LetheError) as missing:
         client.task("waiting")  # a cancelled learn frees the name: the task never existed in the model
-    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-    with pytest.raises(grpc.RpcError) as unknown_job:
+    assert missing.value.code == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(NotFoundError) as unknown_job:
         client.job("0" * 32)
-    assert unknown_job.value.code() == grpc.StatusCode.NOT_FOUND
-    with pytest.raises(grpc.RpcError) as bad_id:
+    assert unknown_job.value.code == grpc.StatusCode.NOT_FOUND and unknown_job.value.reason == "JOB_NOT_FOUND"
+    with pytest.raises(InvalidArgumentError) as bad_id:
         client.job("../etc/passwd")
-    assert bad_id.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "id" in bad_id.value.details()
-    with pytest.raises(grpc.RpcError) as unknown_task:
+    assert bad_id.value.code == grpc.StatusCode.INVALID_ARGUMENT and "id" in bad_id.value.message
+    assert bad_id.value.field == "id" and bad_id.value.reason == "INVALID_JOB_ID"
+    with pytest.raises(LetheError) as unknown_task:
         client.unlearn("nobody")
-    assert unknown_task.value.code() == grpc.StatusCode.NOT_FOUND
-    with pytest.raises(grpc.RpcError) as learning:
+    assert unknown_task.value.code == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(LetheError) as learning:
         client.predict("busy", x[:3])
-    assert learning.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert learning.value.code == grpc.StatusCode.FAILED_PRECONDITION
     client.wait(busy.id)
-    with pytest.raises(grpc.RpcError) as twice:
+    with pytest.raises(AlreadyExistsError) as twice:  # a name that exists (gRPC status guide: ALREADY_EXISTS)
         client.learn("busy", x, y)
-    assert twice.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "already learned" in twice.value.details()
-    with pytest.raises(grpc.RpcError) as method:
+    assert twice.value.code == grpc.StatusCode.ALREADY_EXISTS and "already learned" in twice.value.message
+    assert twice.value.reason == "TASK_EXISTS" and twice.value.metadata == {"task": "busy", "state": "learned"}
+    with pytest.raises(LetheError) as method:
         client.unlearn("busy", method="scrub")
-    assert method.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "delete-head" in method.value.details()
+    assert method.value.code == grpc.StatusCode.INVALID_ARGUMENT and "delete-head" in method.value.message
 
 
 def test_predict_keeps_answering_while_a_job_trains(server) -> None:  # type: ignore[no-untyped-def]

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import LetheClient, pb
+from client import LetheClient, LetheError, pb
 from server.rpc import hash_token
 from tests.support import digits, make_config, running_app
 
@@ -27,9 +27,9 @@ ENTRIES = (
 
 
 def _code(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
-    with pytest.raises(grpc.RpcError) as error:
+    with pytest.raises(LetheError) as error:
         call()
-    return error.value.code()  # type: ignore[no-any-return]
+    return error.value.code  # type: ignore[no-any-return]
 
 
 def test_tokens_and_scopes(tmp_path: Path) -> None:

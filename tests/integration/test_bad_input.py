@@ -1,7 +1,9 @@
 """Hostile and malformed requests through a real server, on SQLite and PostgreSQL.
 
 Every case is sent with the raw stub and must be refused with the exact status code and a message
-that names the offending field and what is allowed; afterwards the server still answers a valid
+that names the offending field and what is allowed; its ``google.rpc.Status`` details carry an
+``ErrorInfo`` reason and, for INVALID_ARGUMENT, a ``BadRequest`` field violation naming the same field
+(the first fragment of the case); afterwards the server still answers a valid
 Predict, and nothing changed: the same tasks, jobs, audit events, model version, ``data_files``
 rows, and no file left in ``spool/`` (nor any ``.partial``/``.tmp`` file) under the data directory.
 
@@ -11,6 +13,7 @@ state is a LEARNED task ``known`` and an UNLEARNED task ``forgotten``.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +28,7 @@ import pytest
 from client import pb
 from protos import lethe_pb2_grpc as pb_grpc
 from protos.tensors import to_tensor
+from server.app import App
 from tests.crash_harness import (
     BACKENDS,
     Snapshot,
@@ -37,6 +41,8 @@ from tests.crash_harness import (
     tensor,
     wait_for,
 )
+from tests.fakes import SlowStrategy, factory
+from tests.rich_status import status_details
 from tests.support import Running, digits, make_config, running_app
 
 LIMITS: dict[str, Any] = {
@@ -143,11 +149,16 @@ class Case:
     call: Callable[[Env], Any]
     #: Request fields (``Message.field``) this case attacks; every field must be attacked somewhere.
     covers: tuple[str, ...] = ()
+    #: The ErrorInfo reason expected (None: any UPPER_SNAKE reason).
+    reason: str | None = None
+    #: Refused by gRPC itself before any Lethe code runs (message size): no details.
+    by_grpc: bool = False
 
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+EXISTS = grpc.StatusCode.ALREADY_EXISTS
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 NAMES = "letters, digits"  # the allowed-characters part of every task-name message
 
@@ -330,6 +341,7 @@ INPUT_CASES = [
         ("chunk[1].inputs.data", "finite"),
         learn_one(learn_chunk(filled(np.nan), Y4)),
         ("Tensor.data",),
+        reason="NON_FINITE_INPUT",
     ),
     Case(
         "inputs-float32-inf",
@@ -452,6 +464,7 @@ LABEL_CASES = [
         ("chunk[1].labels.data", "[0, 10)", "got 10"),
         learn_one(learn_chunk(X4, labels([0, 10, 1, 0]))),
         ("SampleChunk.labels",),
+        reason="LABEL_OUT_OF_RANGE",
     ),
     Case(
         "labels-huge",
@@ -523,6 +536,7 @@ LIMIT_CASES = [
         ("larger than max",),
         learn_one(learn_chunk(x_tensor(data=b"\0" * 300_000), Y4)),
         ("LearnRequest.chunk",),
+        by_grpc=True,
     ),
     Case(
         "predict-message-over-max-size",
@@ -530,6 +544,7 @@ LIMIT_CASES = [
         ("larger than max",),
         predict(inputs=x_tensor(data=b"\0" * 300_000)),
         ("PredictRequest.inputs",),
+        by_grpc=True,
     ),
     Case(
         "predict-over-max-samples",
@@ -537,6 +552,7 @@ LIMIT_CASES = [
         ("inputs.shape", "limits.max_predict_samples", "65 samples", "64"),
         predict(inputs=to_tensor(X[:65])),
         ("PredictRequest.inputs",),
+        reason="TOO_MANY_SAMPLES",
     ),
     Case(
         "predict-huge-sample-dim",
@@ -576,17 +592,19 @@ HEADER_CASES = [
     Case("task-empty", INVALID, ("header.task", "required"), learn_header_only(task=""), ("LearnHeader.task",)),
     Case(
         "task-already-learned",
-        PRECONDITION,
+        EXISTS,
         ("'known'", "already learned"),
         learn_header_only(task="known"),
         ("LearnHeader.task",),
+        reason="TASK_EXISTS",
     ),
     Case(
         "task-name-of-unlearned",
-        PRECONDITION,
+        EXISTS,
         ("'forgotten'", "unlearned", "never reused"),
         learn_header_only(task="forgotten"),
         ("LearnHeader.task",),
+        reason="TASK_NAME_RETIRED",
     ),
     Case(
         "idempotency-key-too-long",
@@ -608,6 +626,7 @@ HEADER_CASES = [
         ("idempotency_key", "known-key", "'known'"),
         learn_header_only(idempotency_key="known-key"),
         ("LearnHeader.idempotency_key",),
+        reason="IDEMPOTENCY_KEY_REUSED",
     ),
     Case(
         "learning-rate-nan",
@@ -737,6 +756,7 @@ UNLEARN_CASES = [
         ("'nobody'", "does not exist"),
         unlearn(task="nobody"),
         ("UnlearnRequest.task",),
+        reason="TASK_NOT_FOUND",
     ),
     Case("unlearn-empty-task", INVALID, ("task", "required"), unlearn(task=""), ("UnlearnRequest.task",)),
     Case("unlearn-path-task", INVALID, ("task", NAMES), unlearn(task="../known"), ("UnlearnRequest.task",)),
@@ -747,6 +767,7 @@ UNLEARN_CASES = [
         ("'forgotten'", "already unlearned"),
         unlearn(task="forgotten"),
         ("UnlearnRequest.task",),
+        reason="TASK_UNLEARNED",
     ),
     Case(
         "unlearn-unknown-method",
@@ -950,7 +971,14 @@ JOB_CASES = [
         for slug, job_id in BAD_JOB_IDS.items()
         for verb, call in (("get-job", get_job), ("cancel-job", cancel_job), ("watch-job", watch_job))
     ],
-    Case("get-job-unknown", NOT_FOUND, (UNKNOWN_JOB, "does not exist"), get_job(UNKNOWN_JOB), ("GetJobRequest.id",)),
+    Case(
+        "get-job-unknown",
+        NOT_FOUND,
+        (UNKNOWN_JOB, "does not exist"),
+        get_job(UNKNOWN_JOB),
+        ("GetJobRequest.id",),
+        reason="JOB_NOT_FOUND",
+    ),
     Case(
         "cancel-job-unknown", NOT_FOUND, (UNKNOWN_JOB, "does not exist"), cancel_job(UNKNOWN_JOB), ("GetJobRequest.id",)
     ),
@@ -963,6 +991,7 @@ JOB_CASES = [
         ("succeeded", "only queued or running jobs"),
         lambda env: env.stub.CancelJob(pb.GetJobRequest(id=env.known_job), timeout=30),
         ("GetJobRequest.id",),
+        reason="JOB_ENDED",
     ),
 ]
 
@@ -1085,8 +1114,31 @@ def test_refused_with_status_and_field_and_nothing_changes(env: Env, case: Case)
     assert code == case.code, f"{code.name}: {details}"
     for fragment in case.fragments:
         assert fragment in details, f"{fragment!r} missing from {details!r}"
+    assert_rich_details(refused.value, case)
     env.assert_serving()
     assert_unchanged(env, before)
+
+
+def assert_rich_details(error: grpc.RpcError, case: Case) -> None:
+    """ErrorInfo on every refusal Lethe makes; for INVALID_ARGUMENT one BadRequest naming the case's field."""
+    rich = status_details(error)
+    if case.by_grpc:
+        assert rich is None  # gRPC itself refused the message before Lethe saw it
+        return
+    assert rich is not None, "no google.rpc.Status in grpc-status-details-bin"
+    assert rich.domain == "lethe.v1" and rich.reason and re.fullmatch(r"[A-Z][A-Z0-9_]*[A-Z0-9]", rich.reason)
+    if case.reason is not None:
+        assert rich.reason == case.reason
+    if case.code == INVALID:
+        field = case.fragments[0]  # every INVALID_ARGUMENT case names its field first
+        assert [name for name, _ in rich.field_violations] == [field], rich.field_violations
+        description = rich.field_violations[0][1]
+        assert description and (error.details() or "") == f"{field}: {description}"
+        assert rich.metadata.get("field") == field
+    else:
+        assert rich.field_violations == []
+    if case.code in (INVALID, NOT_FOUND, PRECONDITION, EXISTS, EXHAUSTED):
+        assert rich.retry_after is None  # size limits and refusals that waiting cannot cure
 
 
 # --------------------------------------------------------------------------- hostile but valid
@@ -1241,7 +1293,7 @@ def test_requests_on_tasks_still_learning(tmp_path: Path) -> None:
                 assert f"'{task}'" in refused.value.details() and "still being learned" in refused.value.details()
                 with pytest.raises(grpc.RpcError) as again:
                     stub.Learn(iter([learn_header(task=task), learn_chunk(X4, Y4)]), timeout=30)
-                assert again.value.code() == PRECONDITION and "already learning" in again.value.details()
+                assert again.value.code() == EXISTS and "already learning" in again.value.details()
             assert snapshot(client, tmp_path / "data", running.app.engine) == before
             # Cancelling the queued one frees its name and deletes its spooled data.
             assert client.cancel(queued.id).state == pb.CANCELLED
@@ -1250,6 +1302,55 @@ def test_requests_on_tasks_still_learning(tmp_path: Path) -> None:
             # The running one stops at its next step (DESIGN.md section 9): same, nothing left.
             assert stub.CancelJob(pb.GetJobRequest(id=endless.id), timeout=30).state == pb.CANCELLED
             assert client.tasks() == [] and not list((tmp_path / "data" / "spool").iterdir())
+
+
+def test_refusals_say_whether_and_when_to_retry(tmp_path: Path) -> None:
+    """UNAVAILABLE (a task whose samples are being forgotten) and a full queue carry RetryInfo and their
+    reason; a taken task name is ALREADY_EXISTS without one: waiting cannot free it."""
+    release = threading.Event()
+    release.set()
+    url = f"sqlite:///{tmp_path / 'lethe.db'}"
+    config = make_config(
+        tmp_path / "data", url, **{**LIMITS, "limits.max_queued_jobs": 1, "training.retain_training_data": True}
+    )
+    slow = factory(App(config).build_strategy, lambda strategy: SlowStrategy(strategy, release))
+    ids = [f"person-{i}" for i in range(80)]
+    with (
+        running_app(config, strategy_factory=slow) as running,
+        grpc.insecure_channel(running.target) as channel,
+    ):
+        client, stub = running.client, pb_grpc.LetheStub(channel)
+        client.wait(client.learn("a", X[:80], Y[:80], sample_ids=ids).id)
+        release.clear()  # the next job holds the worker until released
+        forgetting = client.forget_samples(ids[:1])
+        wait_for(lambda: client.job(forgetting.id).state == pb.RUNNING, 60, "the records unlearn to start")
+
+        with pytest.raises(grpc.RpcError) as busy:
+            stub.Predict(pb.PredictRequest(task="a", inputs=to_tensor(X4)), timeout=30)
+        assert busy.value.code() == grpc.StatusCode.UNAVAILABLE, busy.value.details()
+        rich = status_details(busy.value)
+        assert rich is not None and rich.domain == "lethe.v1" and rich.reason == "TASK_BEING_FORGOTTEN"
+        assert rich.retry_after is not None and rich.retry_after > 0
+
+        queued = client.learn("b", X[:20], Y[:20])
+        assert queued.state == pb.QUEUED
+        with pytest.raises(grpc.RpcError) as full:
+            stub.Learn(iter([learn_header(task="c"), learn_chunk(X4, Y4)]), timeout=30)
+        assert full.value.code() == EXHAUSTED and "queue is full" in (full.value.details() or "")
+        rich = status_details(full.value)
+        assert rich is not None and rich.reason == "QUEUE_FULL" and rich.metadata == {"max_queued_jobs": "1"}
+        assert rich.retry_after == 10.0
+        assert rich.kinds == ["google.rpc.RetryInfo", "google.rpc.ErrorInfo"]
+
+        for name, state in (("a", "learned"), ("b", "learning")):
+            with pytest.raises(grpc.RpcError) as taken:
+                stub.Learn(iter([learn_header(task=name), learn_chunk(X4, Y4)]), timeout=30)
+            assert taken.value.code() == EXISTS, taken.value.details()
+            rich = status_details(taken.value)
+            assert rich is not None and rich.reason == "TASK_EXISTS" and rich.retry_after is None
+            assert rich.metadata == {"task": name, "state": state}
+        release.set()
+        assert client.wait(forgetting.id).state == pb.SUCCEEDED
 
 
 # --------------------------------------------------------------------------- coverage of the contract

@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client import pb
+from client import LetheError, pb
 from client.audit import verify_chain
 from tests.crash_harness import (
     CrashHarness,
@@ -113,7 +113,7 @@ def _random_phase(harness: CrashHarness, trial: int, prefix: str) -> None:
         harness.wait_state(target.id, (pb.RUNNING, pb.SUCCEEDED), min_progress=rng.uniform(0, 0.5), interval=0.002)
 
         def cancel() -> None:
-            with contextlib.suppress(grpc.RpcError):  # killed meanwhile, or already finished
+            with contextlib.suppress(LetheError):  # killed meanwhile, or already finished
                 client.cancel(target.id)
 
         canceller = threading.Thread(target=cancel)

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
-from client import LetheClient, pb
+from client import LetheClient, LetheError, pb
 from server.storage import normalize_url
 from tests.databases import postgres_admin_url
 from tests.support import digits, make_config, running_app
@@ -36,9 +36,9 @@ def test_postgres_outage_gives_unavailable_then_recovers(tmp_path: Path, databas
             admin.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
         try:
             assert c.predict("before", x[:8]).classes.shape == (8,)  # serving never touches SQL
-            with LetheClient(server.target, retries=1) as once, pytest.raises(grpc.RpcError) as down:
+            with LetheClient(server.target, retries=1) as once, pytest.raises(LetheError) as down:
                 once.learn("during", x, y)
-            assert down.value.code() == grpc.StatusCode.UNAVAILABLE and "database" in down.value.details()
+            assert down.value.code == grpc.StatusCode.UNAVAILABLE and "database" in down.value.message
             assert not list((tmp_path / "data" / "spool").glob("*"))  # the spooled stream was removed
         finally:
             with engine.connect() as admin:  # ... and comes back
@@ -48,8 +48,8 @@ def test_postgres_outage_gives_unavailable_then_recovers(tmp_path: Path, databas
             try:
                 job = c.wait(c.learn("after", *digits([2, 3])).id)
                 break
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+            except LetheError as exc:
+                if exc.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
         assert job.state == pb.SUCCEEDED

@@ -146,10 +146,9 @@ def test_bearer_scheme_is_case_insensitive_and_refusals_are_audited_at_a_limited
                 stub.GetModel(pb.GetModelRequest(), metadata=(("authorization", "Bearer wrong"),), timeout=5)
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         registry = server.app.registry
-        assert (
-            registry.get_sample_value("lethe_auth_denied_total", {"method": "GetModel", "code": "UNAUTHENTICATED"})
-            == 30
-        )
+        assert registry.get_sample_value("lethe_auth_denied_total", {"code": "UNAUTHENTICATED"}) == 30
+        requests = {"method": "GetModel", "code": "UNAUTHENTICATED"}
+        assert registry.get_sample_value("lethe_grpc_requests_total", requests) == 30
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # the audit rows are written off the event loop
             denied = [e for e in server.client.audit_events() if e.action == "auth.denied"]
@@ -174,11 +173,11 @@ def test_a_request_that_passes_validation_never_fails_on_its_response_size(tmp_p
         many = np.resize(x, (rows, *x.shape[1:])).astype(np.float32)
         with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
             stub = LetheStub(channel)
-            answer = stub.Predict(pb.PredictRequest(inputs=to_tensor(many)), timeout=60)
+            answer = stub.Predict(pb.PredictRequest(task="a", inputs=to_tensor(many)), timeout=60)
             assert len(answer.classes) == rows
             more = np.resize(x, (rows + 1, *x.shape[1:])).astype(np.float32)
             with pytest.raises(grpc.RpcError) as refused:
-                stub.Predict(pb.PredictRequest(inputs=to_tensor(more)), timeout=60)
+                stub.Predict(pb.PredictRequest(task="a", inputs=to_tensor(more)), timeout=60)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "server.max_message_bytes" in (refused.value.details() or "")
             assert str(rows) in (refused.value.details() or "")

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client import pb
+from client import LetheError, pb
 from client.audit import verify_chain
 from protos import lethe_pb2_grpc as pb_grpc
 from protos.tensors import to_tensor
@@ -370,8 +370,8 @@ def test_cancel_and_unlearn_racing_the_worker_are_consistent(
                 else:
                     answer = client.unlearn(f"race-{i}")
                     told[job.id] = "CANCELLED" if "never reached" in answer.message else "QUEUED"
-            except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc.details()
+            except LetheError as exc:
+                assert exc.code == grpc.StatusCode.FAILED_PRECONDITION, exc.message
                 told[job.id] = "RUNNING"  # the worker was first: too late to cancel
         worker = running.app.worker
         assert worker is not None

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
-from client import pb
+from client import LetheError, pb
 from server.app import App
 from server.config import Config
 from tests.crash_harness import health_status, unaccounted_files, wait_for
@@ -67,9 +67,9 @@ def test_cancel_of_a_running_learn_restores_the_model_bit_for_bit(tmp_path: Path
         assert c.model().version == version
         after = c.predict("kept", x[:64], probabilities=True)
         assert after.outputs.tobytes() == before.outputs.tobytes()  # bit-identical
-        with pytest.raises(grpc.RpcError) as gone:
+        with pytest.raises(LetheError) as gone:
             c.task("endless")
-        assert gone.value.code() == grpc.StatusCode.NOT_FOUND  # never reached the model: name free
+        assert gone.value.code == grpc.StatusCode.NOT_FOUND  # never reached the model: name free
         actions = [e.action for e in c.audit_events(task="endless")]
         assert actions.count("job.cancelled") == 1 and "data.purged" in actions
         assert _jobs_total(server.app, "learn", "cancelled") == 1
@@ -89,10 +89,10 @@ def test_cancel_of_a_running_unlearn_is_refused(tmp_path: Path, database_url: st
         release.clear()
         unlearn = c.unlearn("a")
         _wait_running(c, unlearn.id)
-        with pytest.raises(grpc.RpcError) as refused:
+        with pytest.raises(LetheError) as refused:
             c.cancel(unlearn.id)
-        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "once started, finishes" in refused.value.details()
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "once started, finishes" in refused.value.message
         release.set()
         assert c.wait(unlearn.id).state == pb.SUCCEEDED
         assert c.task("a").state == pb.UNLEARNED
@@ -183,7 +183,7 @@ def test_database_outage_during_a_running_learn_does_not_fail_it(tmp_path: Path,
             try:
                 final = c.wait(job.id)
                 break
-            except grpc.RpcError:
+            except LetheError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)

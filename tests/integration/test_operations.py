@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from client import LetheClient, pb
+from client import LetheClient, LetheError, pb
 from client.cli import main as lethe
 from server.app import App
 from server.config import ConfigError, load_config
@@ -178,7 +178,7 @@ def test_sigterm_drains_and_interrupted_job_resumes(tmp_path: Path) -> None:
         with LetheClient(restarted.target) as client:
             done = client.wait(job.id, timeout=300)
             assert done.state == pb.SUCCEEDED and client.task("long").state == pb.LEARNED
-            with pytest.raises(grpc.RpcError):
+            with pytest.raises(LetheError):
                 client.job("f" * 32)
     finally:
         restarted.terminate()
@@ -208,9 +208,9 @@ def test_full_disk_during_spooling_is_refused_cleanly_then_recovers(tmp_path: Pa
         with LetheClient(server.target, retries=1) as client:
             x, y = digits(list(range(10)))
             big = np.concatenate([x] * 5)  # 8985 samples x 256 B: a 2.3 MB spool file
-            with pytest.raises(grpc.RpcError) as full:
+            with pytest.raises(LetheError) as full:
                 client.learn("too-big", big, np.concatenate([y] * 5))
-            assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "disk is full" in full.value.details()
+            assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "disk is full" in full.value.message
             assert not list((tmp_path / "data" / "spool").iterdir())  # the partial spool is gone
             assert client.tasks() == [] and client.jobs() == []
             job = client.wait(client.learn("fits", *digits([0, 1])).id)  # space again: business as usual

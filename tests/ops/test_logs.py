@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
-from client import LetheClient, pb
+from client import LetheClient, LetheError, pb
 from server.logs import ContextFilter, JsonFormatter, log_context
 from tests.support import ROOT, digits, free_port, wait_ready
 
@@ -76,13 +76,13 @@ def test_server_logs_json_with_context_and_no_secrets(tmp_path: Path) -> None:
         with LetheClient(target, token=token) as client:
             learn = client.wait(client.learn("patterned", inputs, labels).id)
             bad = inputs[:4, :, :4]  # wrong shape: refused with INVALID_ARGUMENT, still never logged
-            with pytest.raises(grpc.RpcError) as refused:
+            with pytest.raises(LetheError) as refused:
                 client.learn("refused", bad, labels[:4])
-            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
             unlearn = client.wait(client.unlearn("patterned", reason="logging test").id)
-        with LetheClient(target, token=wrong_token, retries=1) as intruder, pytest.raises(grpc.RpcError) as denied:
+        with LetheClient(target, token=wrong_token, retries=1) as intruder, pytest.raises(LetheError) as denied:
             intruder.tasks()
-        assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert denied.value.code == grpc.StatusCode.UNAUTHENTICATED
     finally:
         process.send_signal(signal.SIGTERM)
         try:
