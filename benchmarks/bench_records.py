@@ -34,17 +34,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import (
-    BenchmarkResult,
-    RunOptions,
-    Stopwatch,
-    compare,
-    machine_info,
-    machine_summary,
-    now_utc,
-    result_markdown,
-)
+from benchmarks.report import BenchmarkResult, RunOptions, machine_info, machine_summary, now_utc, result_markdown
 from benchmarks.repro_lure import make_stream
+from benchmarks.timing import Stopwatch, compare
 from server.config import load_config
 from server.engine.lure import LureStrategy
 from server.engine.protocol import LearnOptions, TaskData, no_progress

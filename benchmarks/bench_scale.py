@@ -43,7 +43,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import BenchmarkResult, RunOptions, Stopwatch, compare
+from benchmarks.report import BenchmarkResult, RunOptions
+from benchmarks.timing import Stopwatch, compare
 from client.datasets import load_digits
 from server.engine.protocol import LearnOptions, TaskData, no_progress
 

@@ -54,21 +54,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import (
-    BenchmarkResult,
-    RunOptions,
-    Stopwatch,
-    compare,
-    machine_info,
-    machine_summary,
-    now_utc,
-    result_markdown,
-)
+from benchmarks.report import BenchmarkResult, RunOptions, machine_info, machine_summary, now_utc, result_markdown
+from benchmarks.servers import lethe_server
+from benchmarks.timing import Stopwatch, compare
 from client import FailedPreconditionError, LetheClient, LetheError
 from client.datasets import load_digits
 from protos import lethe_pb2 as pb
 from server.config import TrainingSection
-from tests.support import deployed_server
 
 NAME = "submit"
 #: The issue's goal: Learn p99 during an unlearn's evaluation at most this many times the idle p99.
@@ -428,7 +420,9 @@ def measure(
         The idle submissions, the idle polls, one :class:`UnlearnRun` per repetition, and the
         number of tasks the server held at the end.
     """
-    with deployed_server(root / "data", f"training.max_probe_samples={settings.probe_samples}") as server:
+    # Every setting at the server's defaults (no BASE_SETTINGS) except the probe cap; metrics on a free port.
+    server_settings = {"training.max_probe_samples": settings.probe_samples, "server.metrics_port": 0}
+    with lethe_server(root / "data", server_settings, base={}, client_timeout=60) as server:
         client = server.client
         log(f"submit: server at {server.target}; learning {settings.tasks} tasks ...")
         jobs = []

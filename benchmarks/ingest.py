@@ -20,6 +20,7 @@ chunks, with the server's own functions; it shows where the time goes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 import statistics
@@ -32,15 +33,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from benchmarks.common import (
-    BenchmarkResult,
-    RunOptions,
-    Stopwatch,
-    bare_server,
-    bench_config,
-    compare,
-    lethe_server,
-)
+from benchmarks.report import BenchmarkResult, RunOptions
+from benchmarks.servers import bare_server, lethe_server
+from benchmarks.timing import Stopwatch, compare, interleaved
 from client import DEFAULT_CHUNK_BYTES, FailedPreconditionError, LetheClient
 from protos import lethe_pb2 as pb
 from protos.tensors import from_tensor, to_tensor
@@ -187,45 +182,52 @@ def run(options: RunOptions) -> BenchmarkResult:
     payload = inputs.nbytes + labels.nbytes
     megabytes = payload / MB
     root = Path(tempfile.mkdtemp(prefix="ingest-", dir=options.data_dir))
-    echo_rates: list[float] = []
-    lethe_rates: list[float] = []
     result = BenchmarkResult(NAME, "Learn ingest throughput")
     with Stopwatch() as total:
-        config = bench_config(
-            root / "lethe",
-            **{
-                "model.backbone": "mlp",
-                "model.width": 64,
-                "model.input_shape": ",".join(map(str, settings.input_shape)),
-                "server.threads": settings.threads,
-                "server.max_message_bytes": settings.max_message_bytes,
-                "limits.max_stream_bytes": 1 << 40,
-                "limits.max_queued_jobs": 1000,
-            },
-        )
+        server_settings = {
+            "model.backbone": "mlp",
+            "model.width": 64,
+            "model.input_shape": ",".join(map(str, settings.input_shape)),
+            "server.threads": settings.threads,
+            "server.max_message_bytes": settings.max_message_bytes,
+            "limits.max_stream_bytes": 1 << 40,
+            "limits.max_queued_jobs": 1000,
+        }
         with (
-            bare_server(echo_handlers, threads=settings.threads, max_message_bytes=settings.max_message_bytes) as echo,
-            lethe_server(config) as client,
+            bare_server(
+                "benchmarks.ingest:echo_handlers",
+                threads=settings.threads,
+                max_message_bytes=settings.max_message_bytes,
+            ) as echo,
+            lethe_server(root / "lethe", server_settings) as lethe,
         ):
-            # Round 0 is a warm-up (connections, allocator, first-call paths, first SQL transaction).
-            for r in range(settings.repeats + 1):
+            client = lethe.client
+            names = (f"ingest-{r}" for r in itertools.count())
+
+            def echo_rate() -> float:
                 with Stopwatch() as t:
                     reply = echo.learn("echo", inputs, labels, chunk_bytes=settings.chunk_bytes)
                 if reply.metrics["bytes"] != inputs.nbytes:
                     raise RuntimeError(f"echo received {reply.metrics['bytes']} bytes, sent {inputs.nbytes}")
-                echo_seconds = t.seconds
+                return megabytes / t.seconds
+
+            def lethe_rate() -> float:
                 with Stopwatch() as t:
                     job = client.learn(
-                        f"ingest-{r}", inputs, labels, epochs=1, batch_size=1024, chunk_bytes=settings.chunk_bytes
+                        next(names), inputs, labels, epochs=1, batch_size=1024, chunk_bytes=settings.chunk_bytes
                     )
                 _settle(client, job)
-                if r == 0:
-                    continue
-                echo_rates.append(megabytes / echo_seconds)
-                lethe_rates.append(megabytes / t.seconds)
-                log(
-                    f"  ingest {r}/{settings.repeats}: echo {echo_rates[-1]:.0f} MB/s, Lethe {lethe_rates[-1]:.0f} MB/s"
-                )
+                return megabytes / t.seconds
+
+            # The warm-up round covers connections, the allocator, first-call paths and the first SQL transaction.
+            rates = interleaved(
+                {"echo": echo_rate, "Lethe": lethe_rate},
+                settings.repeats,
+                log=lambda r, x: log(
+                    f"  ingest {r}/{settings.repeats}: echo {x['echo']:.0f} MB/s, Lethe {x['Lethe']:.0f} MB/s"
+                ),
+            )
+            echo_rates, lethe_rates = rates["echo"], rates["Lethe"]
         runs = [breakdown(inputs, labels, settings, root) for _ in range(settings.repeats)]
         steps = [(name, statistics.median(r[name] for r in runs)) for name in BREAKDOWN_STEPS]
     shutil.rmtree(root, ignore_errors=True)

@@ -19,35 +19,27 @@ costs tens of milliseconds). The variants run interleaved, repetition by repetit
 
 from __future__ import annotations
 
-import contextlib
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import torch
 
-from benchmarks.common import (
-    BenchmarkResult,
-    RunOptions,
-    Stopwatch,
-    bare_server,
-    bench_config,
-    compare,
-    lethe_server,
-)
+from benchmarks.report import BenchmarkResult, RunOptions
+from benchmarks.servers import BASE_SETTINGS, bare_server, lethe_server
+from benchmarks.timing import ClientThreads, Stopwatch, compare, interleaved
 from client import LetheClient
 from client.datasets import load_digits
 from protos import lethe_pb2 as pb
 from protos.tensors import from_tensor, to_tensor
 from server.app import App
 from server.checkpoints import CheckpointStore
-from server.config import Config, ServerSection
+from server.config import Config, ServerSection, load_config
 from server.engine.protocol import Predictor
 
 NAME = "predict"
@@ -130,53 +122,6 @@ def _task_data(case: ModelCase, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return inputs, rng.integers(0, 10, size=case.learn_samples, dtype=np.int64)
 
 
-class ClientThreads:
-    """Long-lived client threads that run a measurement body concurrently.
-
-    The same threads serve every measurement, for the baseline as for gRPC: a fresh thread would
-    start a fresh OpenMP team in torch on its first call, which the server's pool threads do not pay.
-    """
-
-    def __init__(self, size: int) -> None:
-        self._pool = futures.ThreadPoolExecutor(max_workers=size, thread_name_prefix="bench-client")
-        self.size = size
-
-    def run(self, body: Callable[[float], int], threads: int, seconds: float) -> float:
-        """Run ``body(deadline)`` (returns samples handled) on ``threads`` threads at once; return samples/s.
-
-        All threads start at one barrier; the time runs from the barrier to the end of the last one.
-        """
-        if threads > self.size:
-            raise ValueError(f"{threads} threads requested, the pool has {self.size}")
-        barrier = threading.Barrier(threads + 1)
-
-        def start() -> int:
-            barrier.wait()
-            return body(time.perf_counter() + seconds)
-
-        running = [self._pool.submit(start) for _ in range(threads)]
-        barrier.wait()
-        started = time.perf_counter()
-        samples = sum(f.result() for f in running)
-        return samples / (time.perf_counter() - started)
-
-    def close(self) -> None:
-        """Stop the threads."""
-        self._pool.shutdown()
-
-
-def throughput(pool: ClientThreads, call: Callable[[], int], threads: int, seconds: float) -> float:
-    """Samples per second of ``call`` (returns the samples it handled) looped on ``threads`` threads for ``seconds``."""
-
-    def body(deadline: float) -> int:
-        samples = 0
-        while time.perf_counter() < deadline:
-            samples += call()
-        return samples
-
-    return pool.run(body, threads, seconds)
-
-
 def stream_throughput(
     pool: ClientThreads, client: LetheClient, request: Callable[[], pb.PredictRequest], threads: int, seconds: float
 ) -> float:
@@ -214,6 +159,11 @@ def echo_handlers(batch: int, num_classes: int) -> dict[str, grpc.RpcMethodHandl
     }
 
 
+def server_settings(case: ModelCase) -> dict[str, Any]:
+    """The settings of the server of ``case`` (over :data:`BASE_SETTINGS`)."""
+    return {"model.backbone": case.backbone, "model.input_shape": ",".join(map(str, case.input_shape))}
+
+
 def served_model(config: Config) -> Predictor:
     """The model the server of ``config`` serves, loaded in this process from its latest checkpoint."""
     checkpoint = CheckpointStore(Path(config.storage.data_dir).resolve()).load_latest()
@@ -227,24 +177,21 @@ def served_model(config: Config) -> Predictor:
 def measure_case(case: ModelCase, settings: PredictSettings, data_dir: Path, options: RunOptions) -> CaseMeasurements:
     """Learn a task on a fresh server for ``case``, then measure every variant at every thread count."""
     inputs, labels = _task_data(case)
-    config = bench_config(
-        data_dir,
-        **{"model.backbone": case.backbone, "model.input_shape": ",".join(map(str, case.input_shape))},
-    )
+    overrides = server_settings(case)
+    config = load_config(env={}, overrides={**BASE_SETTINGS, **overrides, "storage.data_dir": str(data_dir)})
     measured = CaseMeasurements()
     section = ServerSection()
-    pool = ClientThreads(max(settings.threads))
     with (
-        contextlib.closing(pool),
-        lethe_server(config) as client,
+        ClientThreads(max(settings.threads)) as pool,
+        lethe_server(data_dir, overrides) as lethe,
         bare_server(
-            echo_handlers,
-            settings.batch,
-            config.model.num_classes,
+            "benchmarks.predict:echo_handlers",
+            [settings.batch, config.model.num_classes],
             threads=section.threads,
             max_message_bytes=section.max_message_bytes,
         ) as echo,
     ):
+        client = lethe.client
         client.wait(client.learn(TASK, inputs, labels, epochs=settings.epochs).id, timeout=900)
         batch = np.ascontiguousarray(inputs[: settings.batch])
         tensor = torch.from_numpy(batch)
@@ -258,25 +205,27 @@ def measure_case(case: ModelCase, settings: PredictSettings, data_dir: Path, opt
         def request() -> pb.PredictRequest:
             return pb.PredictRequest(task=TASK, inputs=to_tensor(batch))
 
-        variants: dict[str, Callable[[int, float], float]] = {
-            "in-process": lambda t, s: throughput(pool, lambda: len(predictor.predict(TASK, tensor)), t, s),
-            "Predict": lambda t, s: throughput(pool, lambda: len(client.predict(TASK, batch).classes), t, s),
-            "PredictStream": lambda t, s: stream_throughput(pool, client, request, t, s),
-            "bare gRPC echo": lambda t, s: throughput(pool, lambda: len(echo.predict(TASK, batch).classes), t, s),
+        calls: dict[str, Callable[[], int]] = {
+            "in-process": lambda: len(predictor.predict(TASK, tensor)),
+            "Predict": lambda: len(client.predict(TASK, batch).classes),
+            "bare gRPC echo": lambda: len(echo.predict(TASK, batch).classes),
         }
-        for measure in variants.values():  # warm-up: allocator, thread pools, first-call code paths
-            measure(1, min(0.2, settings.seconds))
         for threads in settings.threads:
-            rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
-            for r in range(settings.repeats):
-                for name in VARIANTS:
-                    rates[name].append(variants[name](threads, settings.seconds))
+
+            def variant(name: str, threads: int = threads) -> Callable[[], float]:
+                if name == "PredictStream":
+                    return lambda: stream_throughput(pool, client, request, threads, settings.seconds)
+                return lambda: pool.throughput(calls[name], threads, settings.seconds)
+
+            def log(repetition: int, rates: dict[str, float], threads: int = threads) -> None:
                 options.log(
-                    f"  predict {case.name}, {threads} thread(s), {r + 1}/{settings.repeats}: "
-                    + ", ".join(f"{name} {rates[name][-1]:.0f}" for name in VARIANTS)
+                    f"  predict {case.name}, {threads} thread(s), {repetition}/{settings.repeats}: "
+                    + ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items())
                     + " samples/s"
                 )
-            measured.rates[threads] = rates
+
+            variants = {name: variant(name) for name in VARIANTS}
+            measured.rates[threads] = interleaved(variants, settings.repeats, log=log)
     return measured
 
 

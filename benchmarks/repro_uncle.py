@@ -8,15 +8,15 @@ Two benchmarks, each a request sequence of the paper's Table 4 (sequence 1):
   permutation (seed = task index); ``L1 L0 U1 L5 L8 L9 L7 U0 L2 L3 L4 U8 U3 U5 L6``.
 * **split digits**: 5 tasks of two classes, ``{0,1}, {2,3}, ...``; ``L0 L1 U0 L2 L3 L4 U1``.
 
-Every configuration (strategy, unlearning method, options) runs in its own fresh in-process server
+Every configuration (strategy, unlearning method, options) runs in its own fresh server process
 (own data directory and SQLite database), one after the other. Each Learn streams the task's whole
 dataset with ``holdout_fraction = 0.2``: the server trains on 80% and keeps the other 20% as the
 task's probe set, on which it evaluates every task after every job; the accuracy matrix, spill,
 relapse, MIA and UNI all come from the server's own evaluations (``ListEvaluations``, job metrics,
 ``GetTask``). Nothing is computed on the client except averages.
 
-Results go to ``docs/reproduction-uncle.md`` (the block between the ``repro_uncle`` markers; the
-``bench_uncle`` block is kept), plots to ``docs/img/uncle-*.png`` and the raw numbers to
+Results go to ``docs/reproduction-uncle.md`` (its ``repro-uncle`` section; the other sections are
+kept), plots to ``docs/img/uncle-*.png`` and the raw numbers to
 ``var/repro-uncle/results.json``.
 """
 
@@ -26,11 +26,8 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,19 +36,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry
 
+from benchmarks.report import ROOT, machine_line, write_section
+from benchmarks.servers import scratch_lethe_server
 from client import LetheClient, pb
 from client.datasets import Dataset, load_digits
-from server.app import App
-from server.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "reproduction-uncle.md"
 IMG = ROOT / "docs" / "img"
 RAW = ROOT / "var" / "repro-uncle" / "results.json"
-BEGIN, END = "<!-- repro_uncle:begin -->", "<!-- repro_uncle:end -->"
-BENCH_BEGIN, BENCH_END = "<!-- bench_uncle:begin -->", "<!-- bench_uncle:end -->"
+#: The sections of ``DOC`` this module (``repro-uncle``, ``repro-uncle-TAG`` with ``--tag``) and
+#: ``benchmarks.bench_uncle`` (``uncle``) write (:func:`benchmarks.report.write_section`).
+SECTION = "repro-uncle"
+BENCH_SECTION = "uncle"
+TITLE = "# UnCLE reproduction"
 
 #: Fraction of each streamed task the server keeps as its probe set.
 HOLDOUT = 0.2
@@ -196,28 +194,14 @@ def _mean(values: Sequence[float]) -> float:
 
 @contextlib.contextmanager
 def fresh_server(settings: dict[str, Any]) -> Iterator[LetheClient]:
-    """An in-process server with its own empty data directory; yields a connected client."""
-    with tempfile.TemporaryDirectory(prefix="repro-uncle-") as tmp:
-        overrides: dict[str, Any] = {
-            "model.device": "cpu",
-            "server.host": "127.0.0.1",
-            "server.port": 0,
-            "server.metrics_port": -1,
-            "auth.enabled": False,
-            "storage.data_dir": str(Path(tmp) / "data"),
-            "storage.database_url": f"sqlite:///{Path(tmp) / 'lethe.db'}",
-            # Keep forgotten tasks' probe sets for the whole sequence so relapse is measured to the end.
-            "training.forget_probe_ops": 1000,
-            **settings,
-        }
-        app = App(load_config(env={}, overrides=overrides), registry=CollectorRegistry())
-        ports = app.start()
-        client = LetheClient(f"127.0.0.1:{ports.grpc}", retries=3, timeout=120)
-        try:
-            yield client
-        finally:
-            client.close()
-            app.stop(grace=5)
+    """A ``lethe serve`` subprocess with its own empty data directory; yields a connected client."""
+    overrides = {
+        # Keep forgotten tasks' probe sets for the whole sequence so relapse is measured to the end.
+        "training.forget_probe_ops": 1000,
+        **settings,
+    }
+    with scratch_lethe_server(overrides, prefix="repro-uncle-") as server:
+        yield server.client
 
 
 def run_sequence(
@@ -472,17 +456,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    """One line about the machine and software."""
-    import torch
-
-    return (
-        f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
-        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
-        "CPU only (no GPU), shared with other jobs"
-    ).replace("  ", " ")
-
-
 def render(
     results: dict[str, dict[str, list[RunResult]]],
     labels: dict[str, str],
@@ -507,7 +480,7 @@ def render(
         command += f" --set {item}"
     out = [
         f"_Generated by `{command}` on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} "
-        f"in {elapsed / 60:.1f} min of runs; {machine()}._",
+        f"in {elapsed / 60:.1f} min of runs; {machine_line()}, shared with other jobs._",
         "",
         f"Settings: backbone `mlp` (2 hidden layers of {args.width or 256}), {args.epochs} epochs per Learn, "
         f"batch 32, the server's default learning rate (Adam 1e-3 for uncle), torch threads {args.threads}, "
@@ -607,25 +580,6 @@ def render(
             detail.append([labels[variant_key], "; ".join(cells)])
         out += [_table(["configuration", "per seed"], detail), ""]
     return "\n".join(out)
-
-
-def write_block(text: str, begin: str, end: str, path: Path = DOC) -> None:
-    """Replace the block between ``begin`` and ``end`` markers in ``path`` (append it if absent)."""
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    if path.exists():
-        current = path.read_text()
-        if begin in current and end in current:
-            head, rest = current.split(begin, 1)
-            _, tail = rest.split(end, 1)
-            path.write_text(head + block + tail)
-            return
-        path.write_text(current.rstrip() + "\n\n" + block + "\n")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        "# UnCLE reproduction\n\n## Results\n\n" + (block if begin == BEGIN else f"{BEGIN}\n{END}") + "\n\n"
-        "## Benchmarks\n\n" + (block if begin == BENCH_BEGIN else f"{BENCH_BEGIN}\n{BENCH_END}") + "\n"
-    )
 
 
 # ---------------------------------------------------------------------- entry point
@@ -747,12 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_doc:
         print(text)
     else:
-        begin, end = (
-            (BEGIN, END)
-            if not args.tag
-            else (f"<!-- repro_uncle:{args.tag}:begin -->", f"<!-- repro_uncle:{args.tag}:end -->")
-        )
-        write_block(text, begin, end)
+        write_section(DOC, f"{SECTION}-{args.tag}" if args.tag else SECTION, text, title=TITLE)
         print(f"wrote {DOC.relative_to(ROOT)} and {', '.join(plots.values())}; raw results in {args.raw}")
     return 0
 

@@ -26,15 +26,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from benchmarks.common import BenchmarkResult, RunOptions, Stopwatch, compare
+from benchmarks.report import BenchmarkResult, RunOptions
+from benchmarks.servers import start_lethe, stop_lethe
+from benchmarks.timing import Stopwatch, compare
 from client import LetheClient
 from client.audit import verify_chain
 from client.datasets import load_digits
 from protos import lethe_pb2 as pb
-from tests.support import ServerProcess
 
 NAME = "soak"
 #: The issue's goals.
@@ -42,8 +44,14 @@ RSS_GROWTH_GOAL = 0.10
 FD_SLACK = 5
 
 PERMANENT = "permanent"
-#: Server settings on top of tests.support.FAST (later ``--set`` wins).
-SETTINGS = {"model.width": 32, "training.epochs": 1, "training.batch_size": 32, "training.holdout_fraction": 0.2}
+#: Server settings (over benchmarks.servers.BASE_SETTINGS: finetune on the CPU).
+SETTINGS: dict[str, Any] = {
+    "model.backbone": "mlp",
+    "model.width": 32,
+    "training.epochs": 1,
+    "training.batch_size": 32,
+    "training.holdout_fraction": 0.2,
+}
 
 
 @dataclass(frozen=True)
@@ -218,48 +226,44 @@ def soak(
     settings = dict(SETTINGS)
     if forget_probe_ops is not None:
         settings["training.forget_probe_ops"] = forget_probe_ops
-    extra: list[str] = []
-    for key, value in settings.items():
-        extra += ["--set", f"{key}={value}"]
-    server = ServerProcess(server_data, f"sqlite:///{data_dir / 'lethe.db'}", *extra)
+    lethe = start_lethe(server_data, settings, database_url=f"sqlite:///{data_dir / 'lethe.db'}", client_timeout=60)
     try:
-        server.wait_ready()
-        pid = server.process.pid
-        with LetheClient(server.target, retries=3, timeout=60) as client:
-            inputs, labels = digits_task(0)
-            client.wait(client.learn(PERMANENT, inputs, labels).id, timeout=300)
-            baseline_files = snapshot(server_data)
-            load = PredictLoad(server.target, inputs[:predict_batch], predict_threads)
-            load.start()
-            warmup = max(1, cycles // 10)
-            rss_warm = fds_warm = 0
-            rss_trace: list[tuple[int, int, int]] = []
-            probe_files: list[int] = []
-            step = max(1, cycles // 10)
-            names: list[str] = []
-            started = time.perf_counter()
-            try:
-                for cycle in range(1, cycles + 1):
-                    name = f"soak-{cycle:04d}"
-                    names.append(name)
-                    x, y = digits_task(cycle)
-                    client.wait(client.learn(name, x, y).id, timeout=300)
-                    client.predict(name, x[:predict_batch])
-                    client.wait(client.unlearn(name, reason="soak").id, timeout=300)
-                    probe_files.append(len(settled_snapshot(server_data / "probes", quiet=0.02)))
-                    if cycle == warmup:
-                        rss_warm, fds_warm = proc_rss_bytes(pid), proc_fds(pid)
-                    if cycle % step == 0 or cycle == cycles:
-                        rss_trace.append((cycle, proc_rss_bytes(pid), proc_fds(pid)))
-                        log(f"  cycle {cycle}/{cycles}: rss {rss_trace[-1][1] / 2**20:.1f} MiB, fds {rss_trace[-1][2]}")
-                seconds = time.perf_counter() - started
-            finally:
-                load.stop()
-            rss_end, fds_end = proc_rss_bytes(pid), proc_fds(pid)
-            end_files = settled_snapshot(server_data)
-            states = {t.name: t.state for t in client.tasks()}
-            not_unlearned = [n for n in names if states.get(n) != pb.UNLEARNED]
-            audit_problem = verify_chain(client.audit_events())
+        pid = lethe.server.pid
+        client = lethe.client
+        inputs, labels = digits_task(0)
+        client.wait(client.learn(PERMANENT, inputs, labels).id, timeout=300)
+        baseline_files = snapshot(server_data)
+        load = PredictLoad(lethe.target, inputs[:predict_batch], predict_threads)
+        load.start()
+        warmup = max(1, cycles // 10)
+        rss_warm = fds_warm = 0
+        rss_trace: list[tuple[int, int, int]] = []
+        probe_files: list[int] = []
+        step = max(1, cycles // 10)
+        names: list[str] = []
+        started = time.perf_counter()
+        try:
+            for cycle in range(1, cycles + 1):
+                name = f"soak-{cycle:04d}"
+                names.append(name)
+                x, y = digits_task(cycle)
+                client.wait(client.learn(name, x, y).id, timeout=300)
+                client.predict(name, x[:predict_batch])
+                client.wait(client.unlearn(name, reason="soak").id, timeout=300)
+                probe_files.append(len(settled_snapshot(server_data / "probes", quiet=0.02)))
+                if cycle == warmup:
+                    rss_warm, fds_warm = proc_rss_bytes(pid), proc_fds(pid)
+                if cycle % step == 0 or cycle == cycles:
+                    rss_trace.append((cycle, proc_rss_bytes(pid), proc_fds(pid)))
+                    log(f"  cycle {cycle}/{cycles}: rss {rss_trace[-1][1] / 2**20:.1f} MiB, fds {rss_trace[-1][2]}")
+            seconds = time.perf_counter() - started
+        finally:
+            load.stop()
+        rss_end, fds_end = proc_rss_bytes(pid), proc_fds(pid)
+        end_files = settled_snapshot(server_data)
+        states = {t.name: t.state for t in client.tasks()}
+        not_unlearned = [n for n in names if states.get(n) != pb.UNLEARNED]
+        audit_problem = verify_chain(client.audit_events())
         return SoakReport(
             cycles=cycles,
             warmup_cycles=warmup,
@@ -281,8 +285,7 @@ def soak(
             rss_trace=rss_trace,
         )
     finally:
-        if server.process.poll() is None:
-            server.terminate()
+        stop_lethe(lethe)
 
 
 def plain_pytorch_seconds(cycles: int) -> float:

@@ -1,6 +1,7 @@
 """Pure-ML engine: strategies, backbones and metrics (DESIGN.md sections 4 and 5).
 
-Imports torch, torchvision, numpy and scikit-learn only; never grpc, sqlalchemy or prometheus.
+Imports torch, numpy, torchvision (ResNets) and scikit-learn (the MIA) only; never grpc, sqlalchemy or prometheus.
+The last two are imported where they are used, so a server that needs neither starts without them.
 """
 
 from server.engine import metrics

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 #: Names accepted by :func:`build_backbone`.
 BACKBONES: tuple[str, ...] = ("mlp", "cnn", "resnet18", "resnet50")
@@ -92,12 +91,6 @@ class ConvNet(nn.Module):
         return self.head(self.features(x))
 
 
-class ResNetBackbone(ResNet):
-    """torchvision's ``ResNet`` (identical modules, parameter names and init) with ``head_name``."""
-
-    head_name: str = "fc"
-
-
 def build_backbone(
     name: str,
     input_shape: tuple[int, ...],
@@ -140,10 +133,10 @@ def build_backbone(
         raise ValueError(f"backbone {name!r} does not support width (got width={width}); use 0")
     min_size = _RESNET_MIN_SIZE_CIFAR_STEM if cifar_stem else _RESNET_MIN_SIZE_IMAGENET_STEM
     channels = _check_image_shape(name, shape, min_size)
-    if name == "resnet18":
-        model = ResNetBackbone(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
-    else:
-        model = ResNetBackbone(Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
+    # torchvision (~4 s of imports, with torch._dynamo) only when a ResNet is configured.
+    from server.engine.resnet import build_resnet
+
+    model = build_resnet(name, num_classes)
     if cifar_stem:
         model.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()

@@ -14,10 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 #: Anything :func:`numpy.asarray` or a torch tensor: logits, probabilities, labels, losses.
 ArrayLike = np.ndarray | torch.Tensor | Sequence[Any]
@@ -316,6 +312,12 @@ def mia(member_losses: ArrayLike, nonmember_losses: ArrayLike, *, seed: int = 0,
     if data is None or len(data[1]) // 2 < folds:
         return math.nan
     features, targets = data
+    # scikit-learn (~1-3 s of imports) only where an MIA runs, not at server start.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     attack = make_pipeline(StandardScaler(), LogisticRegression())
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     scores = cross_val_score(attack, features, targets, cv=splitter, scoring="accuracy")
@@ -448,6 +450,8 @@ def mia_with_null(
     if data is None or math.isnan(score):
         return unknown
     features, targets = data[0][:, 0], data[1]
+    from sklearn.model_selection import StratifiedKFold  # imported by mia() above: no start-up cost
+
     rng = np.random.default_rng([seed, 0x4D4941])  # independent of the subsampling's stream
     shuffled = np.stack([rng.permutation(targets) for _ in range(permutations)])
     splits = [

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from benchmarks import run as bench
+from benchmarks.report import read_section, replace_section, section_markers, write_section
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +23,12 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
     """One ``python -m benchmarks.run --quick`` of every benchmark, into a scratch document."""
     root = tmp_path_factory.mktemp("bench")
     doc = root / "benchmarks.md"
+    begin, end = section_markers("someone-else")
+    ingest_begin, ingest_end = section_markers("ingest")
     doc.write_text(
         "# Benchmarks\n\nIntro kept as is.\n\n## Results\n\n"
-        f"{bench.BEGIN}\n{bench.block('someone-else', 'their block, kept')}\n{bench.END}\n\n## Later\n\nKept too.\n"
+        f"{ingest_begin}\nan old ingest result\n{ingest_end}\n\n{begin}\ntheir block, kept\n{end}\n\n"
+        "## Later\n\nKept too.\n"
     )
     report = root / "results.json"
     status = bench.main(["--quick", "--doc", str(doc), "--json", str(report), "--data-dir", str(root / "data")])
@@ -40,7 +44,7 @@ def test_every_benchmark_reports_finite_positive_numbers(quick_run: tuple[dict[s
     report, _doc = quick_run
     assert report["quick"] is True
     results = {r["name"]: r for r in report["results"]}
-    assert set(results) == set(bench.BENCHMARKS)
+    assert set(results) == set(bench.DEFAULT)
     for name, result in results.items():
         assert result["comparisons"], f"{name} reported no comparison"
         for comparison in result["comparisons"]:
@@ -68,33 +72,40 @@ def test_ingest_breakdown_and_predict_variants(quick_run: tuple[dict[str, Any], 
 
 def test_document_results_are_rewritten_in_place(quick_run: tuple[dict[str, Any], str]) -> None:
     _report, doc = quick_run
-    assert doc.startswith("# Benchmarks\n\nIntro kept as is.")
-    assert doc.rstrip().endswith("## Later\n\nKept too.")
-    assert doc.count(bench.BEGIN) == 1 and doc.count(bench.END) == 1
-    assert "their block, kept" in doc
-    for name in (bench.MACHINE, *bench.BENCHMARKS):
-        assert doc.count(f"<!-- bench:{name}:begin -->") == 1
+    assert doc.startswith("# Benchmarks\n\nIntro kept as is.\n\n## Results\n\n<!-- bench:ingest:begin -->")
+    assert "their block, kept" in doc and "an old ingest result" not in doc
+    assert doc.index("<!-- bench:ingest:begin -->") < doc.index("their block, kept") < doc.index("## Later")
+    for name in (bench.MACHINE, *bench.DEFAULT):
+        begin, end = section_markers(name)
+        assert doc.count(begin) == 1 and doc.count(end) == 1
     assert "--quick" in doc  # quick numbers are labelled as such
 
 
-def test_update_document_replaces_only_named_blocks() -> None:
-    text = f"# B\n\n{bench.BEGIN}\n{bench.block('a', 'old a')}\n\n{bench.block('b', 'old b')}\n{bench.END}\n"
-    updated = bench.update_document(text, {"a": "new a", "c": "new c"})
+def test_replace_section_rewrites_only_its_section() -> None:
+    a_begin, a_end = section_markers("a")
+    b_begin, b_end = section_markers("b")
+    text = f"# B\n\nby hand\n\n{a_begin}\nold a\n{a_end}\n\nby hand too\n\n{b_begin}\nold b\n{b_end}\n\nend\n"
+    updated = replace_section(replace_section(text, "a", "new a"), "c", "new c")
     assert "new a" in updated and "old a" not in updated
-    assert "old b" in updated and "new c" in updated
-    assert updated.index("new a") < updated.index("old b") < updated.index("new c") < updated.index(bench.END)
-    assert bench.update_document(updated, {"a": "new a", "c": "new c"}) == updated
+    assert updated.replace("new a", "old a").startswith(text.rstrip())  # nothing else moved
+    assert updated.index("new a") < updated.index("by hand too") < updated.index("old b") < updated.index("new c")
+    assert replace_section(updated, "a", "new a") == updated
 
 
-def test_update_document_adds_a_section_and_rejects_damaged_markers() -> None:
-    added = bench.update_document("# B\n", {"a": "x"})
-    assert bench.BEGIN in added and bench.END in added and "x" in added
+def test_replace_section_rejects_damaged_markers(tmp_path: Path) -> None:
+    begin, end = section_markers("a")
     with pytest.raises(ValueError, match="markers"):
-        bench.update_document(f"# B\n{bench.END}\n{bench.BEGIN}\n", {"a": "x"})
+        replace_section(f"# B\n{end}\n{begin}\n", "a", "x")
+    with pytest.raises(ValueError, match="markers"):
+        replace_section(f"# B\n{begin}\n", "a", "x")
+    doc = tmp_path / "new.md"
+    write_section(doc, "a", "x", title="# New")
+    assert doc.read_text() == f"# New\n\n{begin}\nx\n{end}\n"
+    assert read_section(doc, "a") == "x"
 
 
 def test_quick_run_writes_no_document_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench, "BENCHMARKS", {})  # nothing to run: only the document logic is under test
+    monkeypatch.setattr(bench, "DEFAULT", [])  # nothing to run: only the document logic is under test
     monkeypatch.setattr(bench, "DEFAULT_DOC", tmp_path / "benchmarks.md")
     assert bench.main(["--quick", "--data-dir", str(tmp_path / "data")]) == 0
     assert not (tmp_path / "benchmarks.md").exists()
