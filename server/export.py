@@ -158,23 +158,6 @@ def export_network(
     return ExportedNetwork(data, hashlib.sha256(data).hexdigest(), predictor.version, shape, fmt)
 
 
-def export_chunks(
-    predictor: Predictor,
-    *,
-    task: str | None,
-    fmt: str,
-    input_shape: tuple[int, ...],
-    strategy: str,
-    backbone: str,
-    chunk_bytes: int = CHUNK_BYTES,
-) -> Iterator[pb.ExportChunk]:
-    """:func:`export_network` as the ``Export`` stream (raises its errors on the first ``next``)."""
-    exported = export_network(
-        predictor, task=task, fmt=fmt, input_shape=input_shape, strategy=strategy, backbone=backbone
-    )
-    yield from exported.chunks(chunk_bytes)
-
-
 def _checked_format(fmt: str) -> str:
     if fmt not in FORMATS:
         raise InvalidArgumentError("format", f"must be one of {', '.join(f.upper() for f in FORMATS)}, got {fmt!r}")

@@ -33,7 +33,7 @@ from server.engine.networks import MaskedLogits
 from server.engine.protocol import LearnOptions, Predictor, TaskData, UnlearnedTaskError, no_progress
 from server.engine.uncle import build_uncle
 from server.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from server.export import FORMATS, export_chunks, export_network, format_of
+from server.export import FORMATS, export_network, format_of
 
 CPU = torch.device("cpu")
 INPUT_SHAPE = (1, 8, 8)
@@ -198,7 +198,7 @@ def test_unlearned_task_is_refused(uncle: Served) -> None:
 
 def test_bad_requests_are_refused_with_the_field(uncle: Served, lure: Served) -> None:
     def export(predictor: Predictor, task: str | None, fmt: str = "onnx") -> None:
-        list(export_chunks(predictor, task=task, fmt=fmt, input_shape=INPUT_SHAPE, strategy="x", backbone="mlp"))
+        export_network(predictor, task=task, fmt=fmt, input_shape=INPUT_SHAPE, strategy="x", backbone="mlp")
 
     for fmt in ("", "pickle", "ONNX"):
         with pytest.raises(InvalidArgumentError) as error:
@@ -234,17 +234,10 @@ def test_a_predictor_without_network_cannot_export() -> None:
 
 
 def test_stream_carries_facts_first_then_chunks_and_the_digest_last(lure: Served) -> None:
-    messages = list(
-        export_chunks(
-            lure.predictor,
-            task=None,
-            fmt="torchscript",
-            input_shape=INPUT_SHAPE,
-            strategy="lure",
-            backbone="mlp",
-            chunk_bytes=64 * 1024,
-        )
+    exported = export_network(
+        lure.predictor, task=None, fmt="torchscript", input_shape=INPUT_SHAPE, strategy="lure", backbone="mlp"
     )
+    messages = list(exported.chunks(64 * 1024))
     first, data = messages[0], [m.data for m in messages[1:]]
     assert not first.data and first.model_version == lure.predictor.version and list(first.input_shape) == [1, 8, 8]
     assert len(data) == -(-first.total_bytes // (64 * 1024)) >= 2 and all(len(d) == 64 * 1024 for d in data[:-1])
