@@ -91,7 +91,8 @@ def test_learn_predict_unlearn_round_trip(server, tmp_path: Path) -> None:  # ty
 
 def test_watch_streams_until_terminal(server) -> None:  # type: ignore[no-untyped-def]
     x, y = digits([4, 5])
-    job = server.client.learn("four-five", x, y, epochs=20)
+    # Long enough (about a second) for several progress updates at WatchJob's 10 per second, on an idle machine too.
+    job = server.client.learn("four-five", x, y, epochs=100)
     updates = list(server.client.watch(job.id))
     states = [u.state for u in updates]
     assert states[-1] == pb.SUCCEEDED and states.count(pb.SUCCEEDED) == 1
