@@ -40,7 +40,7 @@ CHUNK_BYTES = 1 << 20
 _EXAMPLE_BATCH = 2
 
 # torch.export keeps tracing state (fake-tensor modes, symbolic shapes) process-wide: two exports at once on two
-# gRPC threads fail and can leave a fake mode behind that breaks later tracing in the process (seen on torch 2.15).
+# RPC threads fail and can leave a fake mode behind that breaks later tracing in the process (seen on torch 2.15).
 # Ordinary forward and backward passes on other threads (Predict, the training worker) are unaffected.
 _EXPORTING = threading.Lock()
 

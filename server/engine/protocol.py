@@ -2,7 +2,7 @@
 
 A strategy is a plain object, not a subclass: anything with these attributes and methods is a
 strategy. The worker thread owns the strategy and is the only caller of ``learn``, ``unlearn`` and
-``load_state_dict``; ``predictor()`` returns an immutable snapshot that gRPC threads may call
+``load_state_dict``; ``predictor()`` returns an immutable snapshot that RPC threads may call
 concurrently while the worker keeps training.
 """
 
@@ -206,7 +206,7 @@ class Strategy(Protocol):
     #
     # A serving snapshot of a model that never saw any data of ``tasks`` (class-incremental
     # strategies: the model before the first of them was learned), with ``version`` the model version
-    # it was live at; None when there is none. Called from gRPC threads while the worker trains: it
+    # it was live at; None when there is none. Called from RPC threads while the worker trains: it
     # must read only immutable state and must not touch global RNG state.
 
     def predictor(self) -> Predictor:

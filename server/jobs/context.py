@@ -104,7 +104,7 @@ class JobContext:
     def rollback_predictor(self, tasks: Collection[str]) -> Predictor | None:
         """A snapshot of the model before any of ``tasks`` was learned, if the strategy keeps one.
 
-        Called from gRPC threads; the strategy's ``rollback_predictor`` reads only immutable state.
+        Called from RPC threads; the strategy's ``rollback_predictor`` reads only immutable state.
         """
         learned = {t for t in tasks if self.serving.task_state(t) not in (TaskState.LEARNING, None)}
         if not learned:  # only data of queued learns: the published model never saw it

@@ -113,11 +113,22 @@ def test_reflection_v1_and_v1alpha_and_undecodable_requests(tmp_path: Path) -> N
         for version in ("v1", "v1alpha"):
             (listed,) = _reflect(channel, version, reflection_pb2.ServerReflectionRequest(list_services=""))
             names = {s.name for s in listed.list_services_response.service}  # type: ignore[attr-defined]
-            assert {"lethe.v1.Lethe", "grpc.health.v1.Health", f"grpc.reflection.{version}.ServerReflection"} <= names
+            assert {
+                "lethe.v1.Lethe",
+                "inference.GRPCInferenceService",
+                "grpc.health.v1.Health",
+                f"grpc.reflection.{version}.ServerReflection",
+            } <= names
             (found,) = _reflect(
                 channel, version, reflection_pb2.ServerReflectionRequest(file_containing_symbol="lethe.v1.Lethe")
             )
             assert found.file_descriptor_response.file_descriptor_proto  # type: ignore[attr-defined]
+            (oip,) = _reflect(  # described from the inference protocol's own descriptor pool
+                channel,
+                version,
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService"),
+            )
+            assert oip.file_descriptor_response.file_descriptor_proto  # type: ignore[attr-defined]
 
         garbage = channel.unary_unary("/lethe.v1.Lethe/GetJob")  # raw bytes, no serializer
         before = _metric(server, "lethe_grpc_requests_total", {"method": "GetJob", "code": "INVALID_ARGUMENT"})

@@ -110,7 +110,7 @@ class LureStrategy:
         self._device = torch.device(device)
         self._model: nn.Module = self._fresh_network(derive_seed(config.seed, "lure-init")).to(self._device)
         # Never mutated in place (every change assigns a new list), and the snapshots in it are never
-        # modified: rollback_predictor reads it from gRPC threads while the worker trains.
+        # modified: rollback_predictor reads it from RPC threads while the worker trains.
         self._stream: list[MegaBatch] = []
         #: The model equals learning the live stream from the initial model (no approximate traces).
         self._model_exact = True
@@ -318,7 +318,7 @@ class LureStrategy:
         model than the rollback point of :meth:`forget_samples`; None when there is none, or when
         none of ``tasks`` is live.
 
-        Safe on gRPC threads while the worker trains: it reads the stream list and the model once
+        Safe on RPC threads while the worker trains: it reads the stream list and the model once
         (the worker replaces both, never modifies them) and the snapshots are never modified; it
         draws nothing random (the network is a deep copy of the current one, loaded with the
         snapshot), so it cannot disturb the worker's seeded RNG state.
