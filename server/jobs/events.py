@@ -27,6 +27,8 @@ class JobEvents:
         self._counter = 0
         self._progress: dict[str, LiveProgress] = {}
         self._cancels: dict[str, str] = {}
+        #: Jobs the worker is executing, until everything after their end (file deletion, metrics) is done.
+        self._executing: set[str] = set()
         self._closed = False
 
     @property
@@ -79,6 +81,34 @@ class JobEvents:
         """Forget a cancel request of a job that has ended."""
         with self._cond:
             self._cancels.pop(job_id, None)
+
+    def executing(self, job_id: str) -> None:
+        """The worker starts ``job_id``: readers that see it ended wait for :meth:`settled` first."""
+        with self._cond:
+            self._executing.add(job_id)
+
+    def settled(self, job_id: str) -> None:
+        """The worker is done with ``job_id``, including what follows its commit; wake its readers."""
+        with self._cond:
+            self._executing.discard(job_id)
+            self._counter += 1
+            self._cond.notify_all()
+
+    def wait_settled(self, job_id: str, timeout: float) -> bool:
+        """Block until the worker is done with ``job_id`` (or ``timeout`` passes); True if it is.
+
+        A job's end is committed before its superseded files are deleted and its metrics published:
+        a reader that waits here after seeing the end also sees those (a forget job that says
+        SUCCEEDED has no file left holding the forgotten data).
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while job_id in self._executing and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return job_id not in self._executing
 
     def wait(self, seen: int, timeout: float) -> int:
         """Block until the counter differs from ``seen``, ``timeout`` passes, or close; return the counter."""

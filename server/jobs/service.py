@@ -52,6 +52,8 @@ from server.storage import (
 )
 
 log = logging.getLogger(__name__)
+#: How long a read of an ended job waits for the worker to finish deleting its superseded files.
+_SETTLE_SECONDS = 10.0
 
 #: Seconds a client is told to wait before resending a request refused because the queue is full.
 QUEUE_FULL_RETRY_SECONDS = 10.0
@@ -475,9 +477,15 @@ class JobService:
 
     # --------------------------------------------------------------- queries
     def get_job(self, job_id: str) -> Job:
-        """A job by id, with live progress if it is running."""
+        """A job by id, with live progress if it is running.
+
+        A job that has ended is returned once the worker is done with it: its superseded files
+        deleted, its metrics published (at most :data:`_SETTLE_SECONDS` later).
+        """
         with self.sessions() as session:
             job = JobRepository(session).get(job_id)
+        if job is not None and job.state.terminal and not self.events.wait_settled(job.id, _SETTLE_SECONDS):
+            log.warning("job %s ended but the worker has not finished deleting its files yet", job.id)
         if job is None:
             raise NotFoundError(f"job {job_id!r} does not exist", reason="JOB_NOT_FOUND", metadata={"job_id": job_id})
         live = self.events.progress(job.id)
@@ -486,9 +494,13 @@ class JobService:
         return job
 
     def list_jobs(self, state: JobState | None, task: str | None, after_seq: int, limit: int) -> list[Job]:
-        """Jobs in ``seq`` order after ``after_seq``."""
+        """Jobs in ``seq`` order after ``after_seq`` (ended ones once settled, as :meth:`get_job`)."""
         with self.sessions() as session:
-            return JobRepository(session).list(state=state, task=task, after_seq=after_seq, limit=limit)
+            jobs = JobRepository(session).list(state=state, task=task, after_seq=after_seq, limit=limit)
+        for job in jobs:
+            if job.state.terminal:
+                self.events.wait_settled(job.id, _SETTLE_SECONDS)
+        return jobs
 
     def get_task(self, name: str) -> Task:
         """A task by name."""

@@ -130,6 +130,7 @@ class Worker:
     def _execute(self, job: Job) -> None:
         """Run one claimed job to its end; raise only when that end cannot be recorded."""
         self.current_job = job.id
+        self.events.executing(job.id)
         log.info("%s job started", job.kind.value)
         run = JobRun(job, self._progress(job))
         try:
@@ -151,7 +152,7 @@ class Worker:
             self.events.clear_progress(job.id)
             self.events.discard_cancel(job.id)
             self.current_job = None
-            self.events.notify()
+            self.events.settled(job.id)
 
     def _finish_from_checkpoint(self, job: Job, metrics: dict[str, float]) -> None:
         run = JobRun(job, no_progress, changed_model=True, metrics=metrics)

@@ -241,6 +241,33 @@ def test_an_error_after_the_commit_never_turns_success_into_failure(tmp_path: Pa
         assert unaccounted_files(tmp_path / "data", database_url) == {}
 
 
+def test_a_job_reads_as_ended_only_once_its_superseded_files_are_deleted(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleting purged files after the commit is slowed down: an unlearn that reads SUCCEEDED (to
+    GetJob, WatchJob and ListJobs) has no file of its task's data left (CI once read one in between)."""
+    from server.data import purge
+    from server.jobs import finish
+
+    def slow_purge(root: Path, relative: str) -> object:
+        time.sleep(0.5)
+        return purge(root, relative)
+
+    monkeypatch.setattr(finish, "purge", slow_purge)
+    data_dir = tmp_path / "data"
+    with running_app(make_config(data_dir, database_url, **{"training.epochs": 1})) as server:
+        c = server.client
+        c.wait(c.learn("kept", *digits([0, 1])).id)
+        learned = c.wait(c.learn("gone", *digits([2, 3])).id)
+        job = c.wait(c.unlearn("gone").id)
+        assert job.state == pb.SUCCEEDED
+        assert [p for p in data_dir.rglob(f"{learned.id}*") if "probes" not in p.parts] == []
+        assert unaccounted_files(data_dir, database_url, settle_seconds=0) == {}
+        again = c.wait(c.learn("later", *digits([4, 5])).id)
+        assert [j.state for j in c.jobs() if j.id == again.id] == [pb.SUCCEEDED]
+        assert unaccounted_files(data_dir, database_url, settle_seconds=0) == {}
+
+
 def _all_at_once(count: int, call: Callable[[], str]) -> list[str]:
     """Run ``call`` on ``count`` threads released together; return every answer (errors re-raised)."""
     barrier = threading.Barrier(count)
