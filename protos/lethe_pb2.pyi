@@ -90,7 +90,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class LearnHeader(_message.Message):
-    __slots__ = ("task", "idempotency_key", "mode", "epochs", "batch_size", "learning_rate", "holdout_fraction", "metadata")
+    __slots__ = ("task", "idempotency_key", "mode", "epochs", "batch_size", "learning_rate", "holdout_fraction", "metadata", "ttl_seconds")
     class LearnMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PERMANENT: _ClassVar[LearnHeader.LearnMode]
@@ -112,6 +112,7 @@ class LearnHeader(_message.Message):
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     HOLDOUT_FRACTION_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     task: str
     idempotency_key: str
     mode: LearnHeader.LearnMode
@@ -120,7 +121,8 @@ class LearnHeader(_message.Message):
     learning_rate: float
     holdout_fraction: float
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, task: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., mode: _Optional[_Union[LearnHeader.LearnMode, str]] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., holdout_fraction: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    ttl_seconds: int
+    def __init__(self, task: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., mode: _Optional[_Union[LearnHeader.LearnMode, str]] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., holdout_fraction: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class SampleChunk(_message.Message):
     __slots__ = ("inputs", "labels", "sample_ids")
@@ -139,6 +141,14 @@ class LearnRequest(_message.Message):
     header: LearnHeader
     chunk: SampleChunk
     def __init__(self, header: _Optional[_Union[LearnHeader, _Mapping]] = ..., chunk: _Optional[_Union[SampleChunk, _Mapping]] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("task", "idempotency_key")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    idempotency_key: str
+    def __init__(self, task: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class UnlearnRequest(_message.Message):
     __slots__ = ("task", "reason", "idempotency_key", "method", "sample_ids")
@@ -244,7 +254,7 @@ class ListJobsResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("name", "state", "samples", "accuracy", "relapse", "learned_version", "unlearned_version", "created_at", "learned_at", "unlearned_at", "classes", "forget_verified")
+    __slots__ = ("name", "state", "samples", "accuracy", "relapse", "learned_version", "unlearned_version", "created_at", "learned_at", "unlearned_at", "classes", "forget_verified", "expires_at")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +267,7 @@ class Task(_message.Message):
     UNLEARNED_AT_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     FORGET_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: TaskState
     samples: int
@@ -269,7 +280,8 @@ class Task(_message.Message):
     unlearned_at: _timestamp_pb2.Timestamp
     classes: _containers.RepeatedScalarFieldContainer[int]
     forget_verified: bool
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., samples: _Optional[int] = ..., accuracy: _Optional[float] = ..., relapse: _Optional[float] = ..., learned_version: _Optional[int] = ..., unlearned_version: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., learned_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., unlearned_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., forget_verified: _Optional[bool] = ...) -> None: ...
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., samples: _Optional[int] = ..., accuracy: _Optional[float] = ..., relapse: _Optional[float] = ..., learned_version: _Optional[int] = ..., unlearned_version: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., learned_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., unlearned_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., forget_verified: _Optional[bool] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
     __slots__ = ("name",)

@@ -119,6 +119,11 @@ class LetheStub:
                 request_serializer=protos_dot_lethe__pb2.ExportRequest.SerializeToString,
                 response_deserializer=protos_dot_lethe__pb2.ExportChunk.FromString,
                 _registered_method=True)
+        self.Commit = channel.unary_unary(
+                '/lethe.v1.Lethe/Commit',
+                request_serializer=protos_dot_lethe__pb2.CommitRequest.SerializeToString,
+                response_deserializer=protos_dot_lethe__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class LetheServicer:
@@ -237,6 +242,14 @@ class LetheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Commit(self, request, context):
+        """Queues a COMMIT job: a TEMPORARY task's side network is distilled into the main model (with its
+        retained data) and deleted; the task becomes LEARNED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LetheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -324,6 +337,11 @@ def add_LetheServicer_to_server(servicer, server):
                     servicer.Export,
                     request_deserializer=protos_dot_lethe__pb2.ExportRequest.FromString,
                     response_serializer=protos_dot_lethe__pb2.ExportChunk.SerializeToString,
+            ),
+            'Commit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=protos_dot_lethe__pb2.CommitRequest.FromString,
+                    response_serializer=protos_dot_lethe__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -785,6 +803,33 @@ class Lethe:
             '/lethe.v1.Lethe/Export',
             protos_dot_lethe__pb2.ExportRequest.SerializeToString,
             protos_dot_lethe__pb2.ExportChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lethe.v1.Lethe/Commit',
+            protos_dot_lethe__pb2.CommitRequest.SerializeToString,
+            protos_dot_lethe__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,7 @@ METHOD_SCOPES: dict[str, str] = {
     "GetAuditHead": "admin",  # as ListAuditEvents: the head is checked against the events
     "GetForgettingCertificate": "admin",
     "LocateSamples": "admin",
+    "Commit": "learn",
     "Export": "admin",  # takes the model out of the server's control; audited
     "GetJob": "any",
     "WatchJob": "any",
