@@ -28,6 +28,10 @@ its own under :data:`benchmarks.servers.CACHE_DIR` with ``uv``; later runs reuse
   free port, fresh data directory) until ``grpc.health.v1`` reports ``lethe.v1.Lethe`` SERVING;
   MLServer at its defaults and with ``parallel_workers: 0`` until ``ModelReady`` of the model.
 - **RSS**: resident memory of each server's whole process tree after the throughput runs.
+- **Ceiling**: the same clients against a ``grpc.aio`` server that answers ModelInfer with a ready-made
+  response and does nothing else (``python -m benchmarks.bench_peer ceiling``): no model, no
+  validation, no batching. No Python gRPC server answers these clients faster on this machine, so
+  it bounds what any ratio against MLServer can reach.
 """
 
 from __future__ import annotations
@@ -304,6 +308,75 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return data.inputs.astype(np.float32), data.labels.astype(np.int64)
 
 
+# ------------------------------------------------------------------------------------ the ceiling
+
+#: Label of the ceiling server in the tables.
+CEILING = "ceiling: grpc.aio, ready-made answer, no model"
+
+
+def serve_ceiling(port: int, num_classes: int = 10) -> None:
+    """The ceiling server (see the module doc) until SIGTERM: ModelReady and ModelInfer only."""
+    import asyncio
+    import signal
+
+    import grpc
+    from grpc import aio
+
+    from protos import inference as oip
+
+    answers: dict[int, bytes] = {}
+
+    def answer(rows: int) -> bytes:
+        if rows not in answers:
+            logits = np.zeros((rows, num_classes), dtype=np.float32)
+            response = oip.ModelInferResponse(model_name=MODEL, model_version="1")
+            for name, datatype, array in (
+                ("logits", "FP32", logits),
+                ("classes", "INT64", np.zeros(rows, dtype=np.int64)),
+            ):
+                response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+                response.raw_output_contents.append(array.tobytes())
+            answers[rows] = response.SerializeToString()
+        return answers[rows]
+
+    async def infer(request: Any, context: aio.ServicerContext) -> bytes:
+        return answer(int(request.inputs[0].shape[0]) if request.inputs and request.inputs[0].shape else 1)
+
+    async def ready(request: Any, context: aio.ServicerContext) -> Any:
+        return oip.ModelReadyResponse(ready=True)
+
+    handlers = {
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(
+            infer, request_deserializer=oip.ModelInferRequest.FromString, response_serializer=lambda b: b
+        ),
+        "ModelReady": grpc.unary_unary_rpc_method_handler(
+            ready,
+            request_deserializer=oip.ModelReadyRequest.FromString,
+            response_serializer=oip.ModelReadyResponse.SerializeToString,
+        ),
+    }
+
+    async def serve() -> None:
+        server = aio.server(handlers=[grpc.method_handlers_generic_handler(oip.SERVICE_NAME, handlers)])
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await server.stop(1)
+
+    asyncio.run(serve())
+
+
+@contextlib.contextmanager
+def _ceiling_server(root: Path) -> Iterator[str]:
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "benchmarks.bench_peer", "ceiling", "--port", str(port)]
+    with ServerProcess(argv, oip_model_ready(target), root / "ceiling.log"):
+        yield target
+
+
 # ---------------------------------------------------------------------------------- the clients
 
 
@@ -504,6 +577,7 @@ def measure_all(settings: PeerSettings, options: RunOptions) -> PeerMeasurements
         with (
             _lethe_servers(root, root / "learn" / "data", options) as lethes,
             _mlservers(bin_dir, root, weights, options) as mls,
+            _ceiling_server(root) as ceiling,
         ):
             differences = []
             for label, (_server, target) in mls.items():
@@ -529,6 +603,7 @@ def measure_all(settings: PeerSettings, options: RunOptions) -> PeerMeasurements
                 for protocol in (("oip", "predict") if measured.lethe_oip else ("predict",))
             ]
             targets += [Target(label, target, "oip") for label, (_server, target) in mls.items()]
+            targets.append(Target(CEILING, ceiling, "oip"))
             variants: dict[str, Callable[[], float]] = {}
             for rows, threads in settings.workloads:
                 for peer_target in targets:
@@ -606,6 +681,21 @@ def run(options: RunOptions, settings: PeerSettings | None = None) -> BenchmarkR
                     GOAL_PARITY,
                 )
             )
+    best_peer = [c.label for c in MLSERVER_CONFIGS]
+    ceiling_rows = []
+    for rows, threads in settings.workloads:
+        ceiling = Summary.of(m.rates[_key(CEILING, "oip", rows, threads)])
+        peer = Summary.of(_best_per_repetition(m.rates, best_peer, "oip", rows, threads))
+        ceiling_rows.append(
+            [f"{rows} row(s) × {threads} thread(s)", ceiling.format(0), f"{ceiling.median / peer.median:.2f}×"]
+        )
+    result.tables.append(
+        (
+            "The ceiling: these clients against a grpc.aio server that does nothing but answer (rows/s)",
+            ["workload", "ceiling, ModelInfer", "ceiling ÷ MLServer's best"],
+            ceiling_rows,
+        )
+    )
     ready_rows = [[name, Summary.of(values).format(2)] for name, values in m.ready.items()]
     result.tables.append(
         ("Time to ready (s): process start to ready, median (range)", ["server", "seconds"], ready_rows)
@@ -654,12 +744,17 @@ def version_of_mlserver() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.bench_peer client SPEC``: the client process of one measurement."""
+    """``python -m benchmarks.bench_peer client SPEC`` (one measurement's client process) or ``ceiling --port P``."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_peer")
     sub = parser.add_subparsers(dest="command", required=True)
     client = sub.add_parser("client", help="one measurement (used by the benchmark)")
     client.add_argument("spec", help="JSON: address, protocol, model, inputs, rows, threads, seconds, warmup")
+    ceiling = sub.add_parser("ceiling", help="the ceiling server (used by the benchmark)")
+    ceiling.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
+    if args.command == "ceiling":
+        serve_ceiling(args.port)
+        return 0
     print(json.dumps(client_main(json.loads(args.spec))))
     return 0
 
