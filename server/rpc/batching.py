@@ -5,6 +5,11 @@ keys; one forward pass uses one model snapshot, so no pass mixes model versions 
 pass runs at a time on the executor; requests that arrive meanwhile form the next pass (at most
 ``max_batch_size`` rows, a request larger than that runs alone and is never split). With a delay, the
 first request of a pass waits up to ``max_batch_delay_ms`` for company.
+
+A pass that the last one of its key says is cheap (the same model version, at most
+:data:`INLINE_SECONDS` scaled to its rows) runs on the event loop itself: the hop to the executor and
+back costs about as much as a small model's whole forward pass. A new model version, a bigger pass
+or a slow one goes to the executor again, so the loop is never held for longer than that.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -24,6 +30,16 @@ log = logging.getLogger(__name__)
 
 #: One forward pass: key, inputs ``[n, ...]`` -> logits ``[n, C]`` and the model version.
 Forward = Callable[[Any, np.ndarray], tuple[np.ndarray, int]]
+#: Longest expected pass that runs on the event loop instead of the executor (seconds).
+INLINE_SECONDS = 0.0005
+
+
+@dataclass(frozen=True)
+class _Cost:
+    """What a row of a key's passes costs on one model version (seconds; see ``Batcher._timed``)."""
+
+    version: int
+    seconds: float
 
 
 @dataclass
@@ -45,10 +61,11 @@ class Batcher:
     """Joins concurrent requests per key into forward passes run on ``executor``.
 
     Args:
-        executor: where forward passes run (never on the event loop).
+        executor: where forward passes run (on the event loop only when known to be cheap, see above).
         max_batch_size: most rows in one pass; 1 turns batching off (every request runs alone, concurrently).
         max_batch_delay_ms: how long the first request of a pass waits for others (0 = no wait).
         on_batch: called with the rows and requests of every pass (metrics).
+        inline_seconds: a pass expected to take at most this long runs on the event loop (0 = never).
     """
 
     def __init__(
@@ -58,14 +75,19 @@ class Batcher:
         max_batch_size: int,
         max_batch_delay_ms: float,
         on_batch: Callable[[int, int], None] | None = None,
+        inline_seconds: float = INLINE_SECONDS,
     ) -> None:
         self.executor = executor
         self.max_batch_size = max_batch_size
         self.delay = max_batch_delay_ms / 1000.0
         self.on_batch = on_batch
-        #: Set by the owner (PredictService) before the first request.
+        self.inline_seconds = inline_seconds
+        #: Set by the owner (PredictService) before the first request: the pass, and the version of
+        #: the model the next pass would run (passes run inline only on a version already timed).
         self.forward: Forward | None = None
+        self.version: Callable[[], int] | None = None
         self._lanes: dict[Hashable, _Lane] = {}
+        self._costs: dict[Hashable, _Cost] = {}
 
     async def submit(self, key: Hashable, inputs: np.ndarray) -> tuple[np.ndarray, int]:
         """Logits of ``inputs`` and the model version, from a pass shared with other requests of ``key``."""
@@ -83,12 +105,36 @@ class Batcher:
         return await pending.done
 
     async def _run(self, key: Hashable, inputs: np.ndarray, requests: int) -> tuple[np.ndarray, int]:
-        assert self.forward is not None, "Batcher.forward is not set"
         if self.on_batch is not None:
             self.on_batch(len(inputs), requests)
+        if self._cheap(key, len(inputs)):
+            return self._timed(key, inputs)
         loop = asyncio.get_running_loop()
         call = contextvars.copy_context().run
-        return await loop.run_in_executor(self.executor, call, self.forward, key, inputs)
+        return await loop.run_in_executor(self.executor, call, self._timed, key, inputs)
+
+    def _cheap(self, key: Hashable, rows: int) -> bool:
+        """Whether the last pass of ``key``, on the model that would run this one, says it is cheap."""
+        cost = self._costs.get(key)
+        if cost is None or self.version is None or cost.version != self.version():
+            return False
+        return cost.seconds * rows <= self.inline_seconds
+
+    def _timed(self, key: Hashable, inputs: np.ndarray) -> tuple[np.ndarray, int]:
+        """One pass, its cost remembered for the next pass of ``key``.
+
+        A slow pass is forgotten only by halves (a cache miss in the model, say, costs several
+        passes on the executor before the key runs inline again).
+        """
+        assert self.forward is not None, "Batcher.forward is not set"
+        started = time.perf_counter()
+        logits, version = self.forward(key, inputs)
+        seconds = (time.perf_counter() - started) / max(1, len(inputs))
+        last = self._costs.get(key)
+        if last is not None and last.version == version:
+            seconds = max(seconds, last.seconds / 2)
+        self._costs[key] = _Cost(version, seconds)
+        return logits, version
 
     async def _dispatch(self, key: Hashable, lane: _Lane) -> None:
         """Run passes while the lane has requests; end when it is empty (a new request restarts it)."""

@@ -1,9 +1,9 @@
 """Predictions for both protocols (``lethe.v1`` Predict and the Open Inference Protocol's ModelInfer).
 
 A request is checked on the event loop against the in-memory task states (cheap, no SQL), then its
-rows go to the :class:`~server.rpc.batching.Batcher`, which runs forward passes on the executor. The
-task's state is checked again right before each forward pass, against the model that runs it: an
-Unlearn accepted while a request waited is honoured.
+rows go to the :class:`~server.rpc.batching.Batcher`, which runs forward passes on the executor (on
+the event loop when they are known to be cheap). The task's state is checked again right before each
+forward pass, against the model that runs it: an Unlearn accepted while a request waited is honoured.
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ class PredictService:
         self.batcher = batcher
         self.ready = ready
         batcher.forward = self._forward
+        batcher.version = self.version
 
     def target(self, task: str, principal: Principal, *, allow_unlearned: bool = False, field: str = "task") -> Target:
         """Check that ``task`` may be answered now (raises the domain error a client should see)."""
@@ -152,7 +153,7 @@ class PredictService:
         logits, version = await self.batcher.submit((target.task, target.allow_unlearned), inputs)
         return Prediction(logits, version)
 
-    # ------------------------------------------------------------- on the executor
+    # ------------------------------------------------- in a forward pass (executor or loop)
     def answering_model(self, task: str | None) -> Predictor:
         """The model Predict answers ``task`` from now (checked again: an Unlearn may have been accepted)."""
         answering = self.serving.answering()

@@ -120,3 +120,52 @@ def test_a_cancelled_request_is_dropped_without_disturbing_the_others(delay_ms: 
         _, kept = asyncio.run(scenario(batcher))
     assert kept[0][0, 0] == 6.0
     assert sum(rows for _, rows in recorder.passes) == 2  # the cancelled row never reached the model
+
+
+class Threads:
+    """A forward pass taking ``seconds`` a row that records the thread each pass ran on, under a settable
+    model version."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.version = 1
+        self.seconds = seconds
+        self.threads: list[str] = []
+
+    def __call__(self, key: Any, inputs: np.ndarray) -> tuple[np.ndarray, int]:
+        self.threads.append(threading.current_thread().name)
+        if self.seconds:
+            threading.Event().wait(self.seconds * len(inputs))
+        return inputs[:, :1].copy(), self.version
+
+
+def _one_by_one(forward: Threads, versions: list[int], inline_seconds: float = 0.05, rows: int = 1) -> list[str]:
+    """Sequential single requests, the model version before each as given; the threads they ran on.
+
+    The budget is 100 times the server's, so that a loaded machine's scheduling delays do not matter.
+    """
+
+    async def scenario(batcher: Batcher) -> None:
+        for i, version in enumerate(versions):
+            forward.version = version
+            logits, answered = await batcher.submit("k", _rows(i, rows))
+            assert answered == version and logits[0, 0] == i
+
+    with ThreadPoolExecutor(2, thread_name_prefix="executor") as executor:
+        batcher = Batcher(executor, max_batch_size=64, max_batch_delay_ms=0, inline_seconds=inline_seconds)
+        batcher.forward = forward
+        batcher.version = lambda: forward.version
+        asyncio.run(scenario(batcher))
+    return ["loop" if name == "MainThread" else "executor" for name in forward.threads]
+
+
+def test_a_pass_known_to_be_cheap_runs_on_the_loop_until_the_model_changes() -> None:
+    where = _one_by_one(Threads(), [1, 1, 1, 2, 2, 2])
+    assert where == ["executor", "loop", "loop", "executor", "loop", "loop"]
+
+
+def test_slow_passes_and_big_ones_stay_on_the_executor() -> None:
+    assert set(_one_by_one(Threads(seconds=0.1), [1] * 4)) == {"executor"}
+    assert set(_one_by_one(Threads(), [1] * 4, inline_seconds=0)) == {"executor"}  # turned off
+    # 0.1 ms a row: a row runs on the loop, 3,000 rows (0.3 s) never.
+    assert _one_by_one(Threads(seconds=1e-4), [1] * 3) == ["executor", "loop", "loop"]
+    assert set(_one_by_one(Threads(seconds=1e-4), [1] * 3, rows=3000)) == {"executor"}
