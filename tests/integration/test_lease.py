@@ -1,0 +1,198 @@
+"""One writer per database: the lease, the hot standby and fencing (DESIGN.md section 9).
+
+Real servers on port 0, real SQLite and PostgreSQL, real training on digits. Two servers share one
+data directory, as a primary and its standby on a shared volume do.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+from client import LetheClient, LetheError, pb
+from server.app import App
+from server.lease import LeaseHeldError
+from tests.crash_harness import unaccounted_files
+from tests.databases import fresh_postgres_database, postgres_admin_url
+from tests.support import digits, free_port, make_config, running_app, wait_ready
+
+SERVICE = "lethe.v1.Lethe"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database (the standby exists only there)."""
+    yield from fresh_postgres_database(postgres_admin_url())
+
+
+def _health(target: str) -> int:
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return int(stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status)
+
+
+def _until(condition: object, timeout: float, what: str) -> float:
+    """Poll ``condition()`` until true; the seconds it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if condition():  # type: ignore[operator]
+            return time.monotonic() - started
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
+def _epoch(url: str) -> int:
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            return int(connection.execute(text("SELECT epoch FROM leases WHERE name = 'primary'")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def test_a_second_server_on_a_sqlite_data_directory_refuses_to_start(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "data", f"sqlite:///{tmp_path / 'lethe.db'}")
+    with running_app(config) as first:
+        second = App(config, registry=CollectorRegistry())
+        with pytest.raises(LeaseHeldError) as held:
+            second.start()
+        second.stop(0)
+        assert f"pid {os.getpid()}" in str(held.value) and "in use by another lethe serve" in str(held.value)
+        assert first.client.wait(first.client.learn("a", *digits([0, 1]), epochs=1).id).state == pb.SUCCEEDED
+    # The lock goes with the server: the next one starts and serves what the first learned.
+    with running_app(config) as again:
+        assert again.client.task("a").state == pb.LEARNED
+
+
+def test_lethe_serve_on_a_taken_sqlite_data_directory_exits_in_one_line(tmp_path: Path) -> None:
+    data_dir, url = tmp_path / "data", f"sqlite:///{tmp_path / 'lethe.db'}"
+    with running_app(make_config(data_dir, url)):
+        done = subprocess.run(
+            [sys.executable, "-m", "server", "--no-auth", "--data-dir", str(data_dir), "--database-url", url]
+            + ["--port", "0", "--metrics-port", "-1"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "is in use by another lethe serve" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.postgres
+def test_a_second_primary_waits_as_a_standby_and_takes_over(tmp_path: Path, postgres_url: str) -> None:
+    """A graceful stop hands over within seconds; the standby refused writes until then and then serves
+    what the first learned, under a new epoch."""
+    config = make_config(tmp_path / "data", postgres_url, **{"training.epochs": 2})
+    with running_app(config) as primary:
+        c = primary.client
+        c.wait(c.learn("a", *digits([0, 1])).id)
+        epoch = _epoch(postgres_url)
+        registry = CollectorRegistry()
+        standby = App(config, registry=registry)
+        try:
+            port = standby.start().grpc
+            target = f"127.0.0.1:{port}"
+            assert _health(target) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert registry.get_sample_value("lethe_role", {"role": "standby"}) == 1.0
+            with LetheClient(target, retries=0, timeout=10) as other:
+                with pytest.raises(LetheError) as refused:
+                    other.learn("b", *digits([2, 3]))
+                assert refused.value.code == grpc.StatusCode.UNAVAILABLE and refused.value.reason == "NOT_PRIMARY"
+                assert "hot standby" in refused.value.message and f"pid {os.getpid()}" in refused.value.message
+                assert other.task("a").state == pb.LEARNED  # reads are served
+                primary.app.stop(grace=5)
+                took = _until(lambda: _health(target) == health_pb2.HealthCheckResponse.SERVING, 15, "takeover")
+                assert took <= 5.0
+                assert _epoch(postgres_url) == epoch + 1
+                assert registry.get_sample_value("lethe_role", {"role": "primary"}) == 1.0
+                x, y = digits([0, 1])
+                assert (other.predict("a", x).classes == y).mean() >= 0.9
+                job = other.wait(other.learn("b", *digits([2, 3])).id)
+                assert job.state == pb.SUCCEEDED
+        finally:
+            standby.stop(grace=5)
+    assert unaccounted_files(tmp_path / "data", postgres_url) == {}
+
+
+def _serve(data_dir: Path, url: str, log: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    argv = [sys.executable, "-m", "server", "--no-auth", "--data-dir", str(data_dir), "--database-url", url]
+    argv += ["--port", str(port), "--metrics-port", "-1", *extra]
+    with log.open("ab") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    return process, f"127.0.0.1:{port}"
+
+
+@pytest.mark.postgres
+def test_kill_9_of_the_primary_during_a_learn_the_standby_finishes_it_once(tmp_path: Path, postgres_url: str) -> None:
+    data_dir, log = tmp_path / "data", tmp_path / "servers.log"
+    first, first_target = _serve(data_dir, postgres_url, log)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        wait_ready(first_target, first, log)
+        second, second_target = _serve(data_dir, postgres_url, log)
+        _until(lambda: "STANDBY" in log.read_text(), 60, "the standby's start")
+        with LetheClient(first_target, retries=0, timeout=30) as c:
+            job = c.learn("long", *digits([0, 1]), epochs=200)
+            _until(lambda: c.job(job.id).state == pb.RUNNING, 60, "the learn's start")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        killed = time.monotonic()
+        wait_ready(second_target, second, log, timeout=30)
+        assert time.monotonic() - killed <= 15.0
+        with LetheClient(second_target, retries=3, timeout=30) as c:
+            done = c.wait(job.id, timeout=600)
+            assert done.state == pb.SUCCEEDED
+            assert [e.action for e in c.audit_events() if e.job_id == job.id].count("learn.succeeded") == 1
+            assert c.task("long").state == pb.LEARNED
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(60)
+    assert unaccounted_files(data_dir, postgres_url) == {}
+
+
+@pytest.mark.postgres
+def test_a_paused_primary_is_fenced_and_commits_nothing_after_the_takeover(tmp_path: Path, postgres_url: str) -> None:
+    """SIGSTOP past the lease's ttl: the standby ends its lease and takes over; resumed, the old primary
+    commits nothing (its learn stays with the new primary) and exits with 3."""
+    data_dir, log = tmp_path / "data", tmp_path / "servers.log"
+    ttl = ["--set", "server.lease_ttl_seconds=2"]
+    first, first_target = _serve(data_dir, postgres_url, log, *ttl)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        wait_ready(first_target, first, log)
+        second, second_target = _serve(data_dir, postgres_url, log, *ttl)
+        _until(lambda: "STANDBY" in log.read_text(), 60, "the standby's start")
+        with LetheClient(first_target, retries=0, timeout=30) as c:
+            job = c.learn("paused", *digits([0, 1]), epochs=30)
+        first.send_signal(signal.SIGSTOP)
+        wait_ready(second_target, second, log, timeout=30)
+        first.send_signal(signal.SIGCONT)
+        assert first.wait(60) == 3
+        with LetheClient(second_target, retries=3, timeout=30) as c:
+            done = c.wait(job.id, timeout=600)
+            assert done.state == pb.SUCCEEDED
+            actions = [e.action for e in c.audit_events() if e.job_id == job.id]
+            assert actions.count("learn.succeeded") == 1 and "learn.failed" not in actions
+        assert "LOST THE PRIMARY LEASE" in log.read_text()
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.send_signal(signal.SIGTERM)
+                process.wait(60)
+    assert unaccounted_files(data_dir, postgres_url) == {}
