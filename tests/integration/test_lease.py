@@ -79,9 +79,9 @@ def test_a_second_server_on_a_sqlite_data_directory_refuses_to_start(tmp_path: P
 def test_lethe_serve_on_a_taken_sqlite_data_directory_exits_in_one_line(tmp_path: Path) -> None:
     data_dir, url = tmp_path / "data", f"sqlite:///{tmp_path / 'lethe.db'}"
     with running_app(make_config(data_dir, url)):
+        argv = [sys.executable, "-m", "server", "--no-auth", "--data-dir", str(data_dir), "--database-url", url]
         done = subprocess.run(
-            [sys.executable, "-m", "server", "--no-auth", "--data-dir", str(data_dir), "--database-url", url]
-            + ["--port", "0", "--metrics-port", "-1"],
+            [*argv, "--port", "0", "--metrics-port", "-1"],
             capture_output=True,
             text=True,
             timeout=120,
