@@ -17,6 +17,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
 from protos import inference as oip
 from server.audit_head import HEAD_FILE, AuditHeadPublisher, compare_with_database
@@ -25,6 +26,7 @@ from server.config import Config
 from server.data.sample_ids import SampleIdKey
 from server.engine.protocol import LearnOptions, Strategy
 from server.engine.registry import build_strategy, resolve_device, strategy_options
+from server.errors import FailedPreconditionError, UnavailableError
 from server.jobs import (
     JobContext,
     JobEvents,
@@ -46,6 +48,7 @@ from server.lease import (
     fence_commits,
     lease_for,
 )
+from server.replica import ReplicaFollower
 from server.rpc import (
     SERVICE_NAME,
     AuthInterceptor,
@@ -176,6 +179,7 @@ class App:
         self.stopped = threading.Event()
         self._stopping = threading.Event()
         self._lease_keeper: LeaseKeeper | None = None
+        self._follower: ReplicaFollower | None = None
 
     def learn_defaults(self, strategy: Strategy) -> LearnOptions:
         """What a Learn header's zero fields become: the training section, then the strategy's own."""
@@ -382,7 +386,7 @@ class App:
 
         def become_primary() -> None:
             """With the lease held: check the audit head, recover, run the queue, report ready."""
-            jobs.standby_of = None
+            jobs.refuse_writes = None
             telemetry.set_role("primary")
             with sessions() as session:
                 stored = AuditLog.head(session)
@@ -414,7 +418,9 @@ class App:
             telemetry.ready.set(1)
             log.info("lethe serving on %s:%d (metrics %s)", c.server.host, port, self.ports.metrics)
 
-        if lease.try_acquire():
+        if c.server.role == "replica":
+            self._follow(sessions, jobs, serving, ready)
+        elif lease.try_acquire():
             become_primary()
         elif isinstance(lease, FileLease):
             raise LeaseHeldError(
@@ -422,16 +428,44 @@ class App:
                 "a SQLite server has one process per data directory (PostgreSQL allows a hot standby)"
             )
         else:
-            jobs.standby_of = lease.holder()
+            primary = lease.holder()
+            jobs.refuse_writes = lambda: UnavailableError(
+                f"this server is a hot standby; the primary is {primary}: send writes there",
+                reason="NOT_PRIMARY",
+                retry_after=1.0,
+            )
             telemetry.set_role("standby")
             log.warning(
                 "STANDBY: the primary lease is held by %s; this server takes over when it is released "
                 "or not renewed for %.0f s",
-                jobs.standby_of,
+                primary,
                 c.server.lease_ttl_seconds,
             )
             threading.Thread(target=self._stand_by, args=(become_primary,), name="lethe-standby", daemon=True).start()
         return self.ports
+
+    def _follow(
+        self, sessions: sessionmaker[Session], jobs: JobService, serving: ServingState, ready: threading.Event
+    ) -> None:
+        """A read replica: no worker, no lease; Predict from the primary's committed models."""
+        assert self.worker is not None and self.lease is not None and self.telemetry is not None
+        lease, telemetry = self.lease, self.telemetry
+        jobs.refuse_writes = lambda: FailedPreconditionError(
+            f"this server is a read replica (Predict only); send writes to the primary, {lease.holder()}",
+            reason="READ_REPLICA",
+        )
+        telemetry.set_role("replica")
+
+        def on_ready(now_ready: bool) -> None:
+            (ready.set if now_ready else ready.clear)()
+            telemetry.ready.set(1 if now_ready else 0)
+            status = health_pb2.HealthCheckResponse.SERVING if now_ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            self.set_health(SERVICE_NAME, status)
+            log.info("replica %s (model version %d)", "ready" if now_ready else "NOT ready: behind", follower.version)
+
+        follower = self._follower = ReplicaFollower(sessions, self.data_dir, self.worker.strategy, serving, on_ready)
+        follower.start()
+        log.info("lethe read replica on %s:%d", self.config.server.host, self.ports.grpc)
 
     def _stand_by(self, become_primary: Callable[[], None]) -> None:
         """Try to take the lease every second until it is taken (then serve as primary) or the server stops."""
@@ -514,6 +548,8 @@ class App:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+        if self._follower is not None:
+            self._follower.stop()
         if self._lease_keeper is not None:
             self._lease_keeper.stop()
         if self.lease is not None:

@@ -34,6 +34,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, help="number of classes (model.num_classes)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (model.device)")
     parser.add_argument(
+        "--role", help="primary (default) or replica: Predict only, from the primary's models (server.role)"
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, e.g. model.options.beta=0.1"
     )
     parser.add_argument("--no-auth", action="store_true", help="disable authentication (loudly logged)")
@@ -51,6 +54,7 @@ _FLAG_KEYS = {
     "input_shape": "model.input_shape",
     "num_classes": "model.num_classes",
     "device": "model.device",
+    "role": "server.role",
 }
 
 

@@ -22,7 +22,7 @@ JOB_KINDS = ("learn", "unlearn", "commit")
 
 
 #: The roles ``lethe_role`` reports.
-ROLES = ("primary", "standby")
+ROLES = ("primary", "standby", "replica")
 
 
 class Telemetry:

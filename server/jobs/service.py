@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,8 +117,8 @@ class JobService:
         self.lifecycle = Lifecycle(audit_log, data_dir=data_dir)
         self.audit_log = self.lifecycle.audit_log
         self._ready = threading.Event()
-        #: The lease holder while this server is a hot standby (writes are refused), else None.
-        self.standby_of: str | None = None
+        #: Set on a hot standby or a read replica: the error every write gets.
+        self.refuse_writes: Callable[[], Exception] | None = None
         self.sample_key = sample_key or SampleIdKey(data_dir / "keys" / "sample-ids.key")
 
     def mark_ready(self) -> None:
@@ -127,13 +127,9 @@ class JobService:
 
     def writable(self) -> None:
         """Raise unless this server accepts writes now (primary, recovered)."""
-        standby_of = self.standby_of
-        if standby_of is not None:
-            raise UnavailableError(
-                f"this server is a hot standby; the primary is {standby_of}: send writes there",
-                reason="NOT_PRIMARY",
-                retry_after=1.0,
-            )
+        refuse = self.refuse_writes
+        if refuse is not None:
+            raise refuse()
         if not self._ready.wait(self.limits.ready_wait_seconds):
             raise UnavailableError(
                 "the server is still recovering its state after a start; retry shortly",
