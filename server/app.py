@@ -40,6 +40,7 @@ from server.jobs import (
 from server.jobs.proof import ProofService
 from server.jobs.records import SampleRequests
 from server.lease import (
+    PRIMARY_SERVICE,
     STANDBY_POLL_SECONDS,
     FileLease,
     Lease,
@@ -220,9 +221,11 @@ class App:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if c.model.torch_threads:
             torch.set_num_threads(c.model.torch_threads)
+        if not c.database_url.startswith("postgresql") and c.server.role == "primary":
+            self._lock_data_dir()  # before anything is read or migrated
         self.engine = prepare_database(c)
         sessions = make_session_factory(self.engine)
-        lease = self.lease = lease_for(self.engine, self.data_dir, c.server.lease_ttl_seconds)
+        lease = self.lease = self.lease or lease_for(self.engine, self.data_dir, c.server.lease_ttl_seconds)
         fence_commits(sessions, lease)
         telemetry = self.telemetry = Telemetry(
             self.registry, max_task_series=c.telemetry.max_task_series, version=__version__
@@ -414,19 +417,15 @@ class App:
                 lease_epoch=lease.epoch,
             )
             self.set_health(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+            self.set_health(PRIMARY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
             ready.set()
             telemetry.ready.set(1)
             log.info("lethe serving on %s:%d (metrics %s)", c.server.host, port, self.ports.metrics)
 
         if c.server.role == "replica":
             self._follow(sessions, jobs, serving, ready)
-        elif lease.try_acquire():
+        elif lease.epoch or lease.try_acquire():
             become_primary()
-        elif isinstance(lease, FileLease):
-            raise LeaseHeldError(
-                f"the data directory {self.data_dir} is in use by another lethe serve ({lease.holder()}); "
-                "a SQLite server has one process per data directory (PostgreSQL allows a hot standby)"
-            )
         else:
             primary = lease.holder()
             jobs.refuse_writes = lambda: UnavailableError(
@@ -443,6 +442,16 @@ class App:
             )
             threading.Thread(target=self._stand_by, args=(become_primary,), name="lethe-standby", daemon=True).start()
         return self.ports
+
+    def _lock_data_dir(self) -> None:
+        """SQLite: take the data directory's lock, or refuse to start naming who holds it."""
+        lease = FileLease(self.data_dir)
+        if not lease.try_acquire():
+            raise LeaseHeldError(
+                f"the data directory {self.data_dir} is in use by another lethe serve ({lease.holder()}); "
+                "a SQLite server has one process per data directory (PostgreSQL allows a hot standby)"
+            )
+        self.lease = lease
 
     def _follow(
         self, sessions: sessionmaker[Session], jobs: JobService, serving: ServingState, ready: threading.Event
@@ -491,6 +500,7 @@ class App:
         epoch = self.lease.epoch if self.lease is not None else 0
         log.critical("LOST THE PRIMARY LEASE (epoch %d): another server took over; stopping", epoch)
         self.lease_lost = True
+        self.set_health(PRIMARY_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.set_health(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.telemetry is not None:
             self.telemetry.ready.set(0)
@@ -503,6 +513,7 @@ class App:
         """The worker could not record how a job ended and stopped: stop reporting ready."""
         log.critical("the worker stopped (%s); the server is NOT ready until it is restarted", error)
         self.set_health(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.set_health(PRIMARY_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.telemetry is not None:
             self.telemetry.ready.set(0)
 
@@ -511,6 +522,7 @@ class App:
         self.health = HealthServicer()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(PRIMARY_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         server, port = create_server(servicer, self.health, auth, **options)
         await server.start()
         return server, port
@@ -531,6 +543,7 @@ class App:
         grace = self.config.server.grace_seconds if grace is None else grace
         self._stopping.set()
         self.set_health(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.set_health(PRIMARY_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.telemetry is not None:
             self.telemetry.ready.set(0)
         if self.worker is not None:

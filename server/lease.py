@@ -38,6 +38,8 @@ LEASE_NAME = "primary"
 ADVISORY_KEY = 0x6C657468
 #: The lock file of a SQLite server, in its data directory.
 LOCK_FILE = "lethe.lock"
+#: The health service only a serving primary reports SERVING (clients and Kubernetes find the writer by it).
+PRIMARY_SERVICE = "lethe.primary"
 #: Seconds between a standby's attempts to take the lease.
 STANDBY_POLL_SECONDS = 1.0
 

@@ -62,6 +62,13 @@ def _epoch(url: str) -> int:
         engine.dispose()
 
 
+def test_server_and_client_name_the_primary_health_service_alike() -> None:
+    from client.routing import PRIMARY_SERVICE as CLIENT_SIDE
+    from server.lease import PRIMARY_SERVICE as SERVER_SIDE
+
+    assert CLIENT_SIDE == SERVER_SIDE
+
+
 def test_a_second_server_on_a_sqlite_data_directory_refuses_to_start(tmp_path: Path) -> None:
     config = make_config(tmp_path / "data", f"sqlite:///{tmp_path / 'lethe.db'}")
     with running_app(config) as first:
@@ -112,6 +119,8 @@ def test_a_second_primary_waits_as_a_standby_and_takes_over(tmp_path: Path, post
                 assert refused.value.code == grpc.StatusCode.UNAVAILABLE and refused.value.reason == "NOT_PRIMARY"
                 assert "hot standby" in refused.value.message and f"pid {os.getpid()}" in refused.value.message
                 assert other.task("a").state == pb.LEARNED  # reads are served
+                both = LetheClient([target, primary.target], retries=5, timeout=10)  # the standby first
+                assert both.wait(both.learn("c", *digits([4, 5])).id).state == pb.SUCCEEDED  # to the primary
                 primary.app.stop(grace=5)
                 took = _until(lambda: _health(target) == health_pb2.HealthCheckResponse.SERVING, 15, "takeover")
                 assert took <= 5.0
@@ -121,6 +130,10 @@ def test_a_second_primary_waits_as_a_standby_and_takes_over(tmp_path: Path, post
                 assert (other.predict("a", x).classes == y).mean() >= 0.9
                 job = other.wait(other.learn("b", *digits([2, 3])).id)
                 assert job.state == pb.SUCCEEDED
+                # The client of both addresses finds the new primary after its old one went away.
+                assert both.wait(both.learn("d", *digits([6, 7])).id).state == pb.SUCCEEDED
+                assert {both.task(t).state for t in ("a", "b", "c", "d")} == {pb.LEARNED}
+                both.close()
         finally:
             standby.stop(grace=5)
     assert unaccounted_files(tmp_path / "data", postgres_url) == {}

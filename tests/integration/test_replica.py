@@ -85,4 +85,11 @@ def test_a_replica_follows_learns_within_5_s_and_unlearns_within_2_s(tmp_path: P
             assert c.wait(unlearn.id).state == pb.SUCCEEDED
             assert _refused(r, "a")
             _within(5.0, lambda: _same_answers(c, r, "b", xb), "the replica serves the unlearn's model")
+
+            # One client of both: writes reach the primary though the replica is named first.
+            with LetheClient([replica.target, primary.target], retries=3, timeout=30) as both:
+                assert both.wait(both.learn("c", *digits([4, 5])).id).state == pb.SUCCEEDED
+                _within(5.0, lambda: _same_answers(c, r, "c", digits([4, 5])[0]), "the replica answers c")
+                answers = {both.predict("c", digits([4, 5])[0][:8]).model_version for _ in range(4)}
+                assert len(answers) == 1  # reads from either server: the same model
     assert unaccounted_files(data_dir, postgres_url) == {}
