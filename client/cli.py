@@ -509,7 +509,7 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
         "--server",
         default=os.environ.get("LETHE_SERVER", DEFAULT_SERVER),
         metavar="HOST:PORT[,HOST:PORT...]",
-        help=f"the Lethe server, or a primary with its standbys and replicas (env LETHE_SERVER; default {DEFAULT_SERVER})",
+        help=f"the Lethe server, or several: primary, standbys, replicas (env LETHE_SERVER; default {DEFAULT_SERVER})",
     )
     parser.add_argument("--token", default=os.environ.get("LETHE_TOKEN"), help="bearer token (env LETHE_TOKEN)")
     parser.add_argument("--ca", help="PEM CA certificate of the server (enables TLS)")
