@@ -685,9 +685,9 @@ def run(options: RunOptions, settings: PeerSettings | None = None) -> BenchmarkR
     ceiling_rows = []
     for rows, threads in settings.workloads:
         ceiling = Summary.of(m.rates[_key(CEILING, "oip", rows, threads)])
-        peer = Summary.of(_best_per_repetition(m.rates, best_peer, "oip", rows, threads))
+        their_best = Summary.of(_best_per_repetition(m.rates, best_peer, "oip", rows, threads))
         ceiling_rows.append(
-            [f"{rows} row(s) × {threads} thread(s)", ceiling.format(0), f"{ceiling.median / peer.median:.2f}×"]
+            [f"{rows} row(s) × {threads} thread(s)", ceiling.format(0), f"{ceiling.median / their_best.median:.2f}×"]
         )
     result.tables.append(
         (

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import bench_peer, bench_records, bench_scale, bench_submit_latency, ingest, predict, soak
+from benchmarks import bench_ha, bench_peer, bench_records, bench_scale, bench_submit_latency, ingest, predict, soak
 from benchmarks.report import (
     BENCHMARKS_DOC,
     ROOT,
@@ -52,10 +52,11 @@ BENCHMARKS: dict[str, Callable[[RunOptions], BenchmarkResult]] = {
     bench_submit_latency.NAME: bench_submit_latency.run,
     bench_records.NAME: bench_records.run,
     bench_peer.NAME: bench_peer.run,
+    bench_ha.NAME: bench_ha.run,
 }
 #: Benchmarks that run only when named with ``--only``: ``peer`` installs MLServer (and torch) into an
-#: environment of its own on first use.
-OPT_IN = frozenset({bench_peer.NAME})
+#: environment of its own on first use; ``ha`` needs PostgreSQL.
+OPT_IN = frozenset({bench_peer.NAME, bench_ha.NAME})
 #: What a run without ``--only`` runs.
 DEFAULT = [name for name in BENCHMARKS if name not in OPT_IN]
 #: The section of the machine table.

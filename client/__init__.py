@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import grpc
 import numpy as np
@@ -57,6 +57,7 @@ from client.errors import (
     UnimplementedError,
     from_rpc_error,
 )
+from client.routing import Router, split_targets
 from protos import lethe_pb2 as pb
 from protos import lethe_pb2_grpc as pb_grpc
 from protos.tensors import from_tensor, to_tensor
@@ -142,10 +143,11 @@ class Prediction:
 
 
 class LetheClient:
-    """A connection to one Lethe server.
+    """A connection to a Lethe server, or to a primary with its standbys and read replicas.
 
     Args:
-        target: ``host:port``.
+        target: ``host:port``; or several, comma-separated or as a list: writes then go to the
+            primary (found by its health, see :mod:`client.routing`) and reads round-robin.
         token: bearer token sent as ``authorization`` metadata (omit when the server runs ``--no-auth``).
         root_certificates: PEM of the CA that signed the server's certificate; enables TLS.
         certificate_chain, private_key: PEM client certificate and key for mutual TLS.
@@ -158,7 +160,7 @@ class LetheClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         token: str | None = None,
         root_certificates: bytes | None = None,
@@ -172,19 +174,23 @@ class LetheClient:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
+        addresses = split_targets(target)
         if root_certificates is not None or certificate_chain is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-            self.channel = grpc.secure_channel(target, credentials, options=options)
+            self.channels = [grpc.secure_channel(a, credentials, options=options) for a in addresses]
         else:
-            self.channel = grpc.insecure_channel(target, options=options)
-        self.stub = pb_grpc.LetheStub(self.channel)
+            self.channels = [grpc.insecure_channel(a, options=options) for a in addresses]
+        self.channel = self.channels[0]
+        stubs = [pb_grpc.LetheStub(c) for c in self.channels]
+        self.stub: Any = stubs[0] if len(stubs) == 1 else Router(stubs, self.channels, addresses)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.retries = retries
         self.timeout = timeout
 
     def close(self) -> None:
-        """Close the channel."""
-        self.channel.close()
+        """Close the channels."""
+        for channel in self.channels:
+            channel.close()
 
     def __enter__(self) -> LetheClient:
         return self

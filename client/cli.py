@@ -1,7 +1,8 @@
 """The ``lethe`` command.
 
 Client commands talk to a server given by ``--server HOST:PORT`` (env ``LETHE_SERVER``, default
-127.0.0.1:50051) with ``--token`` (env ``LETHE_TOKEN``). ``lethe serve`` and ``lethe db`` run the
+127.0.0.1:50051; several, comma-separated: writes go to the primary, reads round-robin) with
+``--token`` (env ``LETHE_TOKEN``). ``lethe serve`` and ``lethe db`` run the
 daemon side and need the ``server`` extra.
 
 A failure prints one line on stderr, ``lethe: CODE: message``, with a hint where one helps (an
@@ -507,8 +508,8 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
         default=os.environ.get("LETHE_SERVER", DEFAULT_SERVER),
-        metavar="HOST:PORT",
-        help=f"the Lethe server (env LETHE_SERVER; default {DEFAULT_SERVER})",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help=f"the Lethe server, or several: primary, standbys, replicas (env LETHE_SERVER; default {DEFAULT_SERVER})",
     )
     parser.add_argument("--token", default=os.environ.get("LETHE_TOKEN"), help="bearer token (env LETHE_TOKEN)")
     parser.add_argument("--ca", help="PEM CA certificate of the server (enables TLS)")

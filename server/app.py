@@ -17,6 +17,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
 from protos import inference as oip
 from server.audit_head import HEAD_FILE, AuditHeadPublisher, compare_with_database
@@ -25,6 +26,7 @@ from server.config import Config
 from server.data.sample_ids import SampleIdKey
 from server.engine.protocol import LearnOptions, Strategy
 from server.engine.registry import build_strategy, resolve_device, strategy_options
+from server.errors import FailedPreconditionError, UnavailableError
 from server.jobs import (
     JobContext,
     JobEvents,
@@ -37,6 +39,17 @@ from server.jobs import (
 )
 from server.jobs.proof import ProofService
 from server.jobs.records import SampleRequests
+from server.lease import (
+    PRIMARY_SERVICE,
+    STANDBY_POLL_SECONDS,
+    FileLease,
+    Lease,
+    LeaseHeldError,
+    LeaseKeeper,
+    fence_commits,
+    lease_for,
+)
+from server.replica import ReplicaFollower
 from server.rpc import (
     SERVICE_NAME,
     AuthInterceptor,
@@ -160,6 +173,14 @@ class App:
         self.telemetry: Telemetry | None = None
         self.audit_head: AuditHeadPublisher | None = None
         self._metrics_server: Any = None
+        self.lease: Lease | None = None
+        #: Set when the lease was lost to another server (``lethe serve`` then exits with 3).
+        self.lease_lost = False
+        #: Set once :meth:`stop` has finished.
+        self.stopped = threading.Event()
+        self._stopping = threading.Event()
+        self._lease_keeper: LeaseKeeper | None = None
+        self._follower: ReplicaFollower | None = None
 
     def learn_defaults(self, strategy: Strategy) -> LearnOptions:
         """What a Learn header's zero fields become: the training section, then the strategy's own."""
@@ -200,8 +221,12 @@ class App:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if c.model.torch_threads:
             torch.set_num_threads(c.model.torch_threads)
+        if not c.database_url.startswith("postgresql") and c.server.role == "primary":
+            self._lock_data_dir()  # before anything is read or migrated
         self.engine = prepare_database(c)
         sessions = make_session_factory(self.engine)
+        lease = self.lease = self.lease or lease_for(self.engine, self.data_dir, c.server.lease_ttl_seconds)
+        fence_commits(sessions, lease)
         telemetry = self.telemetry = Telemetry(
             self.registry, max_task_series=c.telemetry.max_task_series, version=__version__
         )
@@ -212,7 +237,6 @@ class App:
         audit_log = AuditLog(signer=key)
         with sessions() as session:
             stored_head = AuditLog.head(session)
-            head_problem = compare_with_database(self.data_dir / HEAD_FILE, session, key.public_key)
         publisher = self.audit_head = AuditHeadPublisher(
             self.data_dir / HEAD_FILE, key.public_key, telemetry, stored_head
         )
@@ -362,32 +386,134 @@ class App:
                 c.server.metrics_port, addr=c.server.metrics_host, registry=self.registry
             )
             self.ports.metrics = self._metrics_server.server_port
-        if head_problem is not None:
-            # Recorded in the signed chain itself, before anything else appends (and rewrites the file).
-            log.error("AUDIT HEAD MISMATCH: %s; run lethe audit verify --public-key", head_problem.problem)
-            details = {**head_problem.details(), "database_head_seq": stored_head.seq}
-            with sessions.begin() as session:
-                audit_log.append(session, principal="system", action="audit.head_mismatch", details=details)
-        self.worker.recover()
-        jobs.mark_ready()
-        self.worker.start()
-        jobs.audit(
-            "system",
-            "server.started",
-            version=__version__,
-            model_version=strategy.version,
-            audit_key=key.public_key.fingerprint,
-        )
-        self.set_health(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        ready.set()
-        telemetry.ready.set(1)
-        log.info("lethe serving on %s:%d (metrics %s)", c.server.host, port, self.ports.metrics)
+
+        def become_primary() -> None:
+            """With the lease held: check the audit head, recover, run the queue, report ready."""
+            jobs.refuse_writes = None
+            telemetry.set_role("primary")
+            with sessions() as session:
+                stored = AuditLog.head(session)
+                problem = compare_with_database(self.data_dir / HEAD_FILE, session, key.public_key)
+            if problem is not None:
+                # Recorded in the signed chain itself, before anything else appends (and rewrites the file).
+                log.error("AUDIT HEAD MISMATCH: %s; run lethe audit verify --public-key", problem.problem)
+                details = {**problem.details(), "database_head_seq": stored.seq}
+                with sessions.begin() as session:
+                    audit_log.append(session, principal="system", action="audit.head_mismatch", details=details)
+            else:
+                publisher.publish(stored)  # a standby's head is the one its predecessor left
+            assert self.worker is not None
+            self.worker.recover()
+            jobs.mark_ready()
+            self.worker.start()
+            self._lease_keeper = LeaseKeeper(lease, c.server.lease_ttl_seconds, self._lease_lost)
+            self._lease_keeper.start()
+            jobs.audit(
+                "system",
+                "server.started",
+                version=__version__,
+                model_version=self.worker.strategy.version,
+                audit_key=key.public_key.fingerprint,
+                lease_epoch=lease.epoch,
+            )
+            self.set_health(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+            self.set_health(PRIMARY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+            ready.set()
+            telemetry.ready.set(1)
+            log.info("lethe serving on %s:%d (metrics %s)", c.server.host, port, self.ports.metrics)
+
+        if c.server.role == "replica":
+            self._follow(sessions, jobs, serving, ready)
+        elif lease.epoch or lease.try_acquire():
+            become_primary()
+        else:
+            primary = lease.holder()
+            jobs.refuse_writes = lambda: UnavailableError(
+                f"this server is a hot standby; the primary is {primary}: send writes there",
+                reason="NOT_PRIMARY",
+                retry_after=1.0,
+            )
+            telemetry.set_role("standby")
+            log.warning(
+                "STANDBY: the primary lease is held by %s; this server takes over when it is released "
+                "or not renewed for %.0f s",
+                primary,
+                c.server.lease_ttl_seconds,
+            )
+            threading.Thread(target=self._stand_by, args=(become_primary,), name="lethe-standby", daemon=True).start()
         return self.ports
+
+    def _lock_data_dir(self) -> None:
+        """SQLite: take the data directory's lock, or refuse to start naming who holds it."""
+        lease = FileLease(self.data_dir)
+        if not lease.try_acquire():
+            raise LeaseHeldError(
+                f"the data directory {self.data_dir} is in use by another lethe serve ({lease.holder()}); "
+                "a SQLite server has one process per data directory (PostgreSQL allows a hot standby)"
+            )
+        self.lease = lease
+
+    def _follow(
+        self, sessions: sessionmaker[Session], jobs: JobService, serving: ServingState, ready: threading.Event
+    ) -> None:
+        """A read replica: no worker, no lease; Predict from the primary's committed models."""
+        assert self.worker is not None and self.lease is not None and self.telemetry is not None
+        lease, telemetry = self.lease, self.telemetry
+        jobs.refuse_writes = lambda: FailedPreconditionError(
+            f"this server is a read replica (Predict only); send writes to the primary, {lease.holder()}",
+            reason="READ_REPLICA",
+        )
+        telemetry.set_role("replica")
+
+        def on_ready(now_ready: bool) -> None:
+            (ready.set if now_ready else ready.clear)()
+            telemetry.ready.set(1 if now_ready else 0)
+            status = health_pb2.HealthCheckResponse.SERVING if now_ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            self.set_health(SERVICE_NAME, status)
+            log.info("replica %s (model version %d)", "ready" if now_ready else "NOT ready: behind", follower.version)
+
+        follower = self._follower = ReplicaFollower(sessions, self.data_dir, self.worker.strategy, serving, on_ready)
+        follower.start()
+        log.info("lethe read replica on %s:%d", self.config.server.host, self.ports.grpc)
+
+    def _stand_by(self, become_primary: Callable[[], None]) -> None:
+        """Try to take the lease every second until it is taken (then serve as primary) or the server stops."""
+        assert self.lease is not None
+        while not self._stopping.is_set():
+            try:
+                taken = self.lease.try_acquire()
+            except Exception as exc:  # the database is away: try again
+                log.warning("standby: could not try the lease (%s)", exc)
+                taken = False
+            if taken and not self._stopping.is_set():
+                log.warning("taking over as primary (lease epoch %d)", self.lease.epoch)
+                try:
+                    become_primary()
+                except Exception:
+                    log.critical("could not take over as primary; stopping", exc_info=True)
+                    self._stop_in_background()
+                return
+            self._stopping.wait(STANDBY_POLL_SECONDS)
+
+    def _lease_lost(self) -> None:
+        """The lease was lost (another server took over): stop at once, writing nothing more."""
+        epoch = self.lease.epoch if self.lease is not None else 0
+        log.critical("LOST THE PRIMARY LEASE (epoch %d): another server took over; stopping", epoch)
+        self.lease_lost = True
+        self.set_health(PRIMARY_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.set_health(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.telemetry is not None:
+            self.telemetry.ready.set(0)
+        self._stop_in_background()
+
+    def _stop_in_background(self) -> None:
+        threading.Thread(target=self.stop, args=(0.0,), name="lethe-stop", daemon=True).start()
 
     def _worker_died(self, error: BaseException) -> None:
         """The worker could not record how a job ended and stopped: stop reporting ready."""
         log.critical("the worker stopped (%s); the server is NOT ready until it is restarted", error)
         self.set_health(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.set_health(PRIMARY_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.telemetry is not None:
             self.telemetry.ready.set(0)
 
@@ -396,6 +522,7 @@ class App:
         self.health = HealthServicer()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(PRIMARY_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         server, port = create_server(servicer, self.health, auth, **options)
         await server.start()
         return server, port
@@ -414,7 +541,9 @@ class App:
     def stop(self, grace: float | None = None) -> None:
         """Graceful stop: readiness NOT_SERVING, refuse new RPCs, finish in-flight ones, stop the worker."""
         grace = self.config.server.grace_seconds if grace is None else grace
+        self._stopping.set()
         self.set_health(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.set_health(PRIMARY_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.telemetry is not None:
             self.telemetry.ready.set(0)
         if self.worker is not None:
@@ -432,8 +561,15 @@ class App:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+        if self._follower is not None:
+            self._follower.stop()
+        if self._lease_keeper is not None:
+            self._lease_keeper.stop()
+        if self.lease is not None:
+            self.lease.release()
         if self.engine is not None:
             self.engine.dispose()
+        self.stopped.set()
         log.info("lethe stopped")
 
     def wait(self) -> None:

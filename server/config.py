@@ -28,6 +28,10 @@ class ConfigError(ValueError):
         self.problems = problems
 
 
+#: The values of ``server.role``.
+ROLES = ("primary", "replica")
+
+
 @dataclass(frozen=True)
 class ServerSection:
     """The gRPC listener."""
@@ -51,6 +55,11 @@ class ServerSection:
     keepalive_timeout_s: float = 10.0
     #: Clients may ping as often as this (faster pings are answered with GOAWAY `too_many_pings`).
     keepalive_min_ping_interval_s: float = 0.5
+    #: ``primary`` (learns, unlearns, serves; one per database, others wait as hot standbys) or ``replica``
+    #: (Predict only, from the models the primary commits, on the same database and data directory).
+    role: str = "primary"
+    #: PostgreSQL: seconds the primary may go without renewing its lease before a standby takes over.
+    lease_ttl_seconds: float = 10.0
     #: PEM files enabling TLS (both) and mutual TLS (``tls_client_ca`` too: clients must present a
     #: certificate signed by that CA).
     tls_cert: str = ""
@@ -362,6 +371,10 @@ def validate(config: Config) -> list[str]:
     for name in ("keepalive_time_s", "keepalive_timeout_s", "keepalive_min_ping_interval_s"):
         if getattr(s, name) <= 0:
             p.append(f"server.{name}: must be > 0, got {getattr(s, name)}")
+    if s.role not in ROLES:
+        p.append(f"server.role: must be one of {', '.join(ROLES)}, got {s.role!r}")
+    if not 1 <= s.lease_ttl_seconds <= 3600:
+        p.append(f"server.lease_ttl_seconds: must be 1 to 3600, got {s.lease_ttl_seconds}")
     if s.max_message_bytes < 1024:
         p.append(f"server.max_message_bytes: must be >= 1024, got {s.max_message_bytes}")
     if bool(s.tls_cert) != bool(s.tls_key):

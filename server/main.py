@@ -34,6 +34,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, help="number of classes (model.num_classes)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (model.device)")
     parser.add_argument(
+        "--role", help="primary (default) or replica: Predict only, from the primary's models (server.role)"
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, e.g. model.options.beta=0.1"
     )
     parser.add_argument("--no-auth", action="store_true", help="disable authentication (loudly logged)")
@@ -51,6 +54,7 @@ _FLAG_KEYS = {
     "input_shape": "model.input_shape",
     "num_classes": "model.num_classes",
     "device": "model.device",
+    "role": "server.role",
 }
 
 
@@ -92,12 +96,13 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(config.telemetry.log_format, config.telemetry.log_level)
     from server.app import App  # heavy imports (torch) only when serving
     from server.jobs import StateMismatchError
+    from server.lease import LeaseHeldError
     from server.storage import SchemaError
 
     app = App(config)
     try:
         ports = app.start()
-    except (SchemaError, StateMismatchError, ValueError) as exc:
+    except (SchemaError, StateMismatchError, LeaseHeldError, ValueError) as exc:
         print(f"lethe: {exc}", file=sys.stderr)
         app.stop(0)
         return 2
@@ -123,8 +128,11 @@ def serve(args: argparse.Namespace) -> int:
     # (a worker in torch, a gRPC thread), which does not wake a main thread blocked on a lock, and
     # Python runs handlers only in the main thread. A short sleep lets the handler run within
     # 0.2 s wherever the signal landed. (A blocking wait hung a CI run for over a minute.)
-    while not received:
+    while not received and not app.stopped.is_set():
         time.sleep(0.2)
+    if not received:  # the server stopped itself: its lease was taken over (or the takeover failed)
+        app.stopped.wait()
+        return 3
     log.info("received signal %d: shutting down", received[0])
     app.stop()
     return 0

@@ -21,6 +21,10 @@ TASK_STATES = ("learning", "learned", "temporary", "unlearning", "unlearned")
 JOB_KINDS = ("learn", "unlearn", "commit")
 
 
+#: The roles ``lethe_role`` reports.
+ROLES = ("primary", "standby", "replica")
+
+
 class Telemetry:
     """The server's metrics. Create one per server with its own registry (tests use isolated ones)."""
 
@@ -38,6 +42,12 @@ class Telemetry:
             "lethe_ready", "1 while the readiness check (health service lethe.v1.Lethe) reports SERVING", registry=r
         )
         self.worker_up = Gauge("lethe_worker_up", "1 while the worker thread that runs jobs is alive", registry=r)
+        self.role = Gauge(
+            "lethe_role",
+            "1 for this server's role: primary (holds the lease) or standby (waits for it)",
+            ["role"],
+            registry=r,
+        )
         self.tasks = Gauge("lethe_tasks", "Tasks by state", ["state"], registry=r)
         self.jobs_total = Counter("lethe_jobs", "Finished jobs by kind and outcome", ["kind", "outcome"], registry=r)
         self.job_duration = Histogram(
@@ -124,6 +134,11 @@ class Telemetry:
         for gauge in (self.retain_accuracy, self.forget_accuracy, self.last_unlearn_spill, self.unlearn_mia):
             gauge.set(math.nan)
         self.max_relapse.set(0)
+
+    def set_role(self, role: str) -> None:
+        """``lethe_role{role}`` = 1 for ``role``, 0 for the others."""
+        for name in ROLES:
+            self.role.labels(name).set(1.0 if name == role else 0.0)
 
     def record_audit_head(self, seq: int, head_hash: str, signature: str, key: str) -> None:
         """Publish the signed audit head as ``lethe_audit_head{hash, signature, key} = seq``.

@@ -100,8 +100,8 @@ def unaccounted_files(data_dir: Path, database_url: str, settle_seconds: float =
         model_checkpoints = (str(r[0]) for r in rows if r[1] == "checkpoint" and str(r[0]).startswith("checkpoints/"))
         live_checkpoints = sorted(model_checkpoints, key=_checkpoint_order)
         on_disk = {str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file()}
-        # The database, the published audit head and the server's keys are not task data.
-        on_disk -= {p for p in on_disk if p.startswith(("lethe.db", "keys/")) or p == "audit-head.json"}
+        # The database, the published audit head, the server's keys and its lock file are not task data.
+        on_disk -= {p for p in on_disk if p.startswith(("lethe.db", "keys/")) or p in ("audit-head.json", "lethe.lock")}
         diff = {
             "on disk, not a live row": sorted(on_disk - live),
             "live row, not on disk": sorted(live - on_disk),

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +117,8 @@ class JobService:
         self.lifecycle = Lifecycle(audit_log, data_dir=data_dir)
         self.audit_log = self.lifecycle.audit_log
         self._ready = threading.Event()
+        #: Set on a hot standby or a read replica: the error every write gets.
+        self.refuse_writes: Callable[[], Exception] | None = None
         self.sample_key = sample_key or SampleIdKey(data_dir / "keys" / "sample-ids.key")
 
     def mark_ready(self) -> None:
@@ -124,6 +126,10 @@ class JobService:
         self._ready.set()
 
     def writable(self) -> None:
+        """Raise unless this server accepts writes now (primary, recovered)."""
+        refuse = self.refuse_writes
+        if refuse is not None:
+            raise refuse()
         if not self._ready.wait(self.limits.ready_wait_seconds):
             raise UnavailableError(
                 "the server is still recovering its state after a start; retry shortly",

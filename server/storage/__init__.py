@@ -46,6 +46,7 @@ from server.storage.models import (
     DataFile,
     Evaluation,
     Job,
+    Lease,
     Sample,
     Task,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "JobKind",
     "JobRepository",
     "JobState",
+    "Lease",
     "Sample",
     "SampleRepository",
     "SchemaError",

@@ -258,6 +258,26 @@ class Sample(Base):
         return f"Sample(task={self.task!r}, digest={self.digest[:12]!r})"
 
 
+class Lease(Base):
+    """Who may write (PostgreSQL): one row per lease, held by the primary (see :mod:`server.lease`).
+
+    ``epoch`` grows by one at every takeover and is the fencing token: a transaction commits only
+    while the row still carries its server's epoch. ``renewed_at`` is the database's clock at the
+    holder's last renewal; ``backend_pid`` is the holder's lease connection.
+    """
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    holder: Mapped[str] = mapped_column(String(256))
+    backend_pid: Mapped[int | None] = mapped_column(Integer)
+    renewed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    def __repr__(self) -> str:
+        return f"Lease(name={self.name!r}, epoch={self.epoch}, holder={self.holder!r})"
+
+
 def _numeric(values: dict[str, Any]) -> dict[str, float]:
     """The entries of ``values`` that are numbers (bools excluded), as floats."""
     return {
