@@ -40,6 +40,8 @@ ADVISORY_KEY = 0x6C657468
 LOCK_FILE = "lethe.lock"
 #: The health service only a serving primary reports SERVING (clients and Kubernetes find the writer by it).
 PRIMARY_SERVICE = "lethe.primary"
+#: PostgreSQL: the channel the primary notifies at every commit (replicas listen to it).
+CHANGES_CHANNEL = "lethe_changes"
 #: Seconds between a standby's attempts to take the lease.
 STANDBY_POLL_SECONDS = 1.0
 
@@ -250,8 +252,15 @@ def lease_for(engine: Engine, data_dir: Path, ttl_seconds: float) -> Lease:
 
 
 def fence_commits(sessions: sessionmaker[Session], lease: Lease) -> None:
-    """Check the lease just before every commit of ``sessions`` (see :meth:`Lease.fence`)."""
-    event.listen(sessions, "before_commit", lease.fence)
+    """Check the lease just before every commit of ``sessions`` (see :meth:`Lease.fence`); on PostgreSQL
+    also notify :data:`CHANGES_CHANNEL`, delivered to replicas when (and only if) the commit happens."""
+
+    def before_commit(session: Session) -> None:
+        lease.fence(session)
+        if isinstance(lease, PostgresLease):
+            session.execute(text(f"NOTIFY {CHANGES_CHANNEL}"))
+
+    event.listen(sessions, "before_commit", before_commit)
 
 
 class LeaseKeeper:

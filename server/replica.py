@@ -2,7 +2,8 @@
 
 A replica shares the primary's database and data directory (a shared volume) and writes nothing:
 it has no worker and no lease, and the fence on its sessions refuses every commit. A follower
-thread polls the database every :data:`POLL_SECONDS`:
+thread reads the database at every commit of the primary (PostgreSQL: it listens for the
+notification each commit sends) and every :data:`POLL_SECONDS` in any case:
 
 1. the unlearns accepted and not finished: each is *held* as on the primary (its tasks refused; a
    class-incremental model answers nothing) from the poll after its acceptance until the replica
@@ -12,7 +13,8 @@ thread polls the database every :data:`POLL_SECONDS`:
 3. every task's state, mirrored.
 
 So a replica never answers from a model older than an unlearn that has SUCCEEDED, and stops
-answering for an unlearned task within one poll of its acceptance.
+answering for an unlearned task within one read of its acceptance (milliseconds with the
+notification, at most a poll interval without).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from sqlalchemy import select
@@ -31,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from server.data.layout import parse_checkpoint_name
 from server.engine.protocol import Strategy
 from server.jobs.serving import ServingState
+from server.lease import CHANGES_CHANNEL
 from server.storage import DataFile, DataFileKind, Job, JobKind, JobState, TaskRepository
 
 log = logging.getLogger(__name__)
@@ -96,8 +100,18 @@ class ReplicaFollower:
             self._thread.join(5)
 
     def _run(self) -> None:
-        while not self._stop.wait(POLL_SECONDS):
-            self._sync_logged()
+        listener = ChangeListener(self.sessions) if _is_postgres(self.sessions) else None
+        try:
+            while not self._stop.is_set():
+                if listener is not None:
+                    listener.wait(POLL_SECONDS)  # a commit's notification, or the poll interval
+                else:
+                    self._stop.wait(POLL_SECONDS)
+                if not self._stop.is_set():
+                    self._sync_logged()
+        finally:
+            if listener is not None:
+                listener.close()
 
     def _sync_logged(self) -> None:
         try:
@@ -162,3 +176,48 @@ def _forgotten_tasks(job: Job) -> frozenset[str]:
     """The tasks whose data an unlearn job forgets: its task, or a records unlearn's tasks."""
     tasks = job.options.get("tasks") if isinstance(job.options, dict) else None
     return frozenset(tasks) if tasks else frozenset({job.task})
+
+
+def _is_postgres(sessions: sessionmaker[Session]) -> bool:
+    bind = sessions.kw.get("bind")
+    return bind is not None and bind.dialect.name == "postgresql"
+
+
+class ChangeListener:
+    """PostgreSQL: ``LISTEN`` on :data:`CHANGES_CHANNEL`, which the primary notifies at every commit.
+
+    A replica then syncs within milliseconds of a commit instead of at its next poll; polling stays
+    the fallback (a missed notification; a broken connection, reopened at the next wait).
+    """
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._engine = sessions.kw["bind"]
+        self._raw: Any = None
+
+    def _connect(self) -> Any:
+        if self._raw is None:
+            raw = self._engine.raw_connection()
+            connection = raw.driver_connection
+            connection.autocommit = True
+            connection.execute(f"LISTEN {CHANGES_CHANNEL}")
+            self._raw = raw
+        return self._raw.driver_connection
+
+    def wait(self, timeout: float) -> bool:
+        """Block until a notification or ``timeout``; True if one came."""
+        try:
+            return any(True for _ in self._connect().notifies(timeout=timeout, stop_after=1))
+        except Exception as exc:
+            log.warning("replica: listening for changes failed (%s); polling", exc)
+            self.close()
+            time.sleep(timeout)
+            return False
+
+    def close(self) -> None:
+        """Stop listening."""
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            try:
+                raw.close()
+            except Exception:  # closing a broken connection
+                log.debug("replica: closing the change listener failed", exc_info=True)
