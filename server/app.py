@@ -423,13 +423,13 @@ class App:
             log.info("lethe serving on %s:%d (metrics %s)", c.server.host, port, self.ports.metrics)
 
         if c.server.role == "replica":
-            self._follow(sessions, jobs, serving, ready)
+            self._follow(sessions, jobs, predictions, ready)
         elif lease.epoch or lease.try_acquire():
             become_primary()
         else:
             primary = lease.holder()
-            jobs.refuse_writes = lambda: UnavailableError(
-                f"this server is a hot standby; the primary is {primary}: send writes there",
+            jobs.refuse_writes = predictions.not_ready = lambda: UnavailableError(
+                f"this server is a hot standby; the primary is {primary}: send requests there",
                 reason="NOT_PRIMARY",
                 retry_after=1.0,
             )
@@ -454,7 +454,7 @@ class App:
         self.lease = lease
 
     def _follow(
-        self, sessions: sessionmaker[Session], jobs: JobService, serving: ServingState, ready: threading.Event
+        self, sessions: sessionmaker[Session], jobs: JobService, predictions: PredictService, ready: threading.Event
     ) -> None:
         """A read replica: no worker, no lease; Predict from the primary's committed models."""
         assert self.worker is not None and self.lease is not None and self.telemetry is not None
@@ -462,6 +462,12 @@ class App:
         jobs.refuse_writes = lambda: FailedPreconditionError(
             f"this server is a read replica (Predict only); send writes to the primary, {lease.holder()}",
             reason="READ_REPLICA",
+        )
+        predictions.not_ready = lambda: UnavailableError(
+            "this read replica cannot follow the primary right now (no model yet, or the database is away): "
+            "retry shortly or ask another server",
+            reason="REPLICA_BEHIND",
+            retry_after=1.0,
         )
         telemetry.set_role("replica")
 
@@ -472,7 +478,8 @@ class App:
             self.set_health(SERVICE_NAME, status)
             log.info("replica %s (model version %d)", "ready" if now_ready else "NOT ready: behind", follower.version)
 
-        follower = self._follower = ReplicaFollower(sessions, self.data_dir, self.worker.strategy, serving, on_ready)
+        follower = ReplicaFollower(sessions, self.data_dir, self.worker.strategy, predictions.serving, on_ready)
+        self._follower = follower
         follower.start()
         log.info("lethe read replica on %s:%d", self.config.server.host, self.ports.grpc)
 

@@ -99,9 +99,17 @@ class PredictService:
         self.ready = ready
         batcher.forward = self._forward
         batcher.version = self.version
+        #: The error Predict gets while the server is not ready (a standby sets its own).
+        self.not_ready: Callable[[], Exception] = lambda: UnavailableError(
+            "the server is starting and its model is still loading; retry shortly",
+            reason="MODEL_LOADING",
+            retry_after=1.0,
+        )
 
     def target(self, task: str, principal: Principal, *, allow_unlearned: bool = False, field: str = "task") -> Target:
         """Check that ``task`` may be answered now (raises the domain error a client should see)."""
+        if not self.ready():  # before task states are loaded: say so, not "no such task"
+            raise self.not_ready()
         if not self.task_incremental:
             if task:
                 raise InvalidArgumentError(

@@ -123,6 +123,9 @@ def test_a_second_primary_waits_as_a_standby_and_takes_over(tmp_path: Path, post
                 assert refused.value.code == grpc.StatusCode.UNAVAILABLE and refused.value.reason == "NOT_PRIMARY"
                 assert "hot standby" in refused.value.message and f"pid {os.getpid()}" in refused.value.message
                 assert other.task("a").state == pb.LEARNED  # reads are served
+                with pytest.raises(LetheError) as no_model:
+                    other.predict("a", digits([0, 1])[0][:4])
+                assert no_model.value.code == grpc.StatusCode.UNAVAILABLE and no_model.value.reason == "NOT_PRIMARY"
                 both = LetheClient([target, primary.target], retries=5, timeout=10)  # the standby first
                 assert both.wait(both.learn("c", *digits([4, 5])).id).state == pb.SUCCEEDED  # to the primary
                 primary.app.stop(grace=5)
