@@ -71,8 +71,8 @@ class Lease(Protocol):
         """Take the lease if it is free (or, PostgreSQL, its holder stopped renewing); True if held now."""
         ...
 
-    def renew(self) -> bool:
-        """Keep the lease; False once it is lost."""
+    def renew(self) -> bool | None:
+        """Keep the lease: True if kept, False once it is lost, None when that cannot be told now."""
         ...
 
     def holder(self) -> str:
@@ -109,7 +109,7 @@ class FileLease:
         self._fd, self.epoch = fd, 1
         return True
 
-    def renew(self) -> bool:
+    def renew(self) -> bool | None:
         """A lock on a file is held until released or the process ends."""
         return self._fd is not None
 
@@ -147,6 +147,7 @@ class PostgresLease:
         self.epoch = 0
         self.me = this_process()
         self._connection: Connection | None = None
+        self._backend_pid = 0
         self._lock = threading.Lock()
 
     def _lease_connection(self) -> Connection:
@@ -161,6 +162,7 @@ class PostgresLease:
             if not connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": ADVISORY_KEY}).scalar():
                 self._end_stale_holder(connection)
                 return False
+            self._backend_pid = int(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
             self.epoch = int(
                 connection.execute(
                     text(
@@ -177,8 +179,9 @@ class PostgresLease:
     def _end_stale_holder(self, connection: Connection) -> None:
         row = connection.execute(
             text(
-                "SELECT holder, epoch, backend_pid, EXTRACT(EPOCH FROM clock_timestamp() - renewed_at) "
-                "FROM leases WHERE name = :name"
+                "SELECT l.holder, l.epoch, l.backend_pid, EXTRACT(EPOCH FROM clock_timestamp() - l.renewed_at), "
+                "a.application_name FROM leases l LEFT JOIN pg_stat_activity a ON a.pid = l.backend_pid "
+                "WHERE l.name = :name"
             ),
             {"name": LEASE_NAME},
         ).one_or_none()
@@ -192,25 +195,47 @@ class PostgresLease:
             float(row[3]),
             self.ttl,
         )
-        connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": int(row[2])})
+        # Its other sessions too: a transaction it was committing holds the row FOR SHARE and would
+        # block the takeover for as long as it stays paused. Ended, it commits nothing.
+        connection.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE (pid = :pid OR application_name = :app) AND pid <> pg_backend_pid()"
+            ),
+            {"pid": int(row[2]), "app": row[4]},
+        )
 
-    def renew(self) -> bool:
-        """Touch the row under this epoch on the lease connection; False if the lease is gone."""
+    def renew(self) -> bool | None:
+        """Touch the row under this epoch; True if renewed, False if lost, None if the database is away.
+
+        A lease connection that broke (a database restart, a network blip) is replaced: the lock is
+        taken again on a new connection, and the lease is still ours only if the row still carries
+        our epoch (no standby took over meanwhile).
+        """
         with self._lock:
             if self.epoch == 0:
                 return False
             try:
-                renewed = self._lease_connection().execute(
+                connection = self._lease_connection()
+                reconnected = connection.execute(text("SELECT pg_backend_pid()")).scalar() != self._backend_pid
+                lock = text("SELECT pg_try_advisory_lock(:key)")
+                if reconnected and not connection.execute(lock, {"key": ADVISORY_KEY}).scalar():
+                    return False  # another server holds the lock now
+                renewed = connection.execute(
                     text(
-                        "UPDATE leases SET renewed_at = clock_timestamp() "
-                        "WHERE name = :name AND epoch = :epoch AND backend_pid = pg_backend_pid()"
+                        "UPDATE leases SET renewed_at = clock_timestamp(), backend_pid = pg_backend_pid() "
+                        "WHERE name = :name AND epoch = :epoch"
                     ),
                     {"name": LEASE_NAME, "epoch": self.epoch},
                 )
-            except Exception as exc:  # the connection was ended (or the database is away)
-                log.warning("could not renew the lease (%s)", exc)
+            except Exception as exc:  # the database is away: the fence keeps every commit safe meanwhile
+                log.warning("could not renew the lease (%s); trying again", exc)
+                self._connection = None
+                return None
+            if renewed.rowcount != 1:
                 return False
-            return renewed.rowcount == 1
+            self._backend_pid = int(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
+            return True
 
     def holder(self) -> str:
         """The holder and epoch the row names."""
@@ -264,7 +289,8 @@ def fence_commits(sessions: sessionmaker[Session], lease: Lease) -> None:
 
 
 class LeaseKeeper:
-    """Renews a held lease every ``ttl / 3`` seconds in a thread; calls ``on_lost`` once if it is lost."""
+    """Renews a held lease every ``ttl / 3`` seconds in a thread; calls ``on_lost`` once if it is lost
+    (not while the database is merely away: commits are fenced meanwhile)."""
 
     def __init__(self, lease: Lease, ttl_seconds: float, on_lost: Callable[[], None]) -> None:
         self.lease = lease
@@ -279,7 +305,7 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            if not self.lease.renew():
+            if self.lease.renew() is False:  # None: the database is away; try again
                 if not self._stop.is_set():
                     self.on_lost()
                 return

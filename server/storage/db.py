@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,10 @@ def make_engine(url: str | URL, *, echo: bool = False) -> Engine:
     """
     parsed = normalize_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, pool_pre_ping=True, echo=echo)
+        # Named after this process, so a standby can end every session of a primary that stopped
+        # renewing its lease (server.lease), not only its lease connection.
+        name = application_name()
+        return create_engine(parsed, pool_pre_ping=True, echo=echo, connect_args={"application_name": name})
     database_file = _sqlite_file(parsed)
     if database_file is not None:
         database_file.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +92,11 @@ def make_engine(url: str | URL, *, echo: bool = False) -> Engine:
     event.listen(engine, "connect", _configure_sqlite_connection)
     event.listen(engine, "begin", _begin_immediate)
     return engine
+
+
+def application_name() -> str:
+    """How this process names its PostgreSQL sessions: ``lethe <host> pid <pid>`` (at most 63 bytes)."""
+    return f"lethe {socket.gethostname()} pid {os.getpid()}"[:63]
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
