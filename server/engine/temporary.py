@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -76,7 +75,7 @@ class SideNetwork:
 
 
 class SideNetworks:
-    """The live side networks of a strategy, by task; copy-on-write so snapshots may share the mapping.
+    """The live side networks of a strategy, by task; copy-on-write (a new dict per change) so snapshots share it.
 
     Args:
         build: returns a fresh backbone (head included) on the CPU, initialized from a given seed.
@@ -88,11 +87,11 @@ class SideNetworks:
         self._build = build
         self._num_classes = num_classes
         self._device = device
-        self._live: Mapping[str, SideNetwork] = MappingProxyType({})
+        self._live: Mapping[str, SideNetwork] = {}
 
     @property
     def live(self) -> Mapping[str, SideNetwork]:
-        """Task → side network; a read-only mapping that is replaced, never modified."""
+        """Task → side network; replaced on every change, never modified (do not modify it)."""
         return self._live
 
     def __contains__(self, task: object) -> bool:
@@ -108,15 +107,15 @@ class SideNetworks:
     def with_added(self, side: SideNetwork) -> Mapping[str, SideNetwork]:
         """The mapping with ``side`` added (for the caller to :meth:`replace` with at commit time)."""
         frozen = side.network.eval().requires_grad_(False)
-        return MappingProxyType({**self._live, side.task: SideNetwork(side.task, frozen, side.classes, side.options)})
+        return {**self._live, side.task: SideNetwork(side.task, frozen, side.classes, side.options)}
 
     def without(self, task: str) -> Mapping[str, SideNetwork]:
         """The mapping without ``task``."""
-        return MappingProxyType({name: side for name, side in self._live.items() if name != task})
+        return {name: side for name, side in self._live.items() if name != task}
 
     def replace(self, live: Mapping[str, SideNetwork]) -> None:
         """Make ``live`` the side networks (the commit step of an operation)."""
-        self._live = MappingProxyType(dict(live))
+        self._live = dict(live)
 
     def get(self, task: str) -> SideNetwork:
         """The side network of ``task``.
@@ -171,7 +170,7 @@ class SideNetworks:
                 tuple(int(c) for c in entry["classes"]),
                 LearnOptions.from_dict(entry["options"]),
             )
-        return MappingProxyType(live)
+        return dict(live)
 
 
 def side_logits(network: nn.Module, inputs: torch.Tensor, mask: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -276,8 +275,8 @@ class TaskSidePredictor:
     ) -> None:
         self.base = base
         self.version = base.version
-        self._sides = MappingProxyType(dict(sides))
-        self._masks = MappingProxyType({t: class_mask(s.classes, num_classes, device) for t, s in sides.items()})
+        self._sides = dict(sides)
+        self._masks = {t: class_mask(s.classes, num_classes, device) for t, s in sides.items()}
         self._forgotten = forgotten
         self._device = device
 
@@ -375,7 +374,7 @@ class RoutedPredictor:
     ) -> None:
         self.base = base
         self.version = base.version
-        self._sides = MappingProxyType(dict(sides))
+        self._sides = dict(sides)
         names = sorted(sides)
         masks = torch.stack([class_mask(sides[t].classes, num_classes, device) for t in names])
         self._masks = masks
