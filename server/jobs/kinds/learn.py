@@ -71,6 +71,8 @@ class LearnHandler:
         metrics = {k: float(v) for k, v in report.metrics.items()}
         metrics.setdefault("samples", float(len(train)))
         metrics["probe_samples"] = float(len(probe))
+        if options.temporary:
+            metrics["temporary"] = 1.0  # the report marks temporary phases by it
         return metrics
 
     @staticmethod
