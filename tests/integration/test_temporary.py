@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from client import LetheError, pb
+from tests.crash_harness import Accepted, CrashHarness
 from tests.support import digits, make_config, running_app
 
 #: The server's own defaults but for the data directory, database, port and probe share.
@@ -169,3 +170,32 @@ def test_lure_routes_temporary_megabatches_and_forgets_them_exactly(tmp_path: Pa
         assert forgotten.method == "delete-side-network" and forgotten.metrics["forget_verified"] == 1.0
         assert np.array_equal(_probabilities(c, None, xa), before)  # the main model, bit for bit
         assert _accuracy(c, None, xb, yb) == 0.0  # the main model never saw b's classes
+
+
+def test_kill_during_commit_runs_it_again_once(tmp_path: Path, database_url: str) -> None:
+    """kill -9 while a COMMIT runs: after the restart it runs again, once; the task ends LEARNED."""
+    harness = CrashHarness(tmp_path / "data", database_url)
+    try:
+        client = harness.start()
+        client.wait(harness.learn("a", [0, 1]).id)
+        x, y = digits(list(range(2, 10)))
+        temporary = client.learn("b", x, y, temporary=True, epochs=40)
+        harness.accepted[temporary.id] = Accepted(temporary.id, temporary.kind, temporary.task)
+        client.wait(temporary.id, timeout=240)
+        commit = client.commit("b", idempotency_key="commit-b")
+        harness.accepted[commit.id] = Accepted(commit.id, commit.kind, commit.task)
+        harness.wait_state(commit.id, (pb.RUNNING,), min_progress=0.3)
+        harness.kill()
+        assert commit.id in harness.running_at_kill
+
+        client = harness.start()
+        done = client.wait(commit.id, timeout=240)
+        assert done.state == pb.SUCCEEDED, done.message
+        assert client.commit("b", idempotency_key="commit-b").id == commit.id  # still the same job
+        assert client.task("b").state == pb.LEARNED
+        events = client.audit_events(task="b")
+        assert [e.action for e in events if e.job_id == commit.id].count("commit.succeeded") == 1
+        assert _accuracy(client, "b", x, y) >= 85
+        harness.check()
+    finally:
+        harness.stop()
