@@ -5,7 +5,8 @@ with its own parameters, optimizer state and BatchNorm statistics, trained on th
 only. The main model is not touched, bit for bit. Forgetting the task is deleting the side
 network (exact and instant); committing it distills the side network into the main model
 (CLPU-DER++: the main model learns the task from its retained data with an extra logit-matching
-term towards the side network's logits on the same samples), then deletes it.
+term towards the side network's logits on the same samples, see :func:`distillation_loss`), then
+deletes it.
 
 One departure from CLPU, on purpose: CLPU initializes a temporary network from a copy of the main
 model. In Lethe permanent tasks can be unlearned too, so a side network initialized from the main
@@ -48,8 +49,10 @@ from server.engine.training import (
 )
 
 #: Weight of the logit-matching (distillation) term of a commit, relative to cross-entropy
-#: (DER++'s α on MSE between logits; the paper's grid is 0.1 to 1.0 and 0.5 is its middle).
+#: (DER++'s α; the paper's grid is 0.1 to 1.0 and 0.5 is its middle).
 DISTILL_WEIGHT = 0.5
+#: Softening temperature of the matching (Hinton et al.'s usual 2).
+DISTILL_TEMPERATURE = 2.0
 #: ``UnlearnRequest.method`` reported for the forgetting of a temporary task.
 FORGET_METHOD = "delete-side-network"
 #: Samples per forward pass when computing a side network's logits.
@@ -184,20 +187,24 @@ def side_logits(network: nn.Module, inputs: torch.Tensor, mask: torch.Tensor, de
 
 
 def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """DER++'s logit matching: mean squared error between student and teacher logits over ``classes``.
+    """Logit matching to the side network over the task's ``classes``: softened KL divergence.
 
-    Both are centered over ``classes`` first: a softmax over the task's classes ignores a common
-    shift, and the side network's logit scale (its own training, e.g. SGD at lr 0.1 reaches logits
-    of 20 and more) need not be the main model's, whose other classes would otherwise be dragged along.
+    ``T² · KL(softmax(teacher / T) ‖ softmax(student / T))`` over ``classes`` with ``T =``
+    :data:`DISTILL_TEMPERATURE`. DER++ matches logits with a mean squared error; here the teacher
+    is a separately trained network whose logit scale is its own (a side network trained with SGD at
+    lr 0.1 reaches logits of 20 and more), and the MSE's gradient, proportional to that gap, made
+    the main model diverge (NaN) under the same SGD. The softened KL matches the same thing -- the
+    side network's answer over the task's classes, shift included -- with gradients bounded by 1/T.
 
     Args:
         logits: the student's logits ``[b, num_classes]`` (masked or not).
         teacher: the side network's logits ``[b, num_classes]`` for the same samples.
         classes: int64 indices of the task's classes (the only finite teacher logits).
     """
-    student = logits.index_select(1, classes)
-    target = teacher.index_select(1, classes)
-    return F.mse_loss(student - student.mean(dim=1, keepdim=True), target - target.mean(dim=1, keepdim=True))
+    t = DISTILL_TEMPERATURE
+    student = torch.log_softmax(logits.index_select(1, classes) / t, dim=1)
+    target = torch.log_softmax(teacher.index_select(1, classes) / t, dim=1)
+    return F.kl_div(student, target, reduction="batchmean", log_target=True) * (t * t)
 
 
 def fit_side_network(

@@ -17,7 +17,7 @@ from server.data import FileRecord, load_arrays, save_arrays, sha256_file
 from server.engine import metrics as m
 from server.engine.protocol import TaskData
 from server.jobs.context import JobContext, JobRun
-from server.jobs.kinds.learn import temporary_learner
+from server.jobs.kinds.learn import check_finite, temporary_learner
 from server.jobs.snapshot import Evaluated
 from server.storage import (
     DataFile,
@@ -47,6 +47,7 @@ class CommitHandler:
         arrays = load_arrays(layout.absolute(retained.path))
         data = TaskData(torch.from_numpy(arrays["inputs"]), torch.from_numpy(arrays["labels"]))
         report = learner.commit_temporary(job.task, data, run.progress, ctx.replay(exclude=job.task))
+        check_finite(ctx, job.task, arrays["inputs"])  # a diverged commit fails and is rolled back
         metrics = {k: float(v) for k, v in report.metrics.items()}
         if report.retain is None:
             metrics["retained_kept"] = 0.0  # purged at commit: the strategy keeps no data of its tasks
