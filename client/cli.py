@@ -671,7 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(func=cmd_export)
     _add_client_options(export)
-    for p in (learn, unlearn, locate, predict, jobs, cancel, audit, proof, sub.choices["tasks"], sub.choices["model"]):
+    clients = (learn, unlearn, commit, locate, predict, jobs, cancel, audit, proof)
+    for p in (*clients, sub.choices["tasks"], sub.choices["model"]):
         _add_client_options(p)
 
     from client.report import cmd_report  # matplotlib is imported only when a report is written

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from client import LetheError, pb
+from client.cli import main as lethe
 from tests.crash_harness import Accepted, CrashHarness
 from tests.support import digits, make_config, running_app
 
@@ -199,3 +200,18 @@ def test_kill_during_commit_runs_it_again_once(tmp_path: Path, database_url: str
         harness.check()
     finally:
         harness.stop()
+
+
+def test_cli_learns_temporarily_and_commits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", **{"training.epochs": 3})
+    with running_app(config) as server:
+        at = ["--server", server.target]
+        assert lethe(["learn", "trial", "--classes", "0-4", "--temporary", "--ttl", "3600", *at]) == 0
+        assert "temporarily" in capsys.readouterr().out
+        task = server.client.task("trial")
+        assert task.state == pb.TEMPORARY and task.HasField("expires_at")
+        assert lethe(["commit", "trial", *at]) == 0
+        assert "commit job" in capsys.readouterr().out
+        assert server.client.task("trial").state == pb.LEARNED
+        assert lethe(["commit", "trial", *at]) == 1  # not temporary any more
+        assert "FAILED_PRECONDITION" in capsys.readouterr().err
