@@ -112,18 +112,27 @@ def _verified(task: pb.Task) -> str:
 
 def print_tasks(tasks: Sequence[pb.Task]) -> None:
     """A table of tasks; ``verified`` says whether an unlearned task's forgetting was verified."""
-    print(f"{'task':<24} {'state':<11} {'samples':>8} {'accuracy':>8} {'relapse':>8} {'version':>8} {'verified':>8}")
+    print(
+        f"{'task':<24} {'state':<11} {'samples':>8} {'accuracy':>8} {'relapse':>8} {'version':>8} {'verified':>8}"
+        "  expires (UTC)"
+    )
     for t in tasks:
         version = t.unlearned_version or t.learned_version
+        expires = _time(t.expires_at) if t.HasField("expires_at") else ""
         print(
             f"{t.name:<24} {_state(t.state, pb.TaskState):<11} {t.samples:>8} {_pct(t.accuracy):>8} "
-            f"{_pct(t.relapse):>8} {version:>8} {_verified(t):>8}"
+            f"{_pct(t.relapse):>8} {version:>8} {_verified(t):>8}  {expires}".rstrip()
         )
 
 
 def forget_summary(metrics: Mapping[str, float]) -> list[str]:
     """Lines on an unlearn's verification and MIA, the measure next to its reference (docs/metrics.md)."""
     m, lines = metrics, []
+    if m.get("side_network_deleted") == 1.0:
+        return [
+            "forgotten exactly: the task lived only in its side network, which was deleted with all its data "
+            f"({m.get('unlearn_seconds', 0.0) * 1000:.1f} ms); the main model never held it"
+        ]
     if "forget_verified" in m:
         classes = m.get("forget_reference_classes")
         why = f"chance for {classes:.0f} classes" if classes else "a model that never saw it, estimated on the probe"

@@ -8,6 +8,7 @@ integration test does) so that one probe sample is about one accuracy point, not
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -215,3 +216,11 @@ def test_cli_learns_temporarily_and_commits(tmp_path: Path, capsys: pytest.Captu
         assert server.client.task("trial").state == pb.LEARNED
         assert lethe(["commit", "trial", *at]) == 1  # not temporary any more
         assert "FAILED_PRECONDITION" in capsys.readouterr().err
+        assert lethe(["learn", "second", "--classes", "5-9", "--temporary", "--ttl", "3600", *at]) == 0
+        capsys.readouterr()
+        assert lethe(["tasks", *at]) == 0
+        listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+        assert "temporary" in listed["second"] and re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$", listed["second"])
+        assert "learned" in listed["trial"] and not re.search(r"\d\d:\d\d$", listed["trial"])  # committed: no expiry
+        assert lethe(["unlearn", "second", *at]) == 0
+        assert "forgotten exactly" in capsys.readouterr().out
