@@ -79,6 +79,8 @@ def test_temporary_learn_is_served_and_its_unlearn_leaves_the_model_bit_identica
         assert c.model().parameters == parameters
         purged = _events(c, "b", "data.purged")
         assert {f["kind"] for e in purged for f in e["files"]} == {"probe", "member", "retained"}
+        certificate = json.loads(c.forgetting_certificate(task="b").document)  # a signed proof, as for any unlearn
+        assert json.dumps(certificate).count("retained") >= 1
         with pytest.raises(LetheError) as refused:
             c.predict("b", xb[:4])
         assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
