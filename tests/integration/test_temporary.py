@@ -226,3 +226,20 @@ def test_cli_learns_temporarily_and_commits(tmp_path: Path, capsys: pytest.Captu
         assert "learned" in listed["trial"] and not re.search(r"\d\d:\d\d$", listed["trial"])  # committed: no expiry
         assert lethe(["unlearn", "second", *at]) == 0
         assert "forgotten exactly" in capsys.readouterr().out
+
+
+def test_an_unlearn_cancels_a_queued_commit(tmp_path: Path) -> None:
+    xa, ya = digits(A)
+    xb, yb = digits(B)
+    config = _config(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", **{"model.strategy": "finetune"})
+    with running_app(config) as server:
+        c = server.client
+        c.wait(c.learn("b", xb, yb, temporary=True, epochs=3).id)
+        busy = c.learn("a", xa, ya, epochs=200)  # keeps the worker busy: the commit waits in the queue
+        commit = c.commit("b")
+        forget = c.unlearn("b", reason="withdrawn before the commit ran")
+        assert c.job(commit.id).state == pb.CANCELLED and "unlearn" in c.job(commit.id).message
+        done = c.wait(forget.id, timeout=120)  # unlearns overtake queued learns
+        assert done.method == "delete-side-network" and done.metrics["forget_verified"] == 1.0
+        assert c.task("b").state == pb.UNLEARNED
+        assert c.wait(busy.id, timeout=240).state == pb.SUCCEEDED
