@@ -436,7 +436,7 @@ class JobService:
     @staticmethod
     def _unlearn_method(task: Task, method: str) -> str:
         """The method an unlearn of ``task`` runs: a temporary task's side network is deleted, whatever else."""
-        if task.temporary and task.learned_version is not None:
+        if task.temporary:  # learned temporarily, or its temporary learn still queued
             if method and method != FORGET_METHOD:
                 raise FailedPreconditionError(
                     f"method: task {task.name!r} is temporary; it is forgotten exactly by deleting its side "

@@ -243,3 +243,22 @@ def test_an_unlearn_cancels_a_queued_commit(tmp_path: Path) -> None:
         assert done.method == "delete-side-network" and done.metrics["forget_verified"] == 1.0
         assert c.task("b").state == pb.UNLEARNED
         assert c.wait(busy.id, timeout=240).state == pb.SUCCEEDED
+
+
+def test_an_unlearn_accepted_while_the_commit_runs_forgets_the_committed_task(tmp_path: Path) -> None:
+    xb, yb = digits(B)
+    config = _config(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", **{"model.strategy": "finetune"})
+    with running_app(config) as server:
+        c = server.client
+        c.wait(c.learn("b", xb, yb, temporary=True, epochs=150).id, timeout=240)
+        commit = c.commit("b")
+        deadline = time.monotonic() + 60
+        while c.job(commit.id).state != pb.RUNNING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        forget = c.unlearn("b", reason="withdrawn during the commit")
+        assert forget.method == "delete-side-network"  # as accepted: the task was temporary then
+        assert c.wait(commit.id, timeout=240).state == pb.SUCCEEDED
+        done = c.wait(forget.id, timeout=240)
+        # The commit came first, so the task was in the main model: the strategy's own unlearn ran.
+        assert done.state == pb.SUCCEEDED and "side_network_deleted" not in done.metrics, done.message
+        assert c.task("b").state == pb.UNLEARNED

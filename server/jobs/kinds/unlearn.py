@@ -9,6 +9,7 @@ import time
 from sqlalchemy.orm import Session
 
 from server.engine import metrics as m
+from server.engine.temporary import FORGET_METHOD
 from server.jobs.context import JobContext, JobRun
 from server.jobs.evaluation import ForgetCheck, ProbeSet, forget_quality, verdict, verify_forgetting
 from server.jobs.kinds.learn import temporary_learner
@@ -52,9 +53,9 @@ class UnlearnHandler:
                 "forget_verified": 1.0,
                 "forget_attempts": 1.0,
             }
-        report = ctx.strategy.unlearn(
-            job.task, job.method or ctx.strategy.unlearn_methods[0], run.progress, ctx.replay()
-        )
+        # Accepted as a temporary task's, but its commit finished first: the strategy's default.
+        method = "" if job.method == FORGET_METHOD else job.method
+        report = ctx.strategy.unlearn(job.task, method or ctx.strategy.unlearn_methods[0], run.progress, ctx.replay())
         metrics = {k: float(v) for k, v in report.metrics.items()}
         metrics.setdefault("unlearn_seconds", time.perf_counter() - started)
         metrics.update(keep_forgetting(ctx, run))
