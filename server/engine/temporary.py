@@ -326,13 +326,14 @@ class TaskSidePredictor:
 class RoutedModule(nn.Module):
     """Class-incremental routing between the main model and the live side networks.
 
-    The routing rule (documented in docs/architecture.md): every expert -- the main model over all
-    classes, and each side network over its task's classes only -- turns its logits into
-    log-probabilities; for each sample the expert with the highest top probability answers, and its
-    log-probabilities are the output logits (classes outside its task are ``-inf`` for a side
-    network). With no side network the main model's logits pass through unchanged. CLPU routes by
-    task identity; a class-incremental request carries none, so the most confident expert stands in
-    for it (an exactly forgettable ensemble: deleting a side network removes its expert and nothing else).
+    The routing rule (documented in docs/architecture.md): each expert's confidence in a sample is
+    its highest softmax probability over all outputs, counting only its own classes for a side
+    network (trained, like the main model, against every output); the most confident expert answers,
+    with its log-probabilities (over its task's classes for a side network, ``-inf`` elsewhere).
+    With no side network the main model's logits pass through unchanged (the predictor does not
+    route then). CLPU routes by task identity; a class-incremental request carries none, so the most
+    confident expert stands in for it (an exactly forgettable ensemble: deleting a side network
+    removes its expert and nothing else).
 
     Args:
         main: the main network (``[n, *input_shape]`` → ``[n, num_classes]``).
@@ -350,13 +351,16 @@ class RoutedModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Routed log-probabilities ``[n, num_classes]``."""
-        experts = [torch.log_softmax(self.main(x).float(), dim=1)]
+        main = torch.log_softmax(self.main(x).float(), dim=1)
+        experts, confidence = [main], [main.max(dim=1).values]
         for k, side in enumerate(self.sides):
-            logits = side(x).float().masked_fill(~self.masks[k], float("-inf"))
-            experts.append(torch.log_softmax(logits, dim=1))
-        stacked = torch.stack(experts)  # [experts, n, num_classes]
-        best = stacked.max(dim=2).values.argmax(dim=0)  # [n]: the most confident expert per sample
-        return stacked[best, torch.arange(x.shape[0], device=x.device)]
+            logits = side(x).float()
+            # Confidence over all outputs (a side network is trained against all of them), so that a
+            # side network of one or two classes is not certain of everything by construction.
+            confidence.append(torch.log_softmax(logits, dim=1).masked_fill(~self.masks[k], float("-inf")).amax(dim=1))
+            experts.append(torch.log_softmax(logits.masked_fill(~self.masks[k], float("-inf")), dim=1))
+        best = torch.stack(confidence).argmax(dim=0)  # [n]: the most confident expert per sample
+        return torch.stack(experts)[best, torch.arange(x.shape[0], device=x.device)]
 
 
 class RoutedPredictor:

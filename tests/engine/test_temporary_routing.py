@@ -22,7 +22,7 @@ class Fixed(nn.Module):
 def test_the_most_confident_expert_answers_with_its_log_probabilities() -> None:
     main = Fixed([2.0, 1.0, 0.0, 0.0])  # top probability ~0.61
     confident = Fixed([0.0, 0.0, 5.0, 0.0])  # over its classes {2, 3}: ~0.99
-    one_class = Fixed([9.0, 0.0, 0.1, 0.0])  # over its one class {3} it is certain of class 3
+    one_class = Fixed([9.0, 0.0, 0.1, 0.0])  # masked to its one class {3} it would be certain
     masks = torch.tensor([[False, False, True, True]])
     routed = RoutedModule(main, [confident], masks)(torch.zeros(3, 1))
     expected = torch.log_softmax(torch.tensor([5.0, 0.0]), dim=0)  # classes 2 and 3
@@ -31,9 +31,9 @@ def test_the_most_confident_expert_answers_with_its_log_probabilities() -> None:
     masks = torch.tensor([[False, False, True, True]])
     routed = RoutedModule(main, [Fixed([0.0, 0.0, 0.1, 0.0])], masks)(torch.zeros(2, 1))
     assert torch.allclose(routed, torch.log_softmax(torch.tensor([2.0, 1.0, 0.0, 0.0]), dim=0).expand(2, -1))
-    # A one-class side network is certain of everything: it always wins (documented limit of the rule).
+    # Confidence counts every output: a one-class side network is not certain of everything.
     routed = RoutedModule(main, [one_class], torch.tensor([[False, False, False, True]]))(torch.zeros(1, 1))
-    assert routed.argmax(dim=1).item() == 3
+    assert routed.argmax(dim=1).item() == 0
 
 
 def test_distillation_ignores_a_common_shift_and_the_other_classes() -> None:
