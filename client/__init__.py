@@ -231,6 +231,7 @@ class LetheClient:
         learning_rate: float = 0.0,
         holdout_fraction: float = 0.0,
         temporary: bool = False,
+        ttl_seconds: int = 0,
         metadata: dict[str, str] | None = None,
         idempotency_key: str | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -243,6 +244,10 @@ class LetheClient:
         A retry after UNAVAILABLE resends the stream with the same idempotency key. ``sample_ids``
         (one unique id per sample) name the samples for a later :meth:`forget_samples`; without
         them sample ``i`` is ``job.sample_id_prefix + str(i)``.
+
+        ``temporary`` learns the task into an exactly forgettable side network (CLPU): :meth:`unlearn`
+        deletes it, :meth:`commit` merges it into the model. ``ttl_seconds`` (temporary only; 0 = the
+        server's ``limits.temporary_ttl_seconds``) unlearns it automatically if it is not committed in time.
         """
         if sample_ids is not None and len(sample_ids) != len(labels):
             raise ValueError(f"sample_ids: {len(sample_ids)} ids for {len(labels)} samples")
@@ -260,6 +265,7 @@ class LetheClient:
             learning_rate=learning_rate,
             holdout_fraction=holdout_fraction,
             metadata=metadata or {},
+            ttl_seconds=ttl_seconds,
         )
         per_sample = max(1, int(inputs[:1].nbytes))
         rows = max(1, chunk_bytes // per_sample)
@@ -285,6 +291,11 @@ class LetheClient:
             task=task, reason=reason, method=method, idempotency_key=idempotency_key or uuid.uuid4().hex
         )
         return self._retry(lambda: self.stub.Unlearn(request, metadata=self.metadata, timeout=self.timeout))
+
+    def commit(self, task: str, *, idempotency_key: str | None = None) -> pb.Job:
+        """Merge the TEMPORARY ``task`` into the model (distillation of its side network); return the commit job."""
+        request = pb.CommitRequest(task=task, idempotency_key=idempotency_key or uuid.uuid4().hex)
+        return self._retry(lambda: self.stub.Commit(request, metadata=self.metadata, timeout=self.timeout))
 
     def forget_samples(
         self,

@@ -113,18 +113,27 @@ def _verified(task: pb.Task) -> str:
 
 def print_tasks(tasks: Sequence[pb.Task]) -> None:
     """A table of tasks; ``verified`` says whether an unlearned task's forgetting was verified."""
-    print(f"{'task':<24} {'state':<11} {'samples':>8} {'accuracy':>8} {'relapse':>8} {'version':>8} {'verified':>8}")
+    print(
+        f"{'task':<24} {'state':<11} {'samples':>8} {'accuracy':>8} {'relapse':>8} {'version':>8} {'verified':>8}"
+        "  expires (UTC)"
+    )
     for t in tasks:
         version = t.unlearned_version or t.learned_version
+        expires = _time(t.expires_at) if t.HasField("expires_at") else ""
         print(
             f"{t.name:<24} {_state(t.state, pb.TaskState):<11} {t.samples:>8} {_pct(t.accuracy):>8} "
-            f"{_pct(t.relapse):>8} {version:>8} {_verified(t):>8}"
+            f"{_pct(t.relapse):>8} {version:>8} {_verified(t):>8}  {expires}".rstrip()
         )
 
 
 def forget_summary(metrics: Mapping[str, float]) -> list[str]:
     """Lines on an unlearn's verification and MIA, the measure next to its reference (docs/metrics.md)."""
     m, lines = metrics, []
+    if m.get("side_network_deleted") == 1.0:
+        return [
+            "forgotten exactly: the task lived only in its side network, which was deleted with all its data "
+            f"({m.get('unlearn_seconds', 0.0) * 1000:.1f} ms); the main model never held it"
+        ]
     if "forget_verified" in m:
         classes = m.get("forget_reference_classes")
         why = f"chance for {classes:.0f} classes" if classes else "a model that never saw it, estimated on the probe"
@@ -163,7 +172,7 @@ def print_job(job: pb.Job) -> None:
 
 
 def _wait(client: LetheClient, job: pb.Job, show: bool, *, check: bool = True) -> pb.Job:
-    bar = _Progress("training" if job.kind == pb.LEARN else "unlearning", show)
+    bar = _Progress("training" if job.kind in (pb.LEARN, pb.COMMIT) else "unlearning", show)
 
     def update(j: pb.Job) -> None:
         bar.update(j.progress, j.message)
@@ -187,6 +196,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
                 epochs=args.epochs,
                 batch_size=args.batch_size,
                 learning_rate=args.lr,
+                temporary=args.temporary,
+                ttl_seconds=args.ttl,
                 idempotency_key=args.idempotency_key,
                 progress=lambda sent, total: upload.update(sent / total, f"{sent}/{total} samples"),
                 sample_ids=_read_ids([args.ids]) if args.ids else None,
@@ -199,7 +210,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
             )
             return EXIT_INTERRUPTED
         upload.done()
-        print(f"queued learn job {job.id} for task {args.task} ({len(dataset)} samples)")
+        mode = " temporarily (side network; 'lethe commit' or 'lethe unlearn' it)" if args.temporary else ""
+        print(f"queued learn job {job.id} for task {args.task} ({len(dataset)} samples){mode}")
         if job.sample_id_prefix:
             print(f"sample ids: {job.sample_id_prefix}0 ... {job.sample_id_prefix}{len(dataset) - 1} (stream order)")
         if args.no_wait:
@@ -263,6 +275,19 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
             print_job(done)
             for line in forget_summary(done.metrics):
                 print(line)
+    return 0
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.commit(args.task, idempotency_key=args.idempotency_key)
+        print(f"commit job {job.id} for task {args.task}: {_state(job.state, pb.JobState)}")
+        if not args.no_wait:
+            try:
+                done = _wait(client, job, args.progress or sys.stderr.isatty())
+            except KeyboardInterrupt:
+                return _left_running(job, args)
+            print_job(done)
     return 0
 
 
@@ -547,6 +572,18 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--lr", type=float, default=0.0, help="learning rate (0 = the server's default)")
     learn.add_argument("--idempotency-key", help="resending with the same key returns the same job (default: random)")
     learn.add_argument("--ids", metavar="FILE", help="sample ids, one per line in stream order (default: server-made)")
+    learn.add_argument(
+        "--temporary",
+        action="store_true",
+        help="learn into an exactly forgettable side network until 'lethe commit' (CLPU temporary learning)",
+    )
+    learn.add_argument(
+        "--ttl",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="with --temporary: unlearn the task if not committed within SECONDS (0 = the server's default)",
+    )
     learn.add_argument("--no-wait", action="store_true", help="return once the job is queued")
     learn.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
     learn.set_defaults(func=cmd_learn)
@@ -560,6 +597,13 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--no-wait", action="store_true", help="return once the job is queued")
     unlearn.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
     unlearn.set_defaults(func=cmd_unlearn)
+
+    commit = sub.add_parser("commit", help="merge a temporary task into the model (distillation of its side network)")
+    commit.add_argument("task", help="a TEMPORARY task")
+    commit.add_argument("--idempotency-key", help="resending with the same key returns the same job (default: random)")
+    commit.add_argument("--no-wait", action="store_true", help="return once the job is queued")
+    commit.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
+    commit.set_defaults(func=cmd_commit)
 
     locate = sub.add_parser("locate", help="which tasks hold these sample ids (admin)")
     locate.add_argument("--ids", nargs="+", required=True, metavar="FILE|ID", help="files (one id per line) or ids")
@@ -637,7 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(func=cmd_export)
     _add_client_options(export)
-    for p in (learn, unlearn, locate, predict, jobs, cancel, audit, proof, sub.choices["tasks"], sub.choices["model"]):
+    clients = (learn, unlearn, commit, locate, predict, jobs, cancel, audit, proof)
+    for p in (*clients, sub.choices["tasks"], sub.choices["model"]):
         _add_client_options(p)
 
     from client.report import cmd_report  # matplotlib is imported only when a report is written

@@ -140,6 +140,17 @@ def _kind(row: pb.Evaluation | pb.Job) -> str:
     return str(pb.JobKind.Name(row.kind)).lower()
 
 
+def _operation(row: pb.Evaluation | pb.Job) -> str:
+    """The operation in words: its kind, ``temporary learn`` for a TEMPORARY one (metric ``temporary``)."""
+    kind = _kind(row)
+    return "temporary learn" if kind == "learn" and row.metrics.get("temporary") == 1.0 else kind
+
+
+def _letter(row: pb.Evaluation | pb.Job) -> str:
+    """L(earn), T(emporary learn), C(ommit) or U(nlearn)."""
+    return "T" if _operation(row) == "temporary learn" else _kind(row)[0].upper()
+
+
 def collect(client: LetheClient, server: str = "") -> ReportData:
     """Fetch the accuracy matrix, tasks, model and audit trail, and join the unlearn requests.
 
@@ -224,7 +235,7 @@ def _operation_axis(ax: Axes, rows: Sequence[pb.Evaluation]) -> None:
     step = max(1, math.ceil(len(rows) / 30))
     ax.set_xticks(positions[::step])
     ax.set_xticklabels(
-        [f"{i}\n{_kind(r)[0].upper()} {r.task[:10]}" for i, r in zip(positions, rows, strict=True)][::step],
+        [f"{i}\n{_letter(r)} {r.task[:10]}" for i, r in zip(positions, rows, strict=True)][::step],
         fontsize=7,
     )
     for x, row in zip(positions, rows, strict=True):
@@ -233,7 +244,7 @@ def _operation_axis(ax: Axes, rows: Sequence[pb.Evaluation]) -> None:
         else:
             ax.axvline(x, color="tab:green", alpha=0.2, linewidth=1, linestyle=":")
     ax.set_xlim(0.5, len(rows) + 0.5)
-    ax.set_xlabel("operation (L = learn, U = unlearn; red lines mark unlearns)")
+    ax.set_xlabel("operation (L = learn, T = temporary learn, C = commit, U = unlearn; red lines mark unlearns)")
 
 
 def plot_accuracy(data: ReportData) -> Figure:
@@ -444,7 +455,7 @@ def _matrix_table(data: ReportData) -> list[str]:
     for i, row in enumerate(data.evaluations, start=1):
         cells = "".join(f"<td class=n>{_num(row.accuracies[t], 1) if t in row.accuracies else ''}</td>" for t in tasks)
         out.append(
-            f"<tr><td class=n>{i}</td><td>{_e(_kind(row))} {_e(row.task)}</td><td class=n>{row.model_version}</td>"
+            f"<tr><td class=n>{i}</td><td>{_e(_operation(row))} {_e(row.task)}</td><td class=n>{row.model_version}</td>"
             f"<td>{_when(_at(row.at)) if row.at.seconds else ''}</td>{cells}</tr>"
         )
     out.append("</table>")

@@ -24,7 +24,7 @@ from server.audit_head import HEAD_FILE, AuditHeadPublisher, compare_with_databa
 from server.audit_key import load_or_create_audit_key, write_public_key
 from server.config import Config
 from server.data.sample_ids import SampleIdKey
-from server.engine.protocol import LearnOptions, Strategy
+from server.engine.protocol import LearnOptions, Strategy, supports_temporary
 from server.engine.registry import build_strategy, resolve_device, strategy_options
 from server.errors import FailedPreconditionError, UnavailableError
 from server.jobs import (
@@ -37,6 +37,7 @@ from server.jobs import (
     WorkerSettings,
     on_outcome_commit,
 )
+from server.jobs.expiry import TemporaryExpiry
 from server.jobs.proof import ProofService
 from server.jobs.records import SampleRequests
 from server.lease import (
@@ -164,6 +165,7 @@ class App:
         self.engine: Engine | None = None
         self.server: aio.Server | None = None
         self.worker: Worker | None = None
+        self.expiry: TemporaryExpiry | None = None
         self.health: HealthServicer | None = None
         #: The gRPC edge runs on this event loop, in its own thread; blocking work goes to ``executor``.
         self.loop = asyncio.new_event_loop()
@@ -272,7 +274,7 @@ class App:
             self.data_dir,
             events,
             serving,
-            QueueLimits(c.limits.max_queued_jobs, c.limits.max_tasks),
+            QueueLimits(c.limits.max_queued_jobs, c.limits.max_tasks, max_temporary_tasks=c.limits.max_temporary_tasks),
             audit_log=audit_log,
             sample_key=sample_key,
         )
@@ -286,7 +288,7 @@ class App:
             num_classes=c.model.num_classes,
             parameters=lambda: worker.strategy.parameter_count(),
             task_incremental=strategy.task_incremental,
-            supports_temporary=strategy.supports_temporary,
+            supports_temporary=supports_temporary(strategy),
             unlearn_methods=tuple(strategy.unlearn_methods),
             device=device,
             config={str(k): str(v) for k, v in c.model.options.items()},
@@ -297,6 +299,7 @@ class App:
             max_stream_samples=c.limits.max_stream_samples,
             max_predict_samples=c.limits.max_predict_samples,
             max_forget_samples=c.limits.max_forget_samples,
+            temporary_ttl_seconds=c.limits.temporary_ttl_seconds,
         )
         proofs = ProofService(sessions, audit_log, key, lambda: publisher.current)
         records = SampleRequests(jobs, sample_forgetting_refusal(strategy), strategy.unlearn_methods[0])
@@ -406,6 +409,8 @@ class App:
             self.worker.recover()
             jobs.mark_ready()
             self.worker.start()
+            self.expiry = TemporaryExpiry(jobs)
+            self.expiry.start()
             self._lease_keeper = LeaseKeeper(lease, c.server.lease_ttl_seconds, self._lease_lost)
             self._lease_keeper.start()
             jobs.audit(
@@ -553,6 +558,8 @@ class App:
         self.set_health(PRIMARY_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.telemetry is not None:
             self.telemetry.ready.set(0)
+        if self.expiry is not None:
+            self.expiry.stop()
         if self.worker is not None:
             self.worker.request_stop(grace)
         if self.server is not None and self.loop.is_running():  # stop() may be called again

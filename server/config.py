@@ -134,6 +134,10 @@ class LimitsSection:
     max_predict_samples: int = 8192
     #: Sample ids one records-level Unlearn may name.
     max_forget_samples: int = 100_000
+    #: Tasks held by side networks at once (TEMPORARY, or queued to be); beyond it a TEMPORARY Learn is refused.
+    max_temporary_tasks: int = 100
+    #: Seconds a TEMPORARY task lives after its learn ends before it is unlearned, unless committed; 0 = forever.
+    temporary_ttl_seconds: int = 0
 
 
 @dataclass(frozen=True)
@@ -418,9 +422,12 @@ def validate(config: Config) -> list[str]:
         "max_tasks",
         "max_predict_samples",
         "max_forget_samples",
+        "max_temporary_tasks",
     ):
         if getattr(lim, name) < 1:
             p.append(f"limits.{name}: must be >= 1, got {getattr(lim, name)}")
+    if lim.temporary_ttl_seconds < 0:
+        p.append(f"limits.temporary_ttl_seconds: must be >= 0 (0 = never expire), got {lim.temporary_ttl_seconds}")
     for i, entry in enumerate(config.auth.tokens):
         problem = token_entry_problem(entry)
         if problem:

@@ -81,6 +81,15 @@ NOTES: dict[str, str] = {
     "limits.max_queued_jobs": "Most jobs waiting in the queue; beyond it Learn and Unlearn get RESOURCE_EXHAUSTED.",
     "limits.max_tasks": "Most tasks the server keeps (in any state).",
     "limits.max_predict_samples": "Most samples in one Predict request.",
+    "limits.max_temporary_tasks": (
+        "Most tasks held by side networks at once (TEMPORARY learns, queued or done, not yet committed or "
+        "unlearned); beyond it a TEMPORARY Learn gets RESOURCE_EXHAUSTED (`TEMPORARY_TASK_LIMIT`)."
+    ),
+    "limits.temporary_ttl_seconds": (
+        "Default time to live of a TEMPORARY task, counted from the end of its learn: when it passes and the "
+        "task was not committed, the server unlearns it (principal `system:ttl`, audited as any unlearn). A "
+        "Learn's `ttl_seconds` overrides it; 0 here and there = never."
+    ),
     "auth.enabled": "Require bearer tokens (`--no-auth` turns it off, with a loud log line).",
     "auth.tokens": (
         "Token entries `principal:<sha256 hex>:scope+scope` as printed by `lethe token create`; scopes `predict`, "

@@ -29,7 +29,15 @@ from tests.support import ServerProcess, digits
 
 TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
 #: The action of the audit event that records each way a job can end.
-TERMINAL_ACTIONS = ("learn.succeeded", "learn.failed", "unlearn.succeeded", "unlearn.failed", "job.cancelled")
+TERMINAL_ACTIONS = (
+    "learn.succeeded",
+    "learn.failed",
+    "unlearn.succeeded",
+    "unlearn.failed",
+    "commit.succeeded",
+    "commit.failed",
+    "job.cancelled",
+)
 
 
 # --------------------------------------------------------------------------- databases

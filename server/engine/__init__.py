@@ -14,9 +14,11 @@ from server.engine.protocol import (
     Report,
     Strategy,
     TaskData,
+    TemporaryLearning,
     UnknownTaskError,
     UnlearnedTaskError,
     no_progress,
+    supports_temporary,
 )
 from server.engine.registry import STRATEGIES, build_strategy, resolve_device, strategy_options
 
@@ -31,6 +33,7 @@ __all__ = [
     "Report",
     "Strategy",
     "TaskData",
+    "TemporaryLearning",
     "UnknownTaskError",
     "UnlearnedTaskError",
     "build_backbone",
@@ -42,4 +45,5 @@ __all__ = [
     "no_progress",
     "resolve_device",
     "strategy_options",
+    "supports_temporary",
 ]

@@ -33,6 +33,14 @@ from server.engine.protocol import (
     UnknownTaskError,
     UnlearnedTaskError,
 )
+from server.engine.temporary import (
+    DISTILL_WEIGHT,
+    SideNetwork,
+    SideNetworks,
+    TaskSidePredictor,
+    distillation_loss,
+    fit_side_network,
+)
 from server.engine.training import (
     check_learn_inputs,
     check_predict_inputs,
@@ -176,12 +184,16 @@ class FinetuneStrategy:
 
     There is no ``rollback_predictor``: this strategy is task-incremental, so while samples of some
     tasks are being forgotten the server refuses to predict those tasks (DESIGN.md section 9).
+
+    Temporary learning (:class:`~server.engine.protocol.TemporaryLearning`): a TEMPORARY task gets
+    a side network, a fresh backbone (trunk and head) trained on its data only; Predict answers the
+    task from it. Committing learns the task into the trunk and a new head as a permanent learn
+    does, plus logit matching to the side network, then deletes the side network.
     """
 
     name: str = "finetune"
     task_incremental: bool = True
     needs_replay: bool = False
-    supports_temporary: bool = False
     learn_defaults: LearnOptions = LearnOptions(epochs=20, batch_size=32, learning_rate=1e-3, holdout_fraction=0.1)
     unlearn_methods: tuple[str, ...] = ("delete-head",)
 
@@ -221,6 +233,17 @@ class FinetuneStrategy:
         self._unlearned: set[str] = set()
         #: Live tasks learned with retain_training_data, in learning order (insertion order).
         self._learned: dict[str, _Learned] = {}
+        self._sides = SideNetworks(self._fresh_backbone, self._num_classes, self._device)
+        #: Temporary tasks whose side network was deleted (the main model never held them).
+        self._forgotten_temporary: set[str] = set()
+
+    def _fresh_backbone(self, seed: int) -> nn.Module:
+        """The configured backbone, head included, initialized from ``seed`` (a side network), on the CPU."""
+        cfg = self._config
+        with seeded_rng(seed):
+            return build_backbone(
+                cfg["backbone"], self._input_shape, self._num_classes, cifar_stem=cfg["cifar_stem"], width=cfg["width"]
+            )
 
     def learn(
         self,
@@ -251,8 +274,17 @@ class FinetuneStrategy:
             itself (the server keeps it as the task's training data).
 
         Raises:
-            ValueError: for bad data or options, or, with ``retain_training_data``, if ``task`` is live.
+            ValueError: for bad data or options, if ``task`` is a temporary task, or, with
+                ``retain_training_data``, if ``task`` is live.
         """
+        if task in self._sides:
+            raise ValueError(f"task {task!r} is a temporary task: commit it or unlearn it")
+        return self._learn(task, data, options, progress, None)
+
+    def _learn(
+        self, task: str, data: TaskData, options: LearnOptions, progress: Progress, teacher: torch.Tensor | None
+    ) -> Report:
+        """:meth:`learn`, with ``teacher`` logits ``[n, num_classes]`` to match (a commit) or None."""
         check_learn_inputs(data, options, self._input_shape, self._num_classes)
         started = time.perf_counter()
         key = _head_key(task)
@@ -265,15 +297,18 @@ class FinetuneStrategy:
         classes = tuple(sorted(set(data.labels.tolist()) | set(self._classes[task] if live else ())))
         trunk = copy.deepcopy(self._trunk)
         head: nn.Module = copy.deepcopy(self._heads[key] if live else self._head_template)
-        metrics = self._fit(task, trunk, head, data, options, classes, progress)
+        metrics = self._fit(task, trunk, head, data, options, classes, progress, teacher)
 
         # Commit: nothing above touched the strategy's own state.
+        if teacher is not None:
+            self._sides.replace(self._sides.without(task))
         if self.retain_training_data:
             self._learned[task] = _Learned(options, module_state_cpu(self._trunk))
         self._trunk = trunk
         self._heads[key] = head
         self._classes[task] = classes
         self._unlearned.discard(task)
+        self._forgotten_temporary.discard(task)
         self.version += 1
         metrics["learn_seconds"] = time.perf_counter() - started
         return Report(metrics=metrics, retain=data if self.retain_training_data else None)
@@ -287,12 +322,16 @@ class FinetuneStrategy:
         options: LearnOptions,
         classes: tuple[int, ...],
         progress: Progress,
+        teacher: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """Train ``trunk`` and ``head`` in place on ``data``; return ``train_loss``, ``train_accuracy``, ``samples``.
 
         Shuffling is drawn from (seed, ``options.seed``, ``task``), not from the model version, so
-        learning a task again after a rollback draws what learning it the first time drew.
+        learning a task again after a rollback draws what learning it the first time drew. With
+        ``teacher`` (logits ``[n, num_classes]`` of a side network on ``data``, on the device) the loss
+        adds ``DISTILL_WEIGHT`` times the logit matching of :func:`distillation_loss`.
         """
+        indices_of_classes = torch.tensor(classes, dtype=torch.long, device=self._device)
         mask = class_mask(classes, self._num_classes, self._device)
         generator = seeded_generator(self._seed, options.seed, task, "learn")
         optimizer = torch.optim.Adam([*trunk.parameters(), *head.parameters()], lr=options.learning_rate)
@@ -313,6 +352,10 @@ class FinetuneStrategy:
                 y = data.labels[indices].to(self._device)  # [b]
                 logits = mask_logits(head(trunk(x)), mask)  # [b, num_classes]
                 loss = F.cross_entropy(logits, y)
+                if teacher is not None:
+                    loss = loss + DISTILL_WEIGHT * distillation_loss(
+                        logits, teacher[indices.to(self._device)], indices_of_classes
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -363,6 +406,56 @@ class FinetuneStrategy:
         self.version += 1
         progress(1.0, "head deleted")
         return Report(metrics={"unlearn_seconds": time.perf_counter() - started})
+
+    # ------------------------------------------------------------ temporary learning
+
+    def learn_temporary(self, task: str, data: TaskData, options: LearnOptions, progress: Progress) -> Report:
+        """Train a side network for ``task``: a fresh backbone on ``data`` only (the main model is not touched).
+
+        Initialized from (seed, ``task``, ``options.seed``), trained with Adam and masked cross-entropy
+        like a permanent learn. Returns its metrics, ``learn_seconds`` and ``retain=data``.
+
+        Raises:
+            ValueError: ``task`` is live or already temporary, or bad data or options.
+        """
+        check_learn_inputs(data, options, self._input_shape, self._num_classes)
+        if _head_key(task) in self._heads or task in self._sides:
+            raise ValueError(f"task {task!r} is already learned")
+        started = time.perf_counter()
+        classes = tuple(sorted(set(data.labels.tolist())))
+        network = self._sides.fresh(derive_seed(self._seed, "side-network", task, options.seed))
+        generator = seeded_generator(self._seed, options.seed, task, "side-network")
+        mask = class_mask(classes, self._num_classes, self._device)
+        metrics = fit_side_network(network, data, options, mask, generator, progress, self._device)
+        # Commit: only the side networks change.
+        self._sides.replace(self._sides.with_added(SideNetwork(task, network, classes, options)))
+        self._forgotten_temporary.discard(task)
+        self.version += 1
+        metrics["learn_seconds"] = time.perf_counter() - started
+        return Report(metrics=metrics, retain=data)
+
+    def forget_temporary(self, task: str, progress: Progress) -> Report:
+        """Delete ``task``'s side network (exact forgetting); returns ``unlearn_seconds``."""
+        started = time.perf_counter()
+        self._sides.get(task)
+        progress(0.0, "deleting the side network")
+        self._sides.replace(self._sides.without(task))
+        self._forgotten_temporary.add(task)
+        self.version += 1
+        progress(1.0, "side network deleted")
+        return Report(metrics={"unlearn_seconds": time.perf_counter() - started})
+
+    def commit_temporary(self, task: str, data: TaskData, progress: Progress, replay: Mapping[str, TaskData]) -> Report:
+        """Learn ``task`` into the trunk and a new head from ``data``, matching its side network's logits; delete it."""
+        side = self._sides.get(task)
+        teacher = self._sides.logits(task, data.inputs)  # [n, num_classes], -inf outside its classes
+        report = self._learn(task, data, side.options, progress, teacher)
+        report.metrics["distill_weight"] = DISTILL_WEIGHT
+        return report
+
+    def temporary_tasks(self) -> tuple[str, ...]:
+        """Tasks that live as side networks now, sorted."""
+        return tuple(sorted(self._sides.live))
 
     def sample_forgetting(self) -> str | None:
         """None with ``retain_training_data``; otherwise why :meth:`forget_samples` cannot run."""
@@ -479,8 +572,19 @@ class FinetuneStrategy:
         self.version += 1
         return Report(metrics={"unlearn_seconds": time.perf_counter() - started, "replayed_tasks": float(len(later))})
 
-    def predictor(self) -> FinetunePredictor:
-        """Return an immutable snapshot (eval-mode deep copies) for concurrent prediction."""
+    def predictor(self) -> FinetunePredictor | TaskSidePredictor:
+        """Return an immutable snapshot (eval-mode deep copies) for concurrent prediction.
+
+        With temporary tasks (or forgotten ones) the snapshot answers those from their side networks.
+        """
+        base = self._main_predictor()
+        if not self._sides.live and not self._forgotten_temporary:
+            return base
+        return TaskSidePredictor(
+            base, self._sides.live, frozenset(self._forgotten_temporary), self._num_classes, self._device
+        )
+
+    def _main_predictor(self) -> FinetunePredictor:
         trunk = copy.deepcopy(self._trunk).eval().requires_grad_(False)
         heads = {
             task: copy.deepcopy(self._heads[_head_key(task)]).eval().requires_grad_(False)
@@ -503,7 +607,8 @@ class FinetuneStrategy:
     def parameter_count(self) -> int:
         """Trainable parameters of the trunk and of every live head."""
         modules: list[nn.Module] = [self._trunk, self._heads]
-        return sum(p.numel() for module in modules for p in module.parameters() if p.requires_grad)
+        main = sum(p.numel() for module in modules for p in module.parameters() if p.requires_grad)
+        return main + self._sides.parameter_count()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: weights, task registry, version and seed.
@@ -532,6 +637,8 @@ class FinetuneStrategy:
                 {"task": task, "options": record.options.as_dict(), "trunk_before": record.trunk_before}
                 for task, record in self._learned.items()
             ],
+            "side_networks": self._sides.state_dict(),
+            "forgotten_temporary": sorted(self._forgotten_temporary),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -580,7 +687,12 @@ class FinetuneStrategy:
             before = copy.deepcopy(trunk)
             before.load_state_dict(entry["trunk_before"])  # checks the keys and shapes
             learned[task] = _Learned(LearnOptions.from_dict(entry["options"]), module_state_cpu(before))
+        sides = self._sides.loaded(state.get("side_networks", []))  # absent from states saved before it existed
+        if set(sides) & live:
+            raise ValueError("finetune state is inconsistent: a task is both live and temporary")
 
+        self._sides.replace(sides)
+        self._forgotten_temporary = set(state.get("forgotten_temporary", []))
         self._trunk = trunk
         self._head_template = template
         self._heads = heads

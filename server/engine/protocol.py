@@ -144,7 +144,6 @@ class Strategy(Protocol):
     task_incremental: bool
     #: The server keeps ``Report.retain`` data and passes it back as ``replay``.
     needs_replay: bool
-    supports_temporary: bool
     #: Accepted ``UnlearnRequest.method`` values; the first one is the default.
     unlearn_methods: tuple[str, ...]
     #: Monotonic counter bumped by every successful learn or unlearn.
@@ -224,3 +223,56 @@ class Strategy(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         ...
+
+
+@runtime_checkable
+class TemporaryLearning(Protocol):
+    """Optional capability: CLPU temporary learning with exact forgetting (DESIGN.md sections 4 and 9).
+
+    A strategy that has these methods (checked with :func:`supports_temporary`) accepts
+    ``LearnMode.TEMPORARY``. A temporary task lives in an isolated side network of the configured
+    backbone (own parameters, optimizer state and BatchNorm statistics), never in the main model,
+    which stays bit-for-bit as it was. Each method is one committed operation (version bumped,
+    all-or-nothing: ``progress`` may raise to cancel and nothing changes), and :meth:`Strategy.state_dict`
+    holds the live side networks. The predictor answers a temporary task from its side network
+    (task-incremental strategies) or routes between the main model and the side networks
+    (class-incremental ones).
+    """
+
+    def learn_temporary(self, task: str, data: TaskData, options: LearnOptions, progress: Progress) -> Report:
+        """Train a new side network for ``task`` on ``data`` only.
+
+        Returns ``Report(retain=data)``, the very object given: the server keeps the task's training
+        data until the task is committed or forgotten.
+
+        Raises:
+            ValueError: ``task`` is live (in the main model or as a side network), or bad data.
+        """
+        ...
+
+    def forget_temporary(self, task: str, progress: Progress) -> Report:
+        """Delete ``task``'s side network: exact forgetting; the main model is not touched.
+
+        Raises:
+            UnknownTaskError: ``task`` has no side network.
+        """
+        ...
+
+    def commit_temporary(self, task: str, data: TaskData, progress: Progress, replay: Mapping[str, TaskData]) -> Report:
+        """Learn ``task`` into the main model from its training data ``data``, distilling its side network
+        (CLPU-DER++: cross-entropy plus logit matching to the side network on the same samples), with the
+        options it was learned with; then delete the side network. ``replay`` as for ``learn``.
+
+        Raises:
+            UnknownTaskError: ``task`` has no side network.
+        """
+        ...
+
+    def temporary_tasks(self) -> tuple[str, ...]:
+        """Tasks that live as side networks now, sorted."""
+        ...
+
+
+def supports_temporary(strategy: object) -> bool:
+    """Whether ``strategy`` implements the optional :class:`TemporaryLearning` capability."""
+    return isinstance(strategy, TemporaryLearning)

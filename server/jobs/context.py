@@ -26,7 +26,7 @@ from server.jobs.events import JobEvents
 from server.jobs.lifecycle import Lifecycle
 from server.jobs.retry import retry_database
 from server.jobs.serving import ServingState
-from server.storage import AuditLog, DataFileKind, DataFileRepository, Job, TaskState
+from server.storage import AuditLog, DataFile, DataFileKind, DataFileRepository, Job, TaskRepository, TaskState
 from server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -143,12 +143,22 @@ class JobContext:
             return {}
         return self.retained(exclude={exclude} if exclude is not None else set())
 
-    def retained(self, exclude: Collection[str] = ()) -> dict[str, TaskData]:
-        """Retained training data of every live task but ``exclude``, whatever the strategy replays."""
-        files = self.read(lambda s: DataFileRepository(s).live(kind=DataFileKind.RETAINED), "reading retained data")
+    def retained(self, exclude: Collection[str] = (), *, temporary: bool = False) -> dict[str, TaskData]:
+        """Retained training data of every live task but ``exclude``, whatever the strategy replays.
+
+        Tasks held by side networks (temporary ones) are left out unless ``temporary``: their data
+        must never reach the main model before a commit.
+        """
+
+        def query(session: Session) -> tuple[list[DataFile], set[str]]:
+            files = DataFileRepository(session).live(kind=DataFileKind.RETAINED)
+            held = {t.name for t in TaskRepository(session).list() if t.temporary}
+            return files, held
+
+        files, held = self.read(query, "reading retained data")
         replay: dict[str, TaskData] = {}
         for f in files:
-            if f.task not in exclude and f.bytes > 0:
+            if f.task not in exclude and f.bytes > 0 and (temporary or f.task not in held):
                 arrays = load_arrays(self.layout.absolute(f.path))
                 replay[f.task] = TaskData(torch.from_numpy(arrays["inputs"]), torch.from_numpy(arrays["labels"]))
         return replay

@@ -12,7 +12,7 @@ Terminal outcomes are counted in ``lethe_jobs_total`` only once their transactio
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import event
@@ -62,6 +62,10 @@ TASK_TRANSITIONS: frozenset[tuple[TaskState | None, TaskState | None]] = frozens
         (T.UNLEARNING, T.UNLEARNED),
         (T.UNLEARNING, T.LEARNED),  # its queued unlearn was cancelled
         (T.UNLEARNING, T.LEARNING),  # idem, before its learn ran
+        (T.LEARNING, T.TEMPORARY),  # a TEMPORARY learn reached its side network
+        (T.TEMPORARY, T.LEARNED),  # committed
+        (T.TEMPORARY, T.UNLEARNING),
+        (T.UNLEARNING, T.TEMPORARY),  # its queued unlearn was cancelled
     }
 )
 #: ``session.info`` key of the outcomes waiting for their transaction to commit.
@@ -160,9 +164,11 @@ class Lifecycle:
         task.state, task.updated_at = new, now or utc_now()
 
     # ----------------------------------------------------------------- creation
-    def new_task(self, session: Session, name: str, samples: int, classes: Sequence[int]) -> Task:
-        """A task row in LEARNING."""
-        task = Task(name=name, samples=samples, created_at=utc_now())
+    def new_task(
+        self, session: Session, name: str, samples: int, classes: Sequence[int], *, temporary: bool = False
+    ) -> Task:
+        """A task row in LEARNING (``temporary``: its learn is a TEMPORARY one)."""
+        task = Task(name=name, samples=samples, created_at=utc_now(), temporary=temporary)
         task.classes = list(classes)
         self._task(session, task, T.LEARNING)
         TaskRepository(session).add(task)
@@ -207,7 +213,8 @@ class Lifecycle:
         self._audit(session, job, "job.cancelled", principal, {"why": why, "kind": job.kind.value})
         task = TaskRepository(session).get_for_update(job.task)
         if job.kind == JobKind.UNLEARN and task is not None and task.state == T.UNLEARNING:
-            self._task(session, task, T.LEARNED if task.learned_version is not None else T.LEARNING)
+            reached = T.TEMPORARY if task.temporary else T.LEARNED
+            self._task(session, task, reached if task.learned_version is not None else T.LEARNING)
             return []
         return self._drop_job_data(session, job, principal, why)
 
@@ -242,11 +249,27 @@ class Lifecycle:
         ]
 
     # ----------------------------------------------------------------- tasks
-    def task_learned(self, session: Session, task: Task, version: int) -> None:
-        """A learn reached the model: LEARNING → LEARNED (an UNLEARNING task stays UNLEARNING)."""
+    def task_learned(
+        self, session: Session, task: Task, version: int, *, temporary: bool = False, ttl_seconds: int = 0
+    ) -> None:
+        """A learn reached the model: LEARNING → LEARNED, or TEMPORARY for a temporary learn.
+
+        An UNLEARNING task stays UNLEARNING. A temporary task expires ``ttl_seconds`` from now (0: never).
+        """
+        now = utc_now()
         if task.state == T.LEARNING:
-            self._task(session, task, T.LEARNED)
-        task.learned_version, task.learned_at = version, utc_now()
+            self._task(session, task, T.TEMPORARY if temporary else T.LEARNED, now)
+        task.learned_version, task.learned_at = version, now
+        if temporary and ttl_seconds > 0:
+            task.expires_at = now + timedelta(seconds=ttl_seconds)
+
+    def task_committed(self, session: Session, task: Task, version: int) -> None:
+        """A temporary task was merged into the main model: TEMPORARY → LEARNED (an UNLEARNING one stays)."""
+        now = utc_now()
+        if task.state == T.TEMPORARY:
+            self._task(session, task, T.LEARNED, now)
+        task.temporary, task.expires_at = False, None
+        task.learned_version, task.learned_at = version, now
 
     def task_unlearning(self, session: Session, task: Task) -> None:
         """An unlearn was accepted."""
@@ -258,6 +281,7 @@ class Lifecycle:
         now = utc_now()
         self._task(session, task, T.UNLEARNED, now)
         task.unlearned_at, task.ops_since_unlearn = now, 0
+        task.temporary, task.expires_at = False, None
         SampleRepository(session).drop_task(task.name)
 
     # ----------------------------------------------------------------- purge

@@ -174,6 +174,13 @@ class SampleRequests:
                     reason="TASK_UNLEARNING",
                     metadata={"task": name},
                 )
+            if task.temporary:
+                raise FailedPreconditionError(
+                    f"sample_ids: task {name!r} is temporary (held by a side network): unlearn the whole task, "
+                    "which is exact and instant, and learn the remaining samples again",
+                    reason="TASK_TEMPORARY",
+                    metadata={"task": name},
+                )
             if task.samples - tasks[name] < 2:
                 raise FailedPreconditionError(
                     f"sample_ids: these are {tasks[name]} of the {task.samples} samples of task {name!r}; "

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from server.data import FileRecord, purge
 from server.data.sample_ids import SampleIdKey, server_made_id
 from server.engine.protocol import LearnOptions
+from server.engine.temporary import FORGET_METHOD
 from server.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -67,6 +69,16 @@ class LearnSubmission:
     idempotency_key: str
     options: LearnOptions
     metadata: dict[str, str] = field(default_factory=dict)
+    #: TEMPORARY learns: seconds from the learn's end until the task is unlearned unless committed (0: never).
+    ttl_seconds: int = 0
+
+
+@dataclass(frozen=True)
+class CommitSubmission:
+    """A validated Commit request."""
+
+    task: str
+    idempotency_key: str
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,8 @@ class QueueLimits:
     ready_wait_seconds: float = 30.0
     #: Seconds CancelJob waits for a running job to stop.
     cancel_wait_seconds: float = 30.0
+    #: Tasks held (or to be held) by side networks at once (``limits.max_temporary_tasks``).
+    max_temporary_tasks: int = 100
 
 
 class JobService:
@@ -206,6 +220,16 @@ class JobService:
                 reason="TASK_LIMIT",
                 metadata={"max_tasks": str(self.limits.max_tasks)},
             )
+        if submission.options.temporary:
+            held = tasks.count_temporary()
+            if held >= self.limits.max_temporary_tasks:
+                raise ResourceExhaustedError(
+                    f"header.mode: the server holds its maximum of {self.limits.max_temporary_tasks} temporary "
+                    f"tasks ({held} learned or queued temporarily); commit or unlearn one first "
+                    "(limits.max_temporary_tasks)",
+                    reason="TEMPORARY_TASK_LIMIT",
+                    metadata={"max_temporary_tasks": str(self.limits.max_temporary_tasks)},
+                )
         self.check_queue(jobs)
         return None
 
@@ -236,7 +260,9 @@ class JobService:
                 if existing is not None:
                     purge(self.data_dir, spool.path)
                     return existing
-                self.lifecycle.new_task(session, submission.task, samples, classes)
+                self.lifecycle.new_task(
+                    session, submission.task, samples, classes, temporary=submission.options.temporary
+                )
                 job = Job(
                     id=job_id,
                     kind=JobKind.LEARN,
@@ -248,6 +274,8 @@ class JobService:
                     created_at=utc_now(),
                 )
                 job.options = {**submission.options.as_dict(), "metadata": submission.metadata}
+                if submission.options.temporary:
+                    job.options = {**job.options, "ttl_seconds": submission.ttl_seconds}
                 if server_made_ids:
                     job.options = {**job.options, "sample_id_prefix": server_made_id(job_id, 0)[:-1]}
                 self.lifecycle.new_job(session, job)
@@ -275,6 +303,7 @@ class JobService:
                         "classes": sorted(int(c) for c in classes),
                         "options": submission.options.as_dict(),
                         "metadata": submission.metadata,
+                        **({"ttl_seconds": submission.ttl_seconds} if submission.options.temporary else {}),
                     },
                 )
         except IntegrityError:
@@ -360,12 +389,13 @@ class JobService:
                 raise FailedPreconditionError(
                     f"task {submission.task!r} is already being unlearned", reason="TASK_UNLEARNING", metadata=about
                 )
+            method = self._unlearn_method(task, submission.method)
             # UNLEARNING with no active unlearn job: the previous attempt failed; this one retries.
             job = Job(
                 id=job_id,
                 kind=JobKind.UNLEARN,
                 task=submission.task,
-                method=submission.method,
+                method=method,
                 idempotency_key=submission.idempotency_key or None,
                 principal=principal,
                 created_at=utc_now(),
@@ -400,9 +430,118 @@ class JobService:
                 )
             else:
                 self.check_queue(jobs)
+                # A queued commit of a temporary task is moot: the task is being forgotten.
+                for commit in jobs.list(
+                    task=submission.task, state=JobState.QUEUED, kind=JobKind.COMMIT, limit=1000, for_update=True
+                ):
+                    purged += self.lifecycle.cancel(session, commit, principal, "cancelled by an unlearn of its task")
                 self.lifecycle.task_unlearning(session, task)
                 self.lifecycle.new_job(session, job)
             return job, task.state, purged
+
+    @staticmethod
+    def _unlearn_method(task: Task, method: str) -> str:
+        """The method an unlearn of ``task`` runs: a temporary task's side network is deleted, whatever else."""
+        if task.temporary:  # learned temporarily, or its temporary learn still queued
+            if method and method != FORGET_METHOD:
+                raise FailedPreconditionError(
+                    f"method: task {task.name!r} is temporary; it is forgotten exactly by deleting its side "
+                    f"network ({FORGET_METHOD!r}); leave method empty",
+                    reason="METHOD_UNSUPPORTED",
+                    metadata={"method": method[:64], "supported": FORGET_METHOD},
+                )
+            return FORGET_METHOD
+        if method == FORGET_METHOD:
+            raise FailedPreconditionError(
+                f"method: {FORGET_METHOD!r} applies only to temporary tasks; task {task.name!r} is {task.state.value}",
+                reason="METHOD_UNSUPPORTED",
+                metadata={"method": method, "task": task.name},
+            )
+        return method
+
+    # ---------------------------------------------------------------- commit
+    def submit_commit(self, submission: CommitSubmission, principal: str) -> Job:
+        """Queue the COMMIT of a TEMPORARY task (its side network distilled into the main model).
+
+        Raises:
+            NotFoundError: no such task.
+            FailedPreconditionError: the task is not TEMPORARY (never learned temporarily, already
+                committed, being learned or unlearned), or a commit of it is already queued or running.
+            ResourceExhaustedError: the queue is full.
+        """
+        self.writable()
+        existing = self.existing_job(submission.idempotency_key, JobKind.COMMIT, submission.task)
+        if existing is not None:
+            return existing
+        try:
+            with self.transaction() as session:
+                tasks, jobs = TaskRepository(session), JobRepository(session)
+                task = tasks.get_for_update(submission.task)
+                existing = self._matching(session, submission.idempotency_key, JobKind.COMMIT, submission.task)
+                if existing is not None:
+                    return existing
+                about = {"task": submission.task}
+                if task is None:
+                    raise NotFoundError(
+                        f"task {submission.task!r} does not exist", reason="TASK_NOT_FOUND", metadata=about
+                    )
+                if task.state != TaskState.TEMPORARY:
+                    hint = {
+                        TaskState.LEARNING: "its learn has not finished; commit it once the task is TEMPORARY"
+                        if task.temporary
+                        else "it is being learned permanently",
+                        TaskState.LEARNED: "it is learned permanently already (only a TEMPORARY task can be committed)",
+                    }.get(task.state, "only a TEMPORARY task can be committed")
+                    raise FailedPreconditionError(
+                        f"task: {submission.task!r} is {task.state.value}, not temporary: {hint}",
+                        reason="TASK_NOT_TEMPORARY",
+                        metadata={**about, "state": task.state.value},
+                    )
+                active = [
+                    j
+                    for state in (JobState.QUEUED, JobState.RUNNING)
+                    for j in jobs.list(task=submission.task, state=state, kind=JobKind.COMMIT, limit=1)
+                ]
+                if active:
+                    raise FailedPreconditionError(
+                        f"task: {submission.task!r} is already being committed (job {active[0].id})",
+                        reason="TASK_COMMITTING",
+                        metadata={**about, "job_id": active[0].id},
+                    )
+                self.check_queue(jobs)
+                job = Job(
+                    id=uuid.uuid4().hex,
+                    kind=JobKind.COMMIT,
+                    task=submission.task,
+                    idempotency_key=submission.idempotency_key or None,
+                    principal=principal,
+                    samples=task.samples,
+                    created_at=utc_now(),
+                )
+                job.options = {}
+                self.lifecycle.new_job(session, job)
+                self.audit_log.append(
+                    session,
+                    principal=principal,
+                    action="commit.requested",
+                    task=submission.task,
+                    job_id=job.id,
+                    details={"learned_version": task.learned_version},
+                )
+        except IntegrityError:
+            existing = self.existing_job(submission.idempotency_key, JobKind.COMMIT, submission.task)
+            if existing is not None:
+                return existing
+            raise
+        self.events.notify()
+        log.info("commit job queued", extra={"job_id": job.id, "task": job.task, "principal": principal})
+        return job
+
+    # ---------------------------------------------------------------- expiry
+    def expired_temporary(self, now: datetime) -> list[str]:
+        """TEMPORARY tasks whose time to live has passed, oldest expiry first."""
+        with self.sessions() as session:
+            return [t.name for t in TaskRepository(session).expired_temporary(now)]
 
     def check_queue(self, jobs: JobRepository) -> None:
         """Refuse a new job while the queue is full."""

@@ -58,6 +58,7 @@ def task_message(task: Task) -> pb.Task:
         unlearned_at=timestamp(task.unlearned_at),
         classes=task.classes,
         forget_verified=task.forget_verified,
+        expires_at=timestamp(task.expires_at),
     )
 
 

@@ -26,6 +26,7 @@ from protos import lethe_pb2_grpc as pb_grpc
 from protos.tensors import NUMPY_DTYPES, to_tensor
 from server import export
 from server.engine.protocol import LearnOptions
+from server.engine.temporary import FORGET_METHOD
 from server.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -36,6 +37,7 @@ from server.errors import (
 from server.jobs import JobService, LearnStream, LearnSubmission, ServingState, UnlearnSubmission
 from server.jobs.proof import ProofService
 from server.jobs.records import ForgetSamplesSubmission, SampleRequests
+from server.jobs.service import CommitSubmission
 from server.rpc import validation as v
 from server.rpc.auth import current_principal
 from server.rpc.convert import audit_message, evaluation_message, job_message, task_message
@@ -89,6 +91,8 @@ class LearnDefaults:
     max_predict_samples: int
     #: Distinct sample ids one records-level Unlearn may name (``limits.max_forget_samples``).
     max_forget_samples: int = 100_000
+    #: Time to live of a TEMPORARY task whose Learn leaves ``ttl_seconds`` at 0 (0: never expires).
+    temporary_ttl_seconds: int = 0
 
 
 class LetheServicer(pb_grpc.LetheServicer):
@@ -208,6 +212,10 @@ class LetheServicer(pb_grpc.LetheServicer):
             raise FailedPreconditionError(
                 f"header.mode: TEMPORARY learning is not supported by strategy {self.model.strategy!r}"
             )
+        if header.ttl_seconds and not temporary:
+            raise InvalidArgumentError(
+                "header.ttl_seconds", f"applies only to mode TEMPORARY; got {header.ttl_seconds} with mode PERMANENT"
+            )
         requested = LearnOptions(
             epochs=header.epochs,
             batch_size=header.batch_size,
@@ -220,7 +228,24 @@ class LetheServicer(pb_grpc.LetheServicer):
             idempotency_key=key,
             options=requested.resolved(self.defaults.options),
             metadata=dict(header.metadata),
+            ttl_seconds=int(header.ttl_seconds or self.defaults.temporary_ttl_seconds) if temporary else 0,
         )
+
+    # ----------------------------------------------------------------- Commit
+    async def Commit(self, request: pb.CommitRequest, context: aio.ServicerContext) -> pb.Job:
+        return await self._unary("Commit", context, lambda: job_message(self._commit(request)))
+
+    def _commit(self, request: pb.CommitRequest) -> Job:
+        submission = CommitSubmission(
+            task=v.task_name(request.task),
+            idempotency_key=v.idempotency_key(request.idempotency_key, "idempotency_key"),
+        )
+        if not self.model.supports_temporary:
+            raise FailedPreconditionError(
+                f"task: strategy {self.model.strategy!r} has no temporary learning, so there is nothing to commit",
+                reason="TEMPORARY_UNSUPPORTED",
+            )
+        return self.jobs.submit_commit(submission, current_principal().name)
 
     # ---------------------------------------------------------------- Unlearn
     async def Unlearn(self, request: pb.UnlearnRequest, context: aio.ServicerContext) -> pb.Job:
@@ -228,7 +253,8 @@ class LetheServicer(pb_grpc.LetheServicer):
 
     def _unlearn(self, request: pb.UnlearnRequest) -> Job:
         method = request.method
-        if method and method not in self.model.unlearn_methods:
+        temporary_method = self.model.supports_temporary and method == FORGET_METHOD
+        if method and method not in self.model.unlearn_methods and not temporary_method:
             raise InvalidArgumentError(
                 "method",
                 f"strategy {self.model.strategy!r} supports {', '.join(self.model.unlearn_methods)} "

@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -80,6 +81,10 @@ class Task(Base):
     learned_version: Mapped[int | None] = mapped_column(Integer)
     unlearned_version: Mapped[int | None] = mapped_column(Integer)
     ops_since_unlearn: Mapped[int] = mapped_column(Integer, default=0)
+    #: Held (or to be held) by a side network: from a TEMPORARY Learn's acceptance until commit or unlearn.
+    temporary: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    #: When the server unlearns this TEMPORARY task if it is not committed; None = never.
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
     learned_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     unlearned_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

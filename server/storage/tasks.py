@@ -53,6 +53,20 @@ class TaskRepository:
             statement = statement.where(Task.state == state)
         return int(self.session.scalar(statement) or 0)
 
+    def count_temporary(self) -> int:
+        """Returns the number of tasks held (or to be held) by side networks, not yet committed or unlearned."""
+        statement = select(func.count()).select_from(Task).where(Task.temporary.is_(True))
+        return int(self.session.scalar(statement) or 0)
+
+    def expired_temporary(self, now: datetime) -> builtins.list[Task]:
+        """Returns TEMPORARY tasks whose ``expires_at`` is at or before ``now``, soonest first."""
+        statement = (
+            select(Task)
+            .where(Task.state == TaskState.TEMPORARY, Task.expires_at.is_not(None), Task.expires_at <= now)
+            .order_by(Task.expires_at, Task.name)
+        )
+        return builtins.list(self.session.scalars(statement))
+
     def counts_by_state(self) -> dict[TaskState, int]:
         """Returns the number of tasks in every state (zero included), e.g. for the ``lethe_tasks`` gauge."""
         counts = dict.fromkeys(TaskState, 0)

@@ -40,9 +40,11 @@ from server.engine.protocol import (
     Report,
     Strategy,
     TaskData,
+    TemporaryLearning,
     UnknownTaskError,
     UnlearnedTaskError,
     no_progress,
+    supports_temporary,
 )
 from server.engine.registry import build_strategy
 
@@ -183,7 +185,7 @@ class StrategyConformance:
         strategy = self.make_strategy(self.seed)
         assert isinstance(strategy, Strategy)
         assert strategy.name == self.strategy_name, "a strategy reports the name it is registered under"
-        for flag in (strategy.task_incremental, strategy.needs_replay, strategy.supports_temporary):
+        for flag in (strategy.task_incremental, strategy.needs_replay, supports_temporary(strategy)):
             assert isinstance(flag, bool)
         assert strategy.unlearn_methods and all(isinstance(m, str) and m for m in strategy.unlearn_methods)
         assert strategy.version == 0
@@ -395,3 +397,116 @@ class StrategyConformance:
         if h.strategy.task_incremental:
             with pytest.raises(UnknownTaskError):
                 predictor.predict(TASK_B, digits_tasks()[TASK_B].probe.inputs)
+
+    # -- temporary learning (the optional TemporaryLearning capability) -------------------------
+
+    #: Probe accuracy (percent) a temporary task must reach through Predict while it is temporary.
+    min_temporary_accuracy = 90.0
+    #: Largest drop of the committed task's probe accuracy from its temporary answer (points).
+    max_commit_drop = 5.0
+
+    def temporary_harness(self) -> Harness:
+        h = self.harness()
+        if not supports_temporary(h.strategy):
+            pytest.skip(f"strategy {self.strategy_name!r} has no temporary learning")
+        return h
+
+    def test_temporary_learning_never_touches_the_main_model(self) -> None:
+        """Learn A; learn B temporarily; Predict answers B; forgetting B gives back A's model bit for bit."""
+        h = self.temporary_harness()
+        strategy = h.strategy
+        assert isinstance(strategy, TemporaryLearning)
+        h.learn(TASK_A)
+        main_before = main_tensors(strategy.state_dict())
+        logits_a = h.logits(TASK_A)
+        version = strategy.version
+        report = strategy.learn_temporary(TASK_B, digits_tasks()[TASK_B].train, self.options, no_progress)
+        assert report.retain is digits_tasks()[TASK_B].train, "the server keeps a temporary task's data"
+        assert strategy.version == version + 1
+        assert strategy.temporary_tasks() == (TASK_B,)
+        assert_same_tensors(main_tensors(strategy.state_dict()), main_before)
+        assert h.accuracy(TASK_B) >= self.min_temporary_accuracy
+        if strategy.task_incremental:
+            assert torch.equal(h.logits(TASK_A), logits_a), "the other tasks are answered by the main model"
+        with pytest.raises(ValueError, match=r"temporary|already"):
+            h.learn(TASK_B)
+
+        forgotten = strategy.forget_temporary(TASK_B, no_progress)
+        assert forgotten.metrics["unlearn_seconds"] < 1.0
+        assert strategy.temporary_tasks() == ()
+        assert_same_tensors(main_tensors(strategy.state_dict()), main_before)
+        assert torch.equal(h.logits(TASK_A), logits_a), "A's answers are bit-identical to before B"
+        if strategy.task_incremental:
+            with pytest.raises((UnknownTaskError, UnlearnedTaskError)):
+                h.logits(TASK_B)
+
+    def test_side_networks_survive_a_state_round_trip(self) -> None:
+        h = self.temporary_harness()
+        strategy = h.strategy
+        assert isinstance(strategy, TemporaryLearning)
+        h.learn(TASK_A)
+        strategy.learn_temporary(TASK_B, digits_tasks()[TASK_B].train, self.options, no_progress)
+        expected = {task: h.logits(task) for task in (TASK_A, TASK_B)}
+        restored = self.make_strategy(self.seed + 1)
+        restored.load_state_dict(serialized(strategy.state_dict()))
+        assert isinstance(restored, TemporaryLearning)
+        assert restored.temporary_tasks() == (TASK_B,)
+        assert restored.version == strategy.version
+        for task, logits in expected.items():
+            assert torch.equal(Harness(restored, self.options).logits(task), logits)
+
+    def test_failed_temporary_learn_changes_nothing(self) -> None:
+        h = self.temporary_harness()
+        strategy = h.strategy
+        assert isinstance(strategy, TemporaryLearning)
+        h.learn(TASK_A)
+        before, version = main_tensors(strategy.state_dict()), strategy.version
+        with pytest.raises(RuntimeError, match="cancelled"):
+            strategy.learn_temporary(TASK_B, digits_tasks()[TASK_B].train, self.options, ProgressRecorder(3))
+        assert strategy.version == version and strategy.temporary_tasks() == ()
+        assert_same_tensors(main_tensors(strategy.state_dict()), before)
+
+    def test_commit_distills_the_side_network_into_the_main_model(self) -> None:
+        h = self.temporary_harness()
+        strategy = h.strategy
+        assert isinstance(strategy, TemporaryLearning)
+        h.learn(TASK_A)
+        data = digits_tasks()[TASK_B].train
+        strategy.learn_temporary(TASK_B, data, self.options, no_progress)
+        temporary = h.accuracy(TASK_B)
+        version = strategy.version
+        report = strategy.commit_temporary(TASK_B, data, no_progress, dict(h.retained))
+        assert strategy.version == version + 1, "a commit is one operation"
+        assert strategy.temporary_tasks() == ()
+        assert report.metrics["distill_weight"] > 0
+        if report.retain is not None and strategy.needs_replay:
+            h.retained[TASK_B] = report.retain
+        assert h.accuracy(TASK_B) >= temporary - self.max_commit_drop
+        # Now a permanent task: it is unlearned the ordinary way.
+        h.unlearn(TASK_B)
+
+
+def main_tensors(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor of a strategy state but its side networks, by path (the main model's part)."""
+    found: dict[str, torch.Tensor] = {}
+
+    def walk(value: object, path: str) -> None:
+        if isinstance(value, torch.Tensor):
+            found[path] = value
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                if key != "side_networks":
+                    walk(item, f"{path}/{key}")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{path}/{i}")
+
+    walk(state, "")
+    return found
+
+
+def assert_same_tensors(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Same paths, and every tensor equal bit for bit."""
+    assert actual.keys() == expected.keys()
+    different = [path for path in expected if not torch.equal(actual[path], expected[path])]
+    assert not different, f"main-model tensors changed: {different[:5]}"

@@ -9,7 +9,7 @@ import torch
 
 from server.engine import build_finetune, build_strategy
 from server.engine.finetune import FinetuneStrategy
-from server.engine.protocol import LearnOptions, TaskData, no_progress
+from server.engine.protocol import LearnOptions, TaskData, no_progress, supports_temporary
 
 from .conformance import INPUT_SHAPE, NUM_CLASSES, TASK_A, TASK_B, StrategyConformance, digits_tasks
 
@@ -51,7 +51,7 @@ def test_capabilities() -> None:
     assert strategy.name == "finetune"
     assert strategy.task_incremental is True
     assert strategy.needs_replay is False
-    assert strategy.supports_temporary is False
+    assert supports_temporary(strategy) is True
     assert strategy.unlearn_methods == ("delete-head",)
 
 

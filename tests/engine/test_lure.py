@@ -29,7 +29,7 @@ from server.engine.lure import LureStrategy, apply_reset, build_lure, later_laye
 from server.engine.lure.data import augment_batch, crop_padding, reservoir_sample
 from server.engine.lure.importance import connection_weights, importance_scores, top_fraction_masks
 from server.engine.metrics import accuracy
-from server.engine.protocol import LearnOptions, Report, TaskData, UnknownTaskError, no_progress
+from server.engine.protocol import LearnOptions, Report, TaskData, UnknownTaskError, no_progress, supports_temporary
 from server.engine.training import seeded_rng
 
 from .conformance import serialized
@@ -146,7 +146,7 @@ def test_capabilities_and_paper_defaults() -> None:
     strategy = _lure()
     assert strategy.name == "lure"
     assert strategy.task_incremental is False
-    assert strategy.supports_temporary is False
+    assert supports_temporary(strategy) is True
     assert strategy.unlearn_methods == ("exact", "approximate")
     assert strategy.needs_replay is True
     assert _lure(replay="buffer:10").needs_replay is True

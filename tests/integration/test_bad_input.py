@@ -140,6 +140,11 @@ def unlearn(**fields: Any) -> Callable[[Env], pb.Job]:
     return lambda env: env.stub.Unlearn(pb.UnlearnRequest(**fields), timeout=30)
 
 
+def commit(**fields: Any) -> Callable[[Env], pb.Job]:
+    fields.setdefault("task", "known")
+    return lambda env: env.stub.Commit(pb.CommitRequest(**fields), timeout=30)
+
+
 # --------------------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class Case:
@@ -706,11 +711,11 @@ HEADER_CASES = [
         ("LearnHeader.mode",),
     ),
     Case(
-        "mode-temporary-unsupported",
-        PRECONDITION,
-        ("header.mode", "TEMPORARY", "'finetune'"),
-        learn_header_only(mode=pb.LearnHeader.TEMPORARY),
-        ("LearnHeader.mode",),
+        "ttl-on-a-permanent-learn",
+        INVALID,
+        ("header.ttl_seconds", "TEMPORARY", "5"),
+        learn_header_only(ttl_seconds=5),
+        ("LearnHeader.ttl_seconds",),
     ),
     Case(
         "metadata-too-many-entries",
@@ -1082,6 +1087,41 @@ LIST_CASES = [
     ),
 ]
 
+COMMIT_CASES = [
+    Case(
+        "commit-unknown-task",
+        NOT_FOUND,
+        ("'nobody'", "does not exist"),
+        commit(task="nobody"),
+        ("CommitRequest.task",),
+        reason="TASK_NOT_FOUND",
+    ),
+    Case("commit-empty-task", INVALID, ("task", "required"), commit(task=""), ("CommitRequest.task",)),
+    Case(
+        "commit-permanent-task",
+        PRECONDITION,
+        ("'known'", "learned", "not temporary"),
+        commit(),
+        ("CommitRequest.task",),
+        reason="TASK_NOT_TEMPORARY",
+    ),
+    Case(
+        "commit-unlearned-task",
+        PRECONDITION,
+        ("'forgotten'", "unlearned", "not temporary"),
+        commit(task="forgotten"),
+        ("CommitRequest.task",),
+        reason="TASK_NOT_TEMPORARY",
+    ),
+    Case(
+        "commit-key-too-long",
+        INVALID,
+        ("idempotency_key", "256"),
+        commit(idempotency_key="k" * 257),
+        ("CommitRequest.idempotency_key",),
+    ),
+]
+
 CASES = [
     *LEARN_STREAM_CASES,
     *INPUT_CASES,
@@ -1089,6 +1129,7 @@ CASES = [
     *LIMIT_CASES,
     *HEADER_CASES,
     *UNLEARN_CASES,
+    *COMMIT_CASES,
     *PREDICT_CASES,
     *JOB_CASES,
     *LIST_CASES,
@@ -1360,6 +1401,7 @@ REQUEST_MESSAGES = (
     "SampleChunk",
     "Tensor",
     "UnlearnRequest",
+    "CommitRequest",
     "PredictRequest",
     "GetJobRequest",
     "ListJobsRequest",

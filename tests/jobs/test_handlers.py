@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.data import sha256_file
 from server.jobs.finish import evaluate_model
-from server.jobs.kinds import FORGET_SAMPLES, UnlearnHandler, handler_for
+from server.jobs.kinds import FORGET_SAMPLES, HANDLERS, UnlearnHandler, handler_for
 from server.storage import (
     AuditEvent,
     AuditLog,
@@ -220,7 +220,9 @@ def test_unlearn_of_a_learned_task_measures_it_and_purges_its_data(
     assert unaccounted_files(h.data_dir, migrated_url) == {}
 
 
-def test_a_job_kind_without_a_handler_is_refused_by_name() -> None:
+def test_a_job_kind_without_a_handler_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert set(HANDLERS) == set(JobKind), "every job kind has a handler"
+    monkeypatch.delitem(HANDLERS, JobKind.COMMIT)
     with pytest.raises(NotImplementedError, match="commit"):
         handler_for(Job(kind=JobKind.COMMIT, options_json="{}"))
     learn, unlearn = (Job(kind=kind, options_json="{}") for kind in (JobKind.LEARN, JobKind.UNLEARN))

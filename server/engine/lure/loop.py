@@ -11,7 +11,25 @@ from torch import nn
 
 from server.engine.lure.data import augment_batch
 from server.engine.protocol import Progress, TaskData, no_progress
+from server.engine.temporary import distillation_loss
 from server.engine.training import minibatches
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """Logit matching to a side network during a commit (CLPU-DER++), aligned with the training data.
+
+    Attributes:
+        teacher: the side network's logits ``[n, num_classes]`` (any finite value on rows without one).
+        rows: bool ``[n]``, True at the rows that have teacher logits (the committed task's samples).
+        classes: int64 indices of the task's classes, the columns matched.
+        weight: the term's weight relative to cross-entropy.
+    """
+
+    teacher: torch.Tensor
+    rows: torch.Tensor
+    classes: torch.Tensor
+    weight: float
 
 
 @dataclass(frozen=True)
@@ -56,6 +74,7 @@ def train(
     device: torch.device,
     rng: torch.Generator,
     progress: Progress = no_progress,
+    distillation: Distillation | None = None,
 ) -> float:
     """Train ``model`` in place with SGD and a step schedule; the optimizer is new for every call.
 
@@ -66,6 +85,8 @@ def train(
         device: where the model lives.
         rng: generator of the shuffles and augmentations.
         progress: called after every step with the fraction of this training done.
+        distillation: adds ``weight`` times the mean squared error between the model's and the
+            teacher's logits over ``classes``, on the rows that have teacher logits.
 
     Returns:
         Mean training loss of the last epoch (NaN when ``epochs`` is 0).
@@ -90,7 +111,14 @@ def train(
             if settings.crop_padding > 0:
                 x = augment_batch(x, settings.crop_padding, rng)
             y = data.labels[index].to(device)
-            loss = F.cross_entropy(model(x.to(device, torch.float32)), y)
+            logits = model(x.to(device, torch.float32))
+            loss = F.cross_entropy(logits, y)
+            if distillation is not None:
+                rows = distillation.rows[index].to(device)
+                if bool(rows.any()):
+                    teacher = distillation.teacher[index].to(device)[rows]
+                    matching = distillation_loss(logits[rows], teacher, distillation.classes.to(device))
+                    loss = loss + distillation.weight * matching
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

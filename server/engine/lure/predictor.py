@@ -77,6 +77,11 @@ class LurePredictor:
             ]
         return torch.cat(chunks)
 
+    @property
+    def module(self) -> nn.Module:
+        """The frozen network itself (eval mode, never modified; do not modify it)."""
+        return self._model
+
     def network(self, task: str | None) -> nn.Module:
         """The network :meth:`predict` serves: a private CPU float32 eval-mode copy (no logit is masked).
 

@@ -33,13 +33,15 @@ from server.engine.backbones import build_backbone
 from server.engine.lure.config import LureConfig, ReplaySpec
 from server.engine.lure.data import concat, crop_padding, reservoir_sample, sample_fraction, split_train_val
 from server.engine.lure.importance import importance_scores, top_fraction_masks
-from server.engine.lure.loop import TrainSettings, infer, step_milestones, train
+from server.engine.lure.loop import Distillation, TrainSettings, infer, step_milestones, train
 from server.engine.lure.predictor import LurePredictor
 from server.engine.lure.resets import apply_reset, reinit_where
 from server.engine.metrics import accuracy, expected_calibration_error
 from server.engine.protocol import LearnOptions, Progress, Report, TaskData, UnknownTaskError
+from server.engine.temporary import DISTILL_WEIGHT, RoutedPredictor, SideNetwork, SideNetworks, side_logits
 from server.engine.training import (
     check_learn_inputs,
+    class_mask,
     derive_seed,
     module_state_cpu,
     scaled_progress,
@@ -92,11 +94,19 @@ class LureStrategy:
     Retention goes through the server: ``learn`` returns in ``Report.retain`` what the server must keep
     for replay (the whole mega-batch with ``replay=full``, a reservoir sample of N samples with
     ``buffer:N``, nothing with ``none``) and the server passes it back as ``replay``.
+
+    Temporary learning (:class:`~server.engine.protocol.TemporaryLearning`): a TEMPORARY mega-batch is
+    learned by a side network, a fresh network trained on that mega-batch only (same SGD recipe);
+    the stream and the main model are not touched. Predict routes every sample between the main
+    model and the live side networks (:class:`~server.engine.temporary.RoutedModule`: the most
+    confident expert answers). Committing learns the mega-batch into the stream as a permanent learn
+    does (reset, then training with replay) plus logit matching to the side network on its samples,
+    then deletes the side network. A later exact replay of a committed mega-batch learns it without
+    the side network (it is gone): still a model that never saw any forgotten data.
     """
 
     name: str = "lure"
     task_incremental: bool = False
-    supports_temporary: bool = False
     unlearn_methods: tuple[str, ...] = ("exact", "approximate")
 
     def __init__(self, config: LureConfig, device: torch.device) -> None:
@@ -119,6 +129,8 @@ class LureStrategy:
         self._pending_before: dict[str, torch.Tensor] | None = None
         self._pending_before_version = _UNSERVED
         self._published: LurePredictor | None = None
+        self._sides = SideNetworks(self._fresh_network, config.num_classes, self._device)
+        self._served: LurePredictor | RoutedPredictor | None = None
 
     # ------------------------------------------------------------------ verbs
 
@@ -148,8 +160,22 @@ class LureStrategy:
             and ``retain``, the data the server keeps for replay.
 
         Raises:
-            ValueError: if ``task`` is already live, or for bad data or options.
+            ValueError: if ``task`` is already live (or temporary), or for bad data or options.
         """
+        if task in self._sides:
+            raise ValueError(f"mega-batch {task!r} is a temporary one: commit it or unlearn it")
+        return self._learn(task, data, options, progress, replay, None)
+
+    def _learn(
+        self,
+        task: str,
+        data: TaskData,
+        options: LearnOptions,
+        progress: Progress,
+        replay: Mapping[str, TaskData],
+        teacher: nn.Module | None,
+    ) -> Report:
+        """:meth:`learn`, distilling ``teacher`` (a side network) on the mega-batch's samples when given."""
         if any(m.name == task for m in self._stream):
             raise ValueError(f"mega-batch {task!r} is already learned; unlearn it before learning it again")
         opts = self._resolve(options)
@@ -175,11 +201,14 @@ class LureStrategy:
             previous,
             has_previous=bool(self._stream) or not self._model_exact,
             progress=progress,
+            teacher=teacher,
         )
         retain = self._retained(task, data, opts)
         progress(1.0, f"learned mega-batch {task!r}")  # the last chance to cancel: commit below
 
         self._model = model
+        if teacher is not None:
+            self._sides.replace(self._sides.without(task))
         self._stream = [*self._stream, MegaBatch(task, opts, before, exact, before_version)]
         self._pending_before = None
         self._pending_before_version = _UNSERVED
@@ -307,7 +336,33 @@ class LureStrategy:
             done=f"forgot samples of {len(affected)} mega-batch(es) exactly",
         )
 
-    def rollback_predictor(self, tasks: Collection[str]) -> LurePredictor | None:
+    def rollback_predictor(self, tasks: Collection[str]) -> LurePredictor | RoutedPredictor | None:
+        """A serving snapshot free of ``tasks``: the main model's rollback point, with the other side networks.
+
+        Temporary mega-batches among ``tasks`` are simply left out of the routing (the main model never
+        held them); permanent ones are served from :meth:`_rollback_main`. Thread-safe as that one.
+        """
+        sides = self._sides.live
+        wanted = set(tasks)
+        others = {name: side for name, side in sides.items() if name not in wanted}
+        permanent = wanted - set(sides)
+        if permanent:
+            base = self._rollback_main(permanent)
+        elif wanted & set(sides):
+            base = LurePredictor(
+                self._model,
+                self.version,
+                input_shape=self.config.input_shape,
+                num_classes=self.config.num_classes,
+                device=self._device,
+            )
+        else:
+            return None
+        if base is None or not others:
+            return base
+        return RoutedPredictor(base, base.module, others, self.config.num_classes, self._device)
+
+    def _rollback_main(self, tasks: Collection[str]) -> LurePredictor | None:
         """A serving snapshot of a model that never saw any of ``tasks``, or None.
 
         The model is the latest clean snapshot (``exact``, free of approximate-unlearning traces) at
@@ -341,8 +396,22 @@ class LureStrategy:
                 )
         return None
 
-    def predictor(self) -> LurePredictor:
-        """The immutable serving snapshot of the current version (an eval-mode deep copy)."""
+    def predictor(self) -> LurePredictor | RoutedPredictor:
+        """The immutable serving snapshot of the current version (an eval-mode deep copy).
+
+        With live side networks (temporary mega-batches), the snapshot routes between them and the
+        main model (see :class:`~server.engine.temporary.RoutedModule`).
+        """
+        if self._served is None or self._served.version != self.version:
+            base = self._main_predictor()
+            live = self._sides.live
+            self._served = (
+                RoutedPredictor(base, base.module, live, self.config.num_classes, self._device) if live else base
+            )
+        return self._served
+
+    def _main_predictor(self) -> LurePredictor:
+        """The snapshot of the main model alone."""
         if self._published is None or self._published.version != self.version:
             self._published = LurePredictor(
                 self._model,
@@ -354,8 +423,68 @@ class LureStrategy:
         return self._published
 
     def parameter_count(self) -> int:
-        """Trainable parameters of the network (snapshots are not counted)."""
-        return sum(p.numel() for p in self._model.parameters() if p.requires_grad)
+        """Trainable parameters of the network and the side networks (snapshots are not counted)."""
+        return sum(p.numel() for p in self._model.parameters() if p.requires_grad) + self._sides.parameter_count()
+
+    # ------------------------------------------------------------ temporary learning
+
+    def learn_temporary(self, task: str, data: TaskData, options: LearnOptions, progress: Progress) -> Report:
+        """Train a side network on mega-batch ``task`` only; the main model and the stream are not touched.
+
+        A fresh network initialized from (seed, ``task``, options), trained with the mega-batch's
+        SGD recipe on all of ``data``. Returns ``train_loss``, ``train_accuracy``, ``learn_seconds``
+        and ``retain=data`` (kept until the mega-batch is committed or forgotten, whatever the replay mode).
+
+        Raises:
+            ValueError: ``task`` is live or already temporary, or bad data or options.
+        """
+        if any(m.name == task for m in self._stream) or task in self._sides:
+            raise ValueError(f"mega-batch {task!r} is already learned")
+        opts = self._resolve(options)
+        check_learn_inputs(data, opts, self.config.input_shape, self.config.num_classes)
+        started = time.perf_counter()
+        seed = derive_seed(self._megabatch_seed(task, opts), "side-network")
+        network = self._sides.fresh(seed)
+        settings = self._settings(opts.epochs, opts.batch_size, opts.learning_rate)
+        with seeded_rng(derive_seed(seed, "global-rng")):
+            loss = train(network, data, settings, device=self._device, rng=seeded_generator(seed, "train"),
+                         progress=progress)  # fmt: skip
+        classes = tuple(sorted(set(data.labels.tolist())))
+        mask = class_mask(classes, self.config.num_classes, self._device)
+        logits = side_logits(network.eval(), data.inputs, mask, self._device).cpu()
+        # Commit: only the side networks change.
+        self._sides.replace(self._sides.with_added(SideNetwork(task, network, classes, opts)))
+        self._commit()
+        return Report(
+            metrics={
+                "train_loss": loss,
+                "train_accuracy": accuracy(logits, data.labels),
+                "samples": float(len(data)),
+                "learn_seconds": time.perf_counter() - started,
+            },
+            retain=data,
+        )
+
+    def forget_temporary(self, task: str, progress: Progress) -> Report:
+        """Delete mega-batch ``task``'s side network (exact forgetting); returns ``unlearn_seconds``."""
+        started = time.perf_counter()
+        self._sides.get(task)
+        progress(0.0, "deleting the side network")
+        self._sides.replace(self._sides.without(task))
+        self._commit()
+        progress(1.0, "side network deleted")
+        return Report(metrics={"unlearn_seconds": time.perf_counter() - started})
+
+    def commit_temporary(self, task: str, data: TaskData, progress: Progress, replay: Mapping[str, TaskData]) -> Report:
+        """Learn mega-batch ``task`` into the stream from ``data``, matching its side network; delete it."""
+        side = self._sides.get(task)
+        report = self._learn(task, data, side.options, progress, replay, side.network)
+        report.metrics["distill_weight"] = DISTILL_WEIGHT
+        return report
+
+    def temporary_tasks(self) -> tuple[str, ...]:
+        """Mega-batches that live as side networks now, sorted."""
+        return tuple(sorted(self._sides.live))
 
     @property
     def megabatches(self) -> tuple[str, ...]:
@@ -404,6 +533,7 @@ class LureStrategy:
                 }
                 for m in self._stream
             ],
+            "side_networks": self._sides.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -441,6 +571,7 @@ class LureStrategy:
         ]
         if len({m.name for m in stream}) != len(stream):
             raise ValueError("lure state is inconsistent: a mega-batch appears twice in the stream")
+        sides = self._sides.loaded(state.get("side_networks", []))  # absent from states saved before it existed
 
         self.config = replace(self.config, seed=int(state["seed"]))
         self._model = model
@@ -449,7 +580,9 @@ class LureStrategy:
         self._pending_before = _cpu_copy(state["pending_before"])
         self._pending_before_version = int(state.get("pending_before_version", _UNSERVED))
         self.version = int(state["version"])
+        self._sides.replace(sides)
         self._published = None
+        self._served = None
 
     # ------------------------------------------------------------------ learning
 
@@ -505,11 +638,13 @@ class LureStrategy:
         *,
         has_previous: bool,
         progress: Progress,
+        teacher: nn.Module | None = None,
     ) -> dict[str, float]:
         """Reset (when ``has_previous``) and train ``model`` in place on one mega-batch; evaluate it.
 
         Everything random is drawn from :meth:`_megabatch_seed`, so the same inputs give the same
-        model, whenever this runs.
+        model, whenever this runs. With ``teacher`` (a commit) the loss adds logit matching to it on
+        the mega-batch's own training samples.
         """
         cfg = self.config
         seed = self._megabatch_seed(name, options)
@@ -522,6 +657,16 @@ class LureStrategy:
             start = _RESET_SHARE
         train_set = concat([train_part, *previous])
         settings = self._settings(options.epochs, options.batch_size, options.learning_rate)
+        distillation = None
+        if teacher is not None:
+            task_classes = torch.tensor(sorted(set(train_part.labels.tolist())), dtype=torch.long)
+            mask = class_mask(task_classes.tolist(), cfg.num_classes, self._device)
+            logits = side_logits(teacher, train_part.inputs, mask, self._device).cpu()  # [n_task, C]
+            teacher_logits = torch.zeros(len(train_set), cfg.num_classes)
+            teacher_logits[: len(train_part)] = logits.masked_fill(~mask.cpu(), 0.0)
+            rows = torch.zeros(len(train_set), dtype=torch.bool)
+            rows[: len(train_part)] = True
+            distillation = Distillation(teacher_logits, rows, task_classes, DISTILL_WEIGHT)
 
         def on_step(fraction: float, message: str) -> None:
             progress(start + (_TRAIN_END - start) * fraction, message)
@@ -529,7 +674,13 @@ class LureStrategy:
         started = time.perf_counter()
         with seeded_rng(derive_seed(seed, "global-rng")):  # dropout, should a backbone have any
             loss = train(
-                model, train_set, settings, device=self._device, rng=seeded_generator(seed, "train"), progress=on_step
+                model,
+                train_set,
+                settings,
+                device=self._device,
+                rng=seeded_generator(seed, "train"),
+                progress=on_step,
+                distillation=distillation,
             )
         metrics["train_seconds"] = time.perf_counter() - started
         progress(_TRAIN_END, "evaluating")
@@ -591,6 +742,7 @@ class LureStrategy:
     def _commit(self) -> None:
         self.version += 1
         self._published = None
+        self._served = None
 
     # ------------------------------------------------------------------ unlearning
 

@@ -62,6 +62,14 @@ from server.engine.protocol import (
     UnknownTaskError,
     UnlearnedTaskError,
 )
+from server.engine.temporary import (
+    DISTILL_WEIGHT,
+    SideNetwork,
+    SideNetworks,
+    TaskSidePredictor,
+    distillation_loss,
+    fit_side_network,
+)
 from server.engine.training import (
     check_learn_inputs,
     class_mask,
@@ -173,7 +181,6 @@ class UncleStrategy:
     name: str = "uncle"
     task_incremental: bool = True
     needs_replay: bool = False
-    supports_temporary: bool = False
     unlearn_methods: tuple[str, ...] = UNLEARN_METHODS
     #: The paper's Adam 1e-3; 20 epochs of batch 32 learn a digits task to its ceiling.
     learn_defaults: LearnOptions = LearnOptions(epochs=20, batch_size=32, learning_rate=1e-3, holdout_fraction=0.1)
@@ -210,6 +217,19 @@ class UncleStrategy:
         self._burn_in = float(config.burn_in)
         self._learns = 0
         self._predictor: UnclePredictor | None = None
+        #: Temporary tasks (:class:`~server.engine.protocol.TemporaryLearning`): plain backbones, outside φ.
+        self._sides = SideNetworks(self._fresh_backbone, config.num_classes, self._device)
+        #: Temporary tasks whose side network was deleted (never in the hypernetwork).
+        self._forgotten_temporary: set[str] = set()
+        self._served: UnclePredictor | TaskSidePredictor | None = None
+
+    def _fresh_backbone(self, seed: int) -> nn.Module:
+        """The configured backbone as a plain module (a side network), initialized from ``seed``, on the CPU."""
+        cfg = self.config
+        with seeded_rng(seed):
+            return build_backbone(
+                cfg.backbone, cfg.input_shape, cfg.num_classes, cifar_stem=cfg.cifar_stem, width=cfg.width
+            )
 
     # ------------------------------------------------------------------ learning
 
@@ -245,8 +265,16 @@ class UncleStrategy:
             ``data`` itself (the server keeps it as the task's training data).
 
         Raises:
-            ValueError: if the data or options do not fit the model.
+            ValueError: if the data or options do not fit the model, or ``task`` is a temporary task.
         """
+        if task in self._sides:
+            raise ValueError(f"task {task!r} is a temporary task: commit it or unlearn it")
+        return self._learn(task, data, options, progress, None)
+
+    def _learn(
+        self, task: str, data: TaskData, options: LearnOptions, progress: Progress, teacher: torch.Tensor | None
+    ) -> Report:
+        """:meth:`learn`, plus ``DISTILL_WEIGHT`` times logit matching to ``teacher`` logits (a commit)."""
         cfg = self.config
         check_learn_inputs(data, options, cfg.input_shape, cfg.num_classes)
         started = time.perf_counter()
@@ -265,6 +293,7 @@ class UncleStrategy:
             old_classes = ()
         classes = tuple(sorted(set(data.labels.tolist()) | set(old_classes)))
         mask = class_mask(classes, cfg.num_classes, self._device)
+        class_indices = torch.tensor(classes, dtype=torch.long, device=self._device)
 
         hypernetwork = self._trainable_copy(train_chunks=cfg.chunk_embedding_training == "always" or self._learns == 0)
         bank = self._target_bank(exclude=slot)
@@ -295,6 +324,8 @@ class UncleStrategy:
                 ce = F.cross_entropy(logits, y)
                 regularization = self._regularization(hypernetwork, bank, generator)
                 loss = ce + cfg.beta * regularization
+                if teacher is not None:
+                    loss = loss + DISTILL_WEIGHT * distillation_loss(logits, teacher[indices], class_indices)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self._clip([*_trainable(hypernetwork), embedding])
@@ -316,6 +347,9 @@ class UncleStrategy:
             else {}
         )
         # Commit: nothing above touched the strategy's own state.
+        if teacher is not None:
+            self._sides.replace(self._sides.without(task))
+        self._forgotten_temporary.discard(task)
         record = _TaskRecord(name=task, classes=classes, samples=n, options=options, retained=cfg.retain_training_data)
         if live:
             previous = self._records[slot]
@@ -346,6 +380,65 @@ class UncleStrategy:
             },
             retain=data if cfg.retain_training_data else None,
         )
+
+    # ------------------------------------------------------------ temporary learning
+
+    def learn_temporary(self, task: str, data: TaskData, options: LearnOptions, progress: Progress) -> Report:
+        """Train a side network for ``task``: a fresh backbone on ``data`` only; φ and every embedding untouched.
+
+        Initialized from (seed, ``task``, ``options.seed``), trained with Adam and masked
+        cross-entropy; its BatchNorm statistics are its own. Returns its metrics, ``learn_seconds``
+        and ``retain=data``.
+
+        Raises:
+            ValueError: ``task`` is live or already temporary, or bad data or options.
+        """
+        cfg = self.config
+        check_learn_inputs(data, options, cfg.input_shape, cfg.num_classes)
+        slot = self._slots.get(task)
+        if (slot is not None and not self._records[slot].unlearned) or task in self._sides:
+            raise ValueError(f"task {task!r} is already learned")
+        started = time.perf_counter()
+        classes = tuple(sorted(set(data.labels.tolist())))
+        network = self._sides.fresh(derive_seed(cfg.seed, "side-network", task, options.seed))
+        generator = seeded_generator(cfg.seed, options.seed, task, "side-network")
+        mask = class_mask(classes, cfg.num_classes, self._device)
+        metrics = fit_side_network(network, data, options, mask, generator, progress, self._device)
+        # Commit: only the side networks change (and the version, for the new snapshot).
+        self._sides.replace(self._sides.with_added(SideNetwork(task, network, classes, options)))
+        self._forgotten_temporary.discard(task)
+        self._bump()
+        metrics["learn_seconds"] = time.perf_counter() - started
+        return Report(metrics=metrics, retain=data)
+
+    def forget_temporary(self, task: str, progress: Progress) -> Report:
+        """Delete ``task``'s side network (exact forgetting); returns ``unlearn_seconds``."""
+        started = time.perf_counter()
+        self._sides.get(task)
+        progress(0.0, "deleting the side network")
+        self._sides.replace(self._sides.without(task))
+        self._forgotten_temporary.add(task)
+        self._bump()
+        progress(1.0, "side network deleted")
+        return Report(metrics={"unlearn_seconds": time.perf_counter() - started})
+
+    def commit_temporary(self, task: str, data: TaskData, progress: Progress, replay: Mapping[str, TaskData]) -> Report:
+        """Learn ``task`` into the hypernetwork from ``data``, matching its side network's logits; delete it."""
+        side = self._sides.get(task)
+        teacher = self._sides.logits(task, data.inputs)  # [n, num_classes], -inf outside its classes
+        report = self._learn(task, data, side.options, progress, teacher)
+        report.metrics["distill_weight"] = DISTILL_WEIGHT
+        return report
+
+    def temporary_tasks(self) -> tuple[str, ...]:
+        """Tasks that live as side networks now, sorted."""
+        return tuple(sorted(self._sides.live))
+
+    def _bump(self) -> None:
+        """A new version whose hypernetwork is the committed one (temporary operations)."""
+        self.version += 1
+        self._predictor = None
+        self._served = None
 
     # ---------------------------------------------------------------- unlearning
 
@@ -634,9 +727,11 @@ class UncleStrategy:
             self._records = records
             self._slots = slots
             self._burn_in, self._learns, self.version, self._predictor = burn_in, learns, version, predictor
+            self._served = None
             raise
         self.version = version + 1
         self._predictor = None
+        self._served = None
 
     def _burn(
         self, slot: int, method: str, steps: int, progress: Progress
@@ -819,15 +914,30 @@ class UncleStrategy:
         self._hypernetwork = hypernetwork.requires_grad_(False)
         self.version += 1
         self._predictor = None
+        self._served = None
 
     # ------------------------------------------------------------------ serving and state
 
-    def predictor(self) -> UnclePredictor:
+    def predictor(self) -> UnclePredictor | TaskSidePredictor:
         """The immutable serving snapshot of the current version (the same object until the next operation).
 
         Committed tensors are never modified in place (operations train copies), so the snapshot
         shares them instead of copying. Its cache of generated networks holds ``predict_cache_mb``.
+        Temporary tasks are answered by their side networks.
         """
+        if self._served is None:
+            base = self._main_predictor()
+            self._served = (
+                base
+                if not self._sides.live and not self._forgotten_temporary
+                else TaskSidePredictor(
+                    base, self._sides.live, frozenset(self._forgotten_temporary), self.config.num_classes, self._device
+                )
+            )
+        return self._served
+
+    def _main_predictor(self) -> UnclePredictor:
+        """The snapshot of the hypernetwork's tasks (cached until the next operation)."""
         if self._predictor is None:
             tasks = {
                 name: ServedTask(
@@ -851,7 +961,8 @@ class UncleStrategy:
 
     def parameter_count(self) -> int:
         """Trainable values of the whole model: φ (trunk, output layer, chunk embeddings) and every task embedding."""
-        return self._hypernetwork.parameter_count() + sum(e.numel() for e in self._embeddings)
+        main = self._hypernetwork.parameter_count() + sum(e.numel() for e in self._embeddings)
+        return main + self._sides.parameter_count()
 
     def describe(self) -> dict[str, float]:
         """Sizes: generated (target) parameters, hypernetwork parameters, their ratio, chunking."""
@@ -909,6 +1020,8 @@ class UncleStrategy:
             "slots": dict(self._slots),
             "burn_in": self._burn_in,
             "learns": self._learns,
+            "side_networks": self._sides.state_dict(),
+            "forgotten_temporary": sorted(self._forgotten_temporary),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -962,6 +1075,7 @@ class UncleStrategy:
         buffers = [{k: v.to(self._device, copy=True) for k, v in b.items()} for b in state["buffers"]]
         if any(set(b) != set(self._initial_buffers) for b in buffers):
             raise ValueError("uncle state is inconsistent: BatchNorm statistics do not match the backbone")
+        sides = self._sides.loaded(state.get("side_networks", []))  # absent from states saved before it existed
 
         self.config = dataclasses.replace(self.config, seed=int(state["config"]["seed"]))
         self._hypernetwork = hypernetwork.requires_grad_(False)
@@ -972,7 +1086,10 @@ class UncleStrategy:
         self._burn_in = float(state["burn_in"])
         self._learns = int(state["learns"])
         self.version = int(state["version"])
+        self._sides.replace(sides)
+        self._forgotten_temporary = set(state.get("forgotten_temporary", []))
         self._predictor = None
+        self._served = None
 
 
 def _part(progress: Progress, start: float, share: float) -> Progress:

@@ -13,6 +13,7 @@ from typing import Protocol
 from sqlalchemy.orm import Session
 
 from server.jobs.context import JobContext, JobRun
+from server.jobs.kinds.commit import CommitHandler
 from server.jobs.kinds.forget_samples import ForgetSamplesHandler
 from server.jobs.kinds.learn import LearnHandler
 from server.jobs.kinds.unlearn import UnlearnHandler
@@ -40,7 +41,11 @@ class JobHandler(Protocol):
 
 
 #: The handler of every job kind this server runs.
-HANDLERS: dict[JobKind, JobHandler] = {JobKind.LEARN: LearnHandler(), JobKind.UNLEARN: UnlearnHandler()}
+HANDLERS: dict[JobKind, JobHandler] = {
+    JobKind.LEARN: LearnHandler(),
+    JobKind.UNLEARN: UnlearnHandler(),
+    JobKind.COMMIT: CommitHandler(),
+}
 #: UNLEARN jobs that name sample ids (records-level forgetting) run here instead.
 FORGET_SAMPLES: JobHandler = ForgetSamplesHandler()
 

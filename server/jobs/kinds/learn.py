@@ -10,7 +10,7 @@ import torch
 from sqlalchemy.orm import Session
 
 from server.data import FileRecord, read_spool, save_arrays, sha256_file
-from server.engine.protocol import LearnOptions, TaskData
+from server.engine.protocol import LearnOptions, TaskData, TemporaryLearning
 from server.jobs.context import JobContext, JobRun
 from server.jobs.snapshot import Evaluated
 from server.storage import DataFile, DataFileKind, DataFileRepository, Job, TaskRepository
@@ -47,7 +47,11 @@ class LearnHandler:
             ctx.settings.seed, job.task, len(labels), options.holdout_fraction, ctx.settings.max_probe_samples
         )
         data = TaskData(torch.from_numpy(inputs[train]), torch.from_numpy(labels[train]))
-        report = ctx.strategy.learn(job.task, data, options, run.progress, ctx.replay(exclude=job.task))
+        if options.temporary:
+            # A side network of its own; its training data is kept (RETAINED) until commit or unlearn.
+            report = temporary_learner(ctx).learn_temporary(job.task, data, options, run.progress)
+        else:
+            report = ctx.strategy.learn(job.task, data, options, run.progress, ctx.replay(exclude=job.task))
         check_finite(ctx, job.task, inputs[probe])
         # Every file names its samples (keyed digests) and their stream positions, so a records
         # unlearn can remove a person's samples from it and split the remaining stream again.
@@ -67,6 +71,8 @@ class LearnHandler:
         metrics = {k: float(v) for k, v in report.metrics.items()}
         metrics.setdefault("samples", float(len(train)))
         metrics["probe_samples"] = float(len(probe))
+        if options.temporary:
+            metrics["temporary"] = 1.0  # the report marks temporary phases by it
         return metrics
 
     @staticmethod
@@ -100,9 +106,24 @@ class LearnHandler:
             files.mark_purged(spool)  # consumed: the training data now lives only in the model
         task = TaskRepository(session).get_for_update(job.task)
         if task is not None:
-            ctx.lifecycle.task_learned(session, task, ctx.strategy.version)
+            temporary = bool(job.options.get("temporary"))
+            ttl = int(job.options.get("ttl_seconds", 0))
+            ctx.lifecycle.task_learned(session, task, ctx.strategy.version, temporary=temporary, ttl_seconds=ttl)
             task.accuracy = evaluated.accuracies.get(task.name)
         return spools
+
+
+def temporary_learner(ctx: JobContext) -> TemporaryLearning:
+    """The strategy as a :class:`TemporaryLearning` one.
+
+    Raises:
+        ValueError: it has no temporary learning (the servicer refuses such requests up front; a job
+            queued under another configuration fails with this message).
+    """
+    strategy = ctx.strategy
+    if not isinstance(strategy, TemporaryLearning):
+        raise ValueError(f"strategy {strategy.name!r} does not support temporary learning")
+    return strategy
 
 
 def spool_of(ctx: JobContext, job: Job) -> str:

@@ -9,8 +9,10 @@ import time
 from sqlalchemy.orm import Session
 
 from server.engine import metrics as m
+from server.engine.temporary import FORGET_METHOD
 from server.jobs.context import JobContext, JobRun
 from server.jobs.evaluation import ForgetCheck, ProbeSet, forget_quality, verdict, verify_forgetting
+from server.jobs.kinds.learn import temporary_learner
 from server.jobs.snapshot import Evaluated
 from server.storage import (
     DataFileKind,
@@ -41,9 +43,19 @@ class UnlearnHandler:
         if task is None or task.learned_version is None:
             return None
         started = time.perf_counter()
-        report = ctx.strategy.unlearn(
-            job.task, job.method or ctx.strategy.unlearn_methods[0], run.progress, ctx.replay()
-        )
+        if task.temporary:
+            # Exact by construction: the task lives only in its side network, which is deleted; the
+            # main model is bit-identical to before the temporary learn.
+            report = temporary_learner(ctx).forget_temporary(job.task, run.progress)
+            return {
+                **{k: float(v) for k, v in report.metrics.items()},
+                "side_network_deleted": 1.0,
+                "forget_verified": 1.0,
+                "forget_attempts": 1.0,
+            }
+        # Accepted as a temporary task's, but its commit finished first: the strategy's default.
+        method = "" if job.method == FORGET_METHOD else job.method
+        report = ctx.strategy.unlearn(job.task, method or ctx.strategy.unlearn_methods[0], run.progress, ctx.replay())
         metrics = {k: float(v) for k, v in report.metrics.items()}
         metrics.setdefault("unlearn_seconds", time.perf_counter() - started)
         metrics.update(keep_forgetting(ctx, run))
@@ -51,8 +63,8 @@ class UnlearnHandler:
 
     def measure(self, ctx: JobContext, run: JobRun, evaluated: Evaluated) -> dict[str, float]:
         """Membership inference and the forgetting verdict (the slow part: no transaction is open)."""
-        if not run.changed_model:
-            return {}
+        if not run.changed_model or run.metrics.get("side_network_deleted") == 1.0:
+            return {}  # nothing to measure: nothing of a deleted side network's task remains
         members, probe = samples(ctx, run.job.task)
         quality = forget_quality(
             evaluated.predictor,
@@ -76,6 +88,7 @@ class UnlearnHandler:
             return []
         metrics, life = run.metrics, ctx.lifecycle
         to_delete: list[str] = []
+        side_network = metrics.get("side_network_deleted") == 1.0
         life.task_unlearned(session, task)
         if not run.changed_model:
             # Its learn never ran (e.g. re-queued by a restart behind this unlearn): it never will.
@@ -97,8 +110,9 @@ class UnlearnHandler:
                 metrics["forget_accuracy_task"] = evaluated.accuracies[task.name]
                 task.unlearned_accuracy = task.accuracy = evaluated.accuracies[task.name]
             task.unlearned_version = ctx.strategy.version
-        # Relapse is measured while the probe set is kept; with forget_probe_ops = 0 it is unknown.
-        keep_probe = ctx.settings.forget_probe_ops > 0
+        # Relapse is measured while the probe set is kept; with forget_probe_ops = 0 it is unknown. A
+        # deleted side network cannot relapse (the main model never held its task): its probe goes now.
+        keep_probe = ctx.settings.forget_probe_ops > 0 and not side_network
         task.relapse = 0.0 if task.unlearned_accuracy is not None and keep_probe else None
         # Right to be forgotten: every file of the task goes now, except its probe set, kept for
         # forget_probe_ops more operations to measure relapse (0 = purge it now as well).
