@@ -35,7 +35,7 @@ from server.storage import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TABLES = {"tasks", "jobs", "evaluations", "audit_events", "audit_head", "data_files", "samples"}
+TABLES = {"tasks", "jobs", "evaluations", "audit_events", "audit_head", "data_files", "samples", "leases"}
 
 
 def _differences(engine: Engine, metadata: MetaData) -> list[object]:
