@@ -519,9 +519,9 @@ class AgsclStrategy:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                sums["forget_loss"] += float(forget_loss) / len(batches)
-                sums["replay_loss"] += float(replay_loss) / len(batches)
-                sums["ewc_loss"] += float(ewc) / len(batches)
+                sums["forget_loss"] += float(forget_loss.detach()) / len(batches)
+                sums["replay_loss"] += float(replay_loss.detach()) / len(batches)
+                sums["ewc_loss"] += float(ewc.detach()) / len(batches)
                 step += 1
                 progress(0.95 * step / total, f"amnesia step {step}/{total}")
         for other in self._heads:  # replay trained through them; they were never in the optimizer
