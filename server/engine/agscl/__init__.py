@@ -43,7 +43,7 @@ def build_agscl(
     amnesia_replay: float = 1.0,
     capacity: str = "auto",
     grow_percent: float = 25.0,
-    min_free_fraction: float = 0.1,
+    min_free_fraction: float = 0.25,
     prune: bool = True,
     max_width_factor: float = 8.0,
     retain_training_data: bool = False,

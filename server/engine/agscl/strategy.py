@@ -24,7 +24,7 @@ Beyond the paper:
   ``release_share`` of Ω are released (incoming weights re-initialized, outgoing weights zeroed,
   every share of them dropped: they are free again), the task's share of every other node is
   dropped, and its head is deleted. Method ``amnesia`` (Selective Amnesia, seed on CL and
-  unlearning): the forgotten task is trained toward the uniform distribution over its classes,
+  unlearning): the forgotten task is trained toward a noise surrogate (random labels over its classes),
   with an EWC penalty (diagonal Fisher of the retained tasks) and replay of their retained data;
   needs ``retain_training_data``.
 * **Capacity** (seed on dynamic model size; ``mlp``): before a new task, when a hidden layer has
@@ -366,7 +366,7 @@ class AgsclStrategy:
           (re-initialize their incoming weights, zero their outgoing weights, drop every share of
           them), drop its share of every other node, delete its head; then, with capacity, prune
           the free units beyond the reserve.
-        * ``amnesia``: train the task toward the uniform distribution over its classes with an EWC
+        * ``amnesia``: train the task toward random labels over its classes (the noise surrogate) with an EWC
           penalty (diagonal Fisher of the retained tasks) and replay of their retained data; its
           share of Ω is dropped, and the head it trained is kept for audits only (Predict with
           ``allow_unlearned``). Needs the task's training data in ``replay``
@@ -493,14 +493,18 @@ class AgsclStrategy:
         total = cfg.amnesia_epochs * count_minibatches(n, batch_size)
         step = 0
         sums = {"forget_loss": 0.0, "replay_loss": 0.0, "ewc_loss": 0.0}
+        # The surrogate: a label drawn uniformly from the task's classes for every sample, once. Its optimum is a
+        # head whose answers on the task carry no information about the true class; training toward the uniform
+        # distribution alone left near-ties whose argmax still followed the true class (70 % balanced accuracy on
+        # the probe of a two-class task).
+        surrogate = seen.cpu()[torch.randint(seen.numel(), (n,), generator=generator)]
         for _epoch in range(cfg.amnesia_epochs):
             sums = dict.fromkeys(sums, 0.0)
             batches = minibatches(n, batch_size, generator)
             for indices in batches:
                 x = forget.inputs[indices].to(self._device, torch.float32)
-                logits = head(self._forward(trunk, task, x))
-                # Cross-entropy against the uniform distribution over the task's classes (the surrogate).
-                forget_loss = -torch.log_softmax(logits[:, seen], dim=1).mean()
+                logits = mask_logits(head(self._forward(trunk, task, x)), mask)
+                forget_loss = F.cross_entropy(logits, surrogate[indices].to(self._device))
                 replay_loss = torch.zeros((), device=self._device)
                 if retained:
                     other = retained[step % len(retained)]
