@@ -400,7 +400,7 @@ class AgsclStrategy:
         if method == "amnesia" and task not in replay:
             raise ValueError(
                 f"unlearn method 'amnesia' needs the training data of task {task!r}, which the server keeps only "
-                "with training.retain_training_data = true (and model.options.retain_training_data); "
+                "with training.retain_training_data = true (set before the task was learned); "
                 "use method 'release' (data-free) instead"
             )
         started = time.perf_counter()
