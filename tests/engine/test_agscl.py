@@ -116,11 +116,11 @@ def test_every_bad_option_is_refused_by_name(option: str, value: object) -> None
 
 def test_capacity_on_needs_a_resizable_backbone_and_all_errors_come_at_once() -> None:
     with pytest.raises(ValueError, match="capacity = 'on' needs a resizable backbone"):
-        agscl(backbone="cnn", width=8, capacity="on")
+        agscl(backbone="resnet18", capacity="on")
     with pytest.raises(ValueError, match=r"mu.*rho"):
         agscl(mu=-1.0, rho=2.0)
-    assert not agscl(backbone="cnn", width=8).config.resizable  # auto: fixed width where growth is not implemented
-    assert agscl().config.resizable
+    assert not agscl(backbone="resnet18").config.resizable  # auto: fixed width where growth is not implemented
+    assert agscl().config.resizable and agscl(backbone="cnn", width=8).config.resizable
 
 
 # -- the proximal step ------------------------------------------------------------------------------
@@ -339,3 +339,33 @@ def test_resnet18_learns_and_unlearns() -> None:
     assert logits.shape == (len(probe), 10) and torch.isfinite(logits[:, :2]).all()
     strategy.unlearn("split01", "release", no_progress, {})
     assert balanced(strategy, "split01", tasks) == pytest.approx(50.0)
+
+
+def test_cnn_grows_channels_prunes_them_and_restores_its_shapes() -> None:
+    """Capacity on the ``cnn``: conv channels with their BatchNorm (and every task's statistics) grow and shrink."""
+    tasks = split_digits()
+    strategy = agscl(backbone="cnn", width=4)
+    names = ["split01", "split23", "split45", "split67"]
+    grown = 0.0
+    for task in names:
+        grown += strategy.learn(task, tasks[task][0], OPTIONS, no_progress, {}).metrics["grown_units"]
+    assert grown > 0 and strategy.hidden_widths()[0] > 4
+    for task in names:
+        assert accuracy(strategy, task, tasks) >= 90, task  # chance 50
+    logits = {task: strategy.predictor().predict(task, tasks[task][1].inputs) for task in names[:2]}
+    # Unlearning the latest task frees about what growth added (the reserve); the one before it frees more.
+    pruned = 0.0
+    for task in ("split67", "split45"):
+        pruned += strategy.unlearn(task, "release", no_progress, {}).metrics["pruned_units"]
+    assert pruned > 0
+    for task, before in logits.items():
+        assert torch.allclose(strategy.predictor().predict(task, tasks[task][1].inputs), before, atol=1e-5), task
+
+    restored = build_agscl(
+        backbone="cnn", input_shape=SHAPE, num_classes=10, device=torch.device("cpu"), seed=0, width=4
+    )
+    restored.load_state_dict(serialized(strategy.state_dict()))
+    assert restored.hidden_widths() == strategy.hidden_widths()
+    for task in names[:2]:
+        probe = tasks[task][1].inputs
+        assert torch.equal(restored.predictor().predict(task, probe), strategy.predictor().predict(task, probe))

@@ -73,8 +73,8 @@ def build_agscl(
         amnesia_learning_rate: Adam learning rate of ``amnesia``.
         amnesia_ewc: weight of ``amnesia``'s EWC penalty (diagonal Fisher of the retained tasks).
         amnesia_replay: weight of ``amnesia``'s replay cross-entropy on the retained tasks' data.
-        capacity: ``auto`` (grow and prune hidden layers where implemented: ``mlp``), ``on`` (the same; an
-            error on other backbones) or ``off`` (fixed width).
+        capacity: ``auto`` (grow and prune node layers where implemented: ``mlp``, ``cnn``), ``on`` (the same;
+            an error on the ResNets) or ``off`` (fixed width).
         grow_percent: k, the percentage every hidden layer grows by when free units run out.
         min_free_fraction: grow before a new task when a hidden layer has fewer than this share of units free
             (importance 0).

@@ -13,12 +13,12 @@ from typing import Any
 #: Unlearning methods; the first is the default (see :mod:`server.engine.agscl.strategy`).
 UNLEARN_METHODS: tuple[str, ...] = ("release", "amnesia")
 
-#: Values of ``capacity``: ``auto`` grows and prunes where it is implemented (``mlp``), ``on`` insists on it,
-#: ``off`` keeps the configured width.
+#: Values of ``capacity``: ``auto`` grows and prunes where it is implemented (``mlp``, ``cnn``), ``on`` insists
+#: on it, ``off`` keeps the configured width.
 CAPACITY_MODES: tuple[str, ...] = ("auto", "on", "off")
 
 #: Backbones whose hidden layers can grow and shrink (capacity).
-RESIZABLE_BACKBONES: tuple[str, ...] = ("mlp",)
+RESIZABLE_BACKBONES: tuple[str, ...] = ("mlp", "cnn")
 
 #: Backbones AGS-CL knows the nodes of.
 SUPPORTED_BACKBONES: tuple[str, ...] = ("mlp", "cnn", "resnet18", "resnet50")

@@ -27,8 +27,8 @@ Beyond the paper:
   unlearning): the forgotten task is trained toward a noise surrogate (random labels over its classes),
   with an EWC penalty (diagonal Fisher of the retained tasks) and replay of their retained data;
   needs ``retain_training_data``.
-* **Capacity** (seed on dynamic model size; ``mlp``): before a new task, when a hidden layer has
-  fewer than ``min_free_fraction`` of its units free, every hidden layer grows by ``grow_percent``;
+* **Capacity** (seed on dynamic model size; ``mlp`` and ``cnn``): before a new task, when a node layer has
+  fewer than ``min_free_fraction`` of its units free, every node layer grows by ``grow_percent``;
   after an unlearn, free units beyond a reserve of ``grow_percent`` are pruned (never below the
   configured width). Neither changes any prediction (see :mod:`server.engine.agscl.capacity`).
 """
@@ -48,7 +48,7 @@ from torch import nn
 from torch.func import functional_call
 
 from server.engine.agscl import capacity
-from server.engine.agscl.config import UNLEARN_METHODS, AgsclConfig
+from server.engine.agscl.config import RESIZABLE_BACKBONES, UNLEARN_METHODS, AgsclConfig
 from server.engine.agscl.nodes import (
     ActivationMeter,
     NodeLayer,
@@ -62,7 +62,7 @@ from server.engine.agscl.nodes import (
     zero_outgoing,
 )
 from server.engine.agscl.predictor import AgsclPredictor
-from server.engine.backbones import MLP, build_backbone, detach_head
+from server.engine.backbones import build_backbone, detach_head
 from server.engine.protocol import LearnOptions, Progress, Report, TaskData, UnknownTaskError, UnlearnedTaskError
 from server.engine.training import (
     check_learn_inputs,
@@ -119,7 +119,7 @@ class AgsclStrategy:
         self._trunk: nn.Module = model.to(self._device)
         self._layers: tuple[NodeLayer, ...] = node_layers(self._trunk, config.backbone)
         self._initial_widths = {layer.name: width_of(self._trunk, layer) for layer in self._layers}
-        self._initial_buffers = {name: b.detach().clone() for name, b in self._trunk.named_buffers()}
+        self._buffer_names = frozenset(name for name, _ in self._trunk.named_buffers())
         self._heads: dict[str, nn.Linear] = {}  # live tasks, in learning order
         self._audit_heads: dict[str, nn.Linear] = {}  # unlearned with amnesia: the head it trained
         self._classes: dict[str, tuple[int, ...]] = {}  # every task ever learned
@@ -188,12 +188,13 @@ class AgsclStrategy:
         audit_heads = dict(self._audit_heads)
         template = copy.deepcopy(self._template)
         shares = {t: {k: v.clone() for k, v in per.items()} for t, per in self._shares.items()}
+        all_stats = dict(self._stats)
         grown = 0
         if cfg.resizable and not live:
-            grown, template = self._maybe_grow(trunk, heads, audit_heads, template, shares)
+            grown, template = self._maybe_grow(trunk, heads, audit_heads, template, shares, all_stats)
         head = heads[task] if live else copy.deepcopy(template)
         heads[task] = head
-        buffers = self._stats[task] if live else self._initial_buffers
+        buffers = all_stats[task] if live else _fresh_buffers(trunk)
         with torch.no_grad():
             for name, buffer in trunk.named_buffers():
                 buffer.copy_(buffers[name])
@@ -266,7 +267,8 @@ class AgsclStrategy:
         self._audit_heads.pop(task, None)
         self._classes[task] = classes
         self._unlearned.discard(task)
-        self._stats[task] = stats
+        all_stats[task] = stats
+        self._stats = all_stats
         self._shares = shares
         self._grown_units += grown
         self.version += 1
@@ -316,12 +318,13 @@ class AgsclStrategy:
         audit_heads: dict[str, nn.Linear],
         template: nn.Linear,
         shares: Shares,
+        stats: dict[str, dict[str, torch.Tensor]],
     ) -> tuple[int, nn.Linear]:
         """Grow every hidden layer by ``grow_percent`` when one has too few free units (in place on copies).
 
         Returns:
-            Units added, and the (grown) template head. ``heads``, ``audit_heads`` and ``shares`` are
-            updated in place.
+            Units added, and the (grown) template head. ``heads``, ``audit_heads``, ``shares`` and the
+            tasks' BatchNorm ``stats`` are updated in place.
         """
         cfg = self.config
         widths = self._widths(trunk)
@@ -350,6 +353,8 @@ class AgsclStrategy:
         for per_layer in shares.values():
             for name, added in extra.items():
                 per_layer[name] = torch.cat([per_layer[name], torch.zeros(added)])
+        for task, buffers in stats.items():
+            stats[task] = capacity.resize_statistics(buffers, self._layers, {}, extra)
         return sum(extra.values()), grown[-1]
 
     def _max_width(self, name: str) -> int:
@@ -409,6 +414,9 @@ class AgsclStrategy:
         heads = {name: copy.deepcopy(head) for name, head in self._heads.items() if name != task}
         audit_heads = dict(self._audit_heads)
         shares = {t: {k: v.clone() for k, v in per.items()} for t, per in self._shares.items()}
+        stats = dict(self._stats)
+        if method == "release":
+            stats.pop(task, None)
         template = self._template
         metrics: dict[str, float] = {}
         released = 0
@@ -421,7 +429,7 @@ class AgsclStrategy:
         del shares[task]
         pruned = 0
         if self.config.resizable and self.config.prune:
-            pruned, template = self._prune(trunk, heads, audit_heads, template, shares)
+            pruned, template = self._prune(trunk, heads, audit_heads, template, shares, stats)
         progress(1.0, f"unlearned with {method}")
 
         # Commit.
@@ -430,8 +438,7 @@ class AgsclStrategy:
         self._audit_heads = audit_heads
         self._template = template
         self._shares = shares
-        if method == "release":
-            self._stats.pop(task, None)
+        self._stats = stats
         self._unlearned.add(task)
         self._pruned_units += pruned
         self.version += 1
@@ -564,11 +571,12 @@ class AgsclStrategy:
         audit_heads: dict[str, nn.Linear],
         template: nn.Linear,
         shares: Shares,
+        stats: dict[str, dict[str, torch.Tensor]],
     ) -> tuple[int, nn.Linear]:
         """Prune free units beyond a reserve of ``grow_percent`` per layer, never below the configured width.
 
-        In place on the copies ``trunk``, ``heads``, ``audit_heads`` and ``shares``; returns the
-        number of units pruned and the pruned template.
+        In place on the copies ``trunk``, ``heads``, ``audit_heads``, ``shares`` and ``stats``; returns
+        the number of units pruned and the pruned template.
         """
         widths = self._widths(trunk)
         omega = self._omega(shares, widths)
@@ -597,6 +605,8 @@ class AgsclStrategy:
         for per_layer in shares.values():
             for name, kept_index in keep.items():
                 per_layer[name] = per_layer[name][kept_index]
+        for task, buffers in stats.items():
+            stats[task] = capacity.resize_statistics(buffers, self._layers, keep, {})
         return pruned, result[-1]
 
     def forget_more(self, task: str, attempt: int, progress: Progress, *, final: bool = False) -> Report | None:
@@ -632,7 +642,7 @@ class AgsclStrategy:
         """The immutable serving snapshot of the current version (the same object until the next operation)."""
         if self._predictor is None:
             trunk = copy.deepcopy(self._trunk).eval().requires_grad_(False)
-            skeleton = copy.deepcopy(trunk).to("meta") if self._stats and self._initial_buffers else None
+            skeleton = copy.deepcopy(trunk).to("meta") if self._stats and self._buffer_names else None
             self._predictor = AgsclPredictor(
                 version=self.version,
                 trunk=trunk,
@@ -732,7 +742,7 @@ class AgsclStrategy:
             set(heads) != live
             or set(shares) != live
             or not set(audit_heads) <= unlearned
-            or any(set(s) != set(self._initial_buffers) for s in stats.values())
+            or any(set(s) != self._buffer_names for s in stats.values())
             or any(
                 set(per) != set(layer_widths) or any(v.numel() != layer_widths[k] for k, v in per.items())
                 for per in shares.values()
@@ -755,15 +765,28 @@ class AgsclStrategy:
         self._predictor = None
 
     def _trunk_with_widths(self, widths: list[int]) -> nn.Module:
-        """A trunk of the configured backbone with hidden ``widths`` (values to be loaded)."""
-        if widths == self.hidden_widths():
-            return copy.deepcopy(self._trunk)
-        if self.config.backbone != "mlp":
-            raise ValueError(f"agscl state has widths {widths}, but backbone {self.config.backbone!r} cannot resize")
-        features = math.prod(self.config.input_shape)
-        model = MLP(features, self.config.num_classes, widths)
-        detach_head(model)
-        return model.to(self._device)
+        """A copy of the trunk with node-layer ``widths`` (values to be loaded)."""
+        trunk = copy.deepcopy(self._trunk)
+        if widths != self.hidden_widths():
+            if self.config.backbone not in RESIZABLE_BACKBONES:
+                raise ValueError(
+                    f"agscl state has widths {widths}, but backbone {self.config.backbone!r} cannot resize"
+                )
+            capacity.reshape(
+                trunk, self._layers, dict(zip((layer.name for layer in self._layers), widths, strict=True))
+            )
+        return trunk
+
+
+def _fresh_buffers(trunk: nn.Module) -> dict[str, torch.Tensor]:
+    """BatchNorm statistics of a fresh layer for every buffer of ``trunk`` (what a new task starts from)."""
+    fresh: dict[str, torch.Tensor] = {}
+    for name, buffer in trunk.named_buffers():
+        if name.endswith("running_var"):
+            fresh[name] = torch.ones_like(buffer)
+        else:
+            fresh[name] = torch.zeros_like(buffer)
+    return fresh
 
 
 def _linear_like(state: Mapping[str, torch.Tensor], device: torch.device) -> nn.Linear:
