@@ -60,7 +60,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("agscl", "agscl (capacity auto: growth and pruning)", "agscl"),
     Variant("agscl-fixed", "agscl, fixed width (capacity off)", "agscl", {"capacity": "off"}, ("learn",)),
     Variant("finetune", "finetune (delete head)", "finetune"),
-    Variant("uncle", "uncle (noise-align)", "uncle"),
+    Variant("uncle", "uncle (noise-align)", "uncle", sequences=("learn",)),  # its unlearning: reproduction-uncle.md
 )
 
 
