@@ -107,6 +107,8 @@ def balanced(strategy: object, task: str, tasks: dict[str, tuple[TaskData, TaskD
         ("grow_percent", 0.0),
         ("min_free_fraction", 1.0),
         ("max_width_factor", 0.5),
+        ("prox_every_epoch", "yes"),
+        ("prune", 1),
     ],
 )
 def test_every_bad_option_is_refused_by_name(option: str, value: object) -> None:
@@ -369,3 +371,12 @@ def test_cnn_grows_channels_prunes_them_and_restores_its_shapes() -> None:
     for task in names[:2]:
         probe = tasks[task][1].inputs
         assert torch.equal(restored.predictor().predict(task, probe), strategy.predictor().predict(task, probe))
+
+
+def test_proximal_step_after_every_adam_step_also_learns_and_holds() -> None:
+    """``prox_every_epoch = false``: textbook PGD, the proximal step after every optimizer step."""
+    tasks = split_digits()
+    strategy = agscl(prox_every_epoch=False)
+    for task in ("split01", "split23"):
+        strategy.learn(task, tasks[task][0], OPTIONS, no_progress, {})
+    assert accuracy(strategy, "split01", tasks) >= 95 and accuracy(strategy, "split23", tasks) >= 90

@@ -101,7 +101,7 @@ def build_agscl(
         lamb=_number(lamb),
         eta=_number(eta),
         rho=_number(rho),
-        prox_every_epoch=bool(prox_every_epoch),
+        prox_every_epoch=prox_every_epoch,
         release_share=_number(release_share),
         amnesia_epochs=amnesia_epochs,
         amnesia_learning_rate=_number(amnesia_learning_rate),
@@ -110,7 +110,7 @@ def build_agscl(
         capacity=str(capacity),
         grow_percent=_number(grow_percent),
         min_free_fraction=_number(min_free_fraction),
-        prune=bool(prune),
+        prune=prune,
         max_width_factor=_number(max_width_factor),
         retain_training_data=bool(retain_training_data),
     )

@@ -110,6 +110,9 @@ class AgsclConfig:
             self.backbone in SUPPORTED_BACKBONES,
             f"backbone must be one of {', '.join(SUPPORTED_BACKBONES)}, got {self.backbone!r}",
         )
+        for flag in ("prox_every_epoch", "prune"):
+            value = getattr(self, flag)
+            need(isinstance(value, bool), f"{flag} must be true or false, got {value!r}")
         need(finite(self.mu) and self.mu >= 0, f"mu must be a finite number >= 0, got {self.mu!r}")
         need(finite(self.lamb) and self.lamb >= 0, f"lamb must be a finite number >= 0, got {self.lamb!r}")
         need(finite(self.eta) and 0 < self.eta <= 1, f"eta must be in (0, 1], got {self.eta!r}")
