@@ -106,6 +106,9 @@ class AgsclStrategy:
     def __init__(self, config: AgsclConfig, device: torch.device) -> None:
         self.config = config
         self.version = 0
+        #: With ``retain_training_data`` the server keeps each task's data and hands it back as replay, which
+        #: unlearn method ``amnesia`` trains on (learning ignores it).
+        self.needs_replay = config.retain_training_data
         self._device = torch.device(device)
         with seeded_rng(derive_seed(config.seed, "init")):
             model = build_backbone(
