@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -50,6 +52,11 @@ def test_agscl_learns_split_digits_unlearns_one_and_restarts(tmp_path: Path, dat
         before = c.predict("digits01", tasks["digits01"][0])
         version = c.model().version
         parameters_after = c.model().parameters
+        body = (
+            urllib.request.urlopen(f"http://127.0.0.1:{server.app.ports.metrics}/metrics", timeout=10).read().decode()
+        )
+        gauge = re.search(r"^lethe_model_parameters (\S+)$", body, re.MULTILINE)
+        assert gauge is not None and float(gauge.group(1)) == parameters_after
 
     with running_app(config) as server:  # a restart loads the checkpoint, shapes included
         c = server.client
