@@ -155,8 +155,8 @@ def _stat(values: Sequence[float], digits: int = 1) -> str:
     if not finite:
         return "-"
     if len(finite) == 1:
-        return f"{finite[0]:.{digits}f}"
-    return f"{statistics.fmean(finite):.{digits}f} ± {statistics.stdev(finite):.{digits}f}"
+        return f"{finite[0]:,.{digits}f}"
+    return f"{statistics.fmean(finite):,.{digits}f} ± {statistics.stdev(finite):,.{digits}f}"
 
 
 def render(runs: Sequence[Run], args: argparse.Namespace) -> str:
@@ -188,6 +188,9 @@ def render(runs: Sequence[Run], args: argparse.Namespace) -> str:
             for r in growth:
                 if r.seed == growth[0].seed:
                     out.append(f"- {labels[r.variant]}: " + ", ".join(f"{p:,}" for p in r.parameters))
+        if not any(r.sequence == "unlearn" for r in chosen):
+            out.append("")
+            continue
         out += ["", f"Unlearning (sequence `unlearn`: `{SEQUENCES[key]['unlearn']}`):", ""]
         out += [
             "| variant | RA (%) | FA (%) | spill (points) | relapse (points) | MIA (%) | unlearn seconds | "
@@ -217,6 +220,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="one seed, 5 epochs")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing the docs")
     parser.add_argument("--tag", default="", help="write section repro-agscl-TAG (and its own raw file) instead")
+    parser.add_argument("--render", action="store_true", help="only render the section again from the raw file")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs = "0", 5
@@ -229,6 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = [v for v in VARIANTS if v.key in args.variants.split(",")]
     runs: list[Run] = []
+    if args.render:
+        raw = RAW.with_name(f"results-{args.tag}.json") if args.tag else RAW
+        runs = [Run(**entry) for entry in json.loads(raw.read_text())]
+        write_section(DOC, f"{SECTION}-{args.tag}" if args.tag else SECTION, render(runs, args), title=TITLE)
+        return 0
     for key in args.benchmarks.split(","):
         for variant in chosen:
             for sequence in variant.sequences:
