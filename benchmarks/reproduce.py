@@ -1,8 +1,9 @@
 """``make repro``: the reproduction runs of the strategies' papers, through the gRPC API.
 
-``python -m benchmarks.reproduce [uncle|lure|all] [options passed on]`` runs
-``benchmarks.repro_uncle`` and/or ``benchmarks.repro_lure``; each writes its tables and plots under
-``docs/`` (``docs/reproduction-uncle.md``, ``docs/reproduction-lure.md``).
+``python -m benchmarks.reproduce [uncle|lure|agscl|all] [options passed on]`` runs
+``benchmarks.repro_uncle``, ``benchmarks.repro_lure`` and/or ``benchmarks.repro_agscl``; each writes its
+tables and plots under ``docs/`` (``docs/reproduction-uncle.md``, ``docs/reproduction-lure.md``,
+``docs/reproduction-agscl.md``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-SUITES = {"uncle": "benchmarks.repro_uncle", "lure": "benchmarks.repro_lure"}
+SUITES = {"uncle": "benchmarks.repro_uncle", "lure": "benchmarks.repro_lure", "agscl": "benchmarks.repro_agscl"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

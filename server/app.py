@@ -265,6 +265,7 @@ class App:
         strategy = self.worker.strategy
         worker = self.worker
         telemetry.worker_up.set_function(lambda: float(worker.alive))
+        telemetry.model_parameters.set_function(lambda: float(worker.strategy.parameter_count()))
         device = str(resolve_device(c.model.device))
         telemetry.build_info.info(
             {"version": __version__, "strategy": c.model.strategy, "backbone": c.model.backbone, "device": device}

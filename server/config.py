@@ -101,11 +101,12 @@ class ModelSection:
 class TrainingSection:
     """Defaults for a Learn header's zero fields, and data retention."""
 
-    #: Epochs when a Learn header leaves them at 0; 0 = the strategy's own (uncle, finetune: 20; lure: 10).
+    #: Epochs when a Learn header leaves them at 0; 0 = the strategy's own (uncle, agscl, finetune: 20; lure: 10).
     epochs: int = 0
-    #: Batch size when a Learn header leaves it at 0; 0 = the strategy's own (uncle, finetune: 32; lure: 64).
+    #: Batch size when a Learn header leaves it at 0; 0 = the strategy's own (uncle, agscl, finetune: 32; lure: 64).
     batch_size: int = 0
-    #: Learning rate when a Learn header leaves it at 0; 0 = the strategy's own (uncle, finetune: 1e-3; lure: 0.1).
+    #: Learning rate when a Learn header leaves it at 0; 0 = the strategy's own
+    #: (uncle, agscl, finetune: 1e-3; lure: 0.1).
     learning_rate: float = 0.0
     holdout_fraction: float = 0.1
     max_probe_samples: int = 1000

@@ -50,7 +50,7 @@ NOTES: dict[str, str] = {
         "checkpoints. Back it up together with the database."
     ),
     "storage.database_url": "`sqlite:///path` or `postgresql://user:password@host/db`; empty = `<data_dir>/lethe.db`.",
-    "model.strategy": "`uncle`, `lure` or `finetune` (see README, Strategies).",
+    "model.strategy": "`uncle`, `lure`, `agscl` or `finetune` (see README, Strategies).",
     "model.backbone": "`mlp`, `cnn`, `resnet18` or `resnet50`.",
     "model.input_shape": "Shape of one sample, e.g. `[1, 8, 8]` or `[3, 32, 32]` (`1,8,8` in env and flags).",
     "model.num_classes": "Number of classes (output units), 2 to 100000.",
@@ -66,11 +66,11 @@ NOTES: dict[str, str] = {
     ),
     "training.epochs": (
         "Epochs per Learn when its header leaves `epochs` at 0; 0 = the strategy's own default "
-        "(uncle, finetune: 20; lure: `model.options.epochs`, 10)."
+        "(uncle, agscl, finetune: 20; lure: `model.options.epochs`, 10)."
     ),
     "training.batch_size": (
         "Batch size when the Learn header leaves it at 0; 0 = the strategy's own default "
-        "(uncle, finetune: 32; lure: `model.options.batch_size`, 64)."
+        "(uncle, agscl, finetune: 32; lure: `model.options.batch_size`, 64)."
     ),
     "training.holdout_fraction": (
         "Share of each Learn stream held out as the task's probe set (never trained on), in (0, 1)."

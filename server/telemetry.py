@@ -38,6 +38,11 @@ class Telemetry:
         self.build_info = Info("lethe_build", "Lethe build and model configuration", registry=r)
         self.build_info.info({"version": version})
         self.model_version = Gauge("lethe_model_version", "Version of the published model", registry=r)
+        self.model_parameters = Gauge(
+            "lethe_model_parameters",
+            "Trainable parameters of the live model (changes when capacity grows or prunes hidden layers)",
+            registry=r,
+        )
         self.ready = Gauge(
             "lethe_ready", "1 while the readiness check (health service lethe.v1.Lethe) reports SERVING", registry=r
         )

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from server.engine.agscl import build_agscl
 from server.engine.finetune import build_finetune
 from server.engine.lure import build_lure
 from server.engine.protocol import Strategy
@@ -22,6 +23,7 @@ from server.engine.uncle import build_uncle
 
 #: Every strategy the server can run. To add one, add a line ``"name": build_name,``.
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
+    "agscl": build_agscl,
     "finetune": build_finetune,
     "lure": build_lure,
     "uncle": build_uncle,
