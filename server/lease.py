@@ -17,6 +17,7 @@ the lease writes:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -217,25 +218,31 @@ class PostgresLease:
                 return False
             try:
                 connection = self._lease_connection()
-                reconnected = connection.execute(text("SELECT pg_backend_pid()")).scalar() != self._backend_pid
+                pid = int(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
                 lock = text("SELECT pg_try_advisory_lock(:key)")
-                if reconnected and not connection.execute(lock, {"key": ADVISORY_KEY}).scalar():
-                    return False  # another server holds the lock now
+                if pid != self._backend_pid and not connection.execute(lock, {"key": ADVISORY_KEY}).scalar():
+                    return False  # reconnected, and another server holds the lock now
                 renewed = connection.execute(
                     text(
                         "UPDATE leases SET renewed_at = clock_timestamp(), backend_pid = pg_backend_pid() "
                         "WHERE name = :name AND epoch = :epoch"
                     ),
                     {"name": LEASE_NAME, "epoch": self.epoch},
-                )
+                ).rowcount
             except Exception as exc:  # the database is away: the fence keeps every commit safe meanwhile
                 log.warning("could not renew the lease (%s); trying again", exc)
-                self._connection = None
+                self._drop_connection()
                 return None
-            if renewed.rowcount != 1:
+            if renewed != 1:
                 return False
-            self._backend_pid = int(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
+            self._backend_pid = pid
             return True
+
+    def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):  # a broken connection may fail to close cleanly
+                connection.close()
 
     def holder(self) -> str:
         """The holder and epoch the row names."""
@@ -266,7 +273,8 @@ class PostgresLease:
                 connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_KEY})
             except Exception as exc:  # closing the connection releases it all the same
                 log.warning("could not release the lease cleanly (%s)", exc)
-            connection.close()
+            with contextlib.suppress(Exception):
+                connection.close()
 
 
 def lease_for(engine: Engine, data_dir: Path, ttl_seconds: float) -> Lease:
@@ -305,7 +313,12 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            if self.lease.renew() is False:  # None: the database is away; try again
+            try:
+                kept = self.lease.renew()
+            except Exception:  # never let renewal die silently: try again (commits stay fenced)
+                log.exception("renewing the lease failed; trying again")
+                kept = None
+            if kept is False:  # None: the database is away; try again
                 if not self._stop.is_set():
                     self.on_lost()
                 return
