@@ -384,3 +384,58 @@ def test_proximal_step_after_every_adam_step_also_learns_and_holds() -> None:
     for task in ("split01", "split23"):
         strategy.learn(task, tasks[task][0], OPTIONS, no_progress, {})
     assert accuracy(strategy, "split01", tasks) >= 95 and accuracy(strategy, "split23", tasks) >= 90
+
+
+# -- temporary learning -----------------------------------------------------------------------------
+
+
+def _same(actual: object, expected: object) -> bool:
+    """Nested states equal, tensors bit for bit (ints and lists too, unlike the conformance suite's check)."""
+    if isinstance(expected, torch.Tensor):
+        return isinstance(actual, torch.Tensor) and torch.equal(actual, expected)
+    if isinstance(expected, dict):
+        return (
+            isinstance(actual, dict)
+            and actual.keys() == expected.keys()
+            and all(_same(actual[k], v) for k, v in expected.items())
+        )
+    if isinstance(expected, (list, tuple)):
+        return (
+            isinstance(actual, (list, tuple))
+            and len(actual) == len(expected)
+            and all(_same(a, e) for a, e in zip(actual, expected, strict=True))
+        )
+    return actual == expected
+
+
+def _main_state(strategy: AgsclStrategy) -> dict[str, object]:
+    """The state without the version and the temporary tasks' part."""
+    skip = {"version", "side_networks", "forgotten_temporary"}
+    return {k: v for k, v in strategy.state_dict().items() if k not in skip}
+
+
+def test_temporary_learning_leaves_importance_and_capacity_alone_and_commit_is_an_agscl_learn() -> None:
+    tasks = split_digits()
+    strategy = agscl(width=16)  # capacity on: the second task already grows the layers
+    for task in ("split01", "split23"):
+        strategy.learn(task, tasks[task][0], OPTIONS, no_progress, {})
+    widths, main = strategy.hidden_widths(), _main_state(strategy)
+    assert max(widths) > 16
+
+    strategy.learn_temporary("split45", tasks["split45"][0], OPTIONS, no_progress)
+    assert _same(_main_state(strategy), main) and strategy.hidden_widths() == widths
+    side = strategy._sides.get("split45").network
+    side_widths = [m.out_features for m in side.modules() if isinstance(m, torch.nn.Linear)][:-1]  # the head last
+    assert side_widths == [16] * len(widths), "a side network has the configured width, not the grown one"
+    assert accuracy(strategy, "split45", tasks) >= 90
+    strategy.forget_temporary("split45", no_progress)
+    assert _same(_main_state(strategy), main)
+
+    strategy.learn_temporary("split67", tasks["split67"][0], OPTIONS, no_progress)
+    temporary = accuracy(strategy, "split67", tasks)
+    report = strategy.commit_temporary("split67", tasks["split67"][0], no_progress, {})
+    assert report.metrics["distill_weight"] > 0 and "zero_groups" in report.metrics
+    assert strategy.temporary_tasks() == () and set(strategy._shares) == {"split01", "split23", "split67"}
+    assert strategy.describe()["parameters"] == report.metrics["parameters"]  # no side network left
+    assert accuracy(strategy, "split67", tasks) >= temporary - 5
+    assert min(accuracy(strategy, task, tasks) for task in ("split01", "split23")) >= 70

@@ -129,6 +129,53 @@ def test_commit_keeps_the_task_and_spares_the_others(tmp_path: Path, database_ur
         assert forget.method == "" and forget.metrics["forget_verified"] == 1.0  # the default method
 
 
+def test_agscl_learns_temporarily_forgets_bit_identically_and_commits(tmp_path: Path, database_url: str) -> None:
+    """``agscl`` (task-incremental, one head per task): a side network serves the temporary task, deleting it
+    leaves the main model bit-identical, and a commit learns the task into the main model."""
+    xa, ya = digits(A)
+    xb, yb = digits(B)
+    config = _config(tmp_path, database_url, **{"model.strategy": "agscl", "training.epochs": 10})
+    with running_app(config) as server:
+        c = server.client
+        c.wait(c.learn("a", xa, ya).id)
+        before = _probabilities(c, "a", xa)
+        parameters = c.model().parameters
+
+        learned = c.wait(c.learn("b", xb, yb, temporary=True).id)
+        assert learned.state == pb.SUCCEEDED and learned.metrics["temporary"] == 1.0, learned.message
+        assert c.task("b").state == pb.TEMPORARY
+        assert _accuracy(c, "b", xb, yb) >= 90  # answered by its side network
+        assert np.array_equal(_probabilities(c, "a", xa), before)  # the main model answers a, untouched
+        assert c.model().parameters > parameters  # the side network is counted while it lives
+        forgotten = c.wait(c.unlearn("b").id)
+        assert forgotten.state == pb.SUCCEEDED and forgotten.method == "delete-side-network", forgotten.message
+        assert forgotten.metrics["forget_verified"] == 1.0 and forgotten.metrics["side_network_deleted"] == 1.0
+        assert c.task("b").state == pb.UNLEARNED
+        assert np.array_equal(_probabilities(c, "a", xa), before)  # bit-identical
+        assert c.model().parameters == parameters
+        with pytest.raises(LetheError) as refused:
+            c.predict("b", xb[:4])
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+        # Temporary again, under a new name, then committed into the main model.
+        c.wait(c.learn("c", xb, yb, temporary=True).id)
+        temporary = c.task("c")
+        accuracy_a = c.task("a").accuracy
+        done = c.wait(c.commit("c").id)
+        assert done.state == pb.SUCCEEDED and done.kind == pb.COMMIT, done.message
+        assert done.metrics["distill_weight"] > 0
+        committed = c.task("c")
+        assert committed.state == pb.LEARNED and committed.learned_version > temporary.learned_version
+        assert done.metrics["task_accuracy"] >= temporary.accuracy - 5, done.metrics
+        assert abs(c.task("a").accuracy - accuracy_a) <= 2 and done.metrics["spill"] <= 2, done.metrics
+        assert _accuracy(c, "c", xb, yb) >= 85
+        assert c.model().parameters > parameters  # c has a head in the main model now; no side network
+        # Now a permanent task: forgotten the strategy's way.
+        forget = c.wait(c.unlearn("c").id)
+        assert forget.state == pb.SUCCEEDED and forget.method == "", forget.message
+        assert c.task("c").state == pb.UNLEARNED
+
+
 def test_temporary_tasks_expire_and_are_limited(tmp_path: Path, database_url: str) -> None:
     xa, ya = digits(A)
     xb, yb = digits(B)

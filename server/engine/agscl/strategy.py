@@ -31,6 +31,10 @@ Beyond the paper:
   fewer than ``min_free_fraction`` of its units free, every node layer grows by ``grow_percent``;
   after an unlearn, free units beyond a reserve of ``grow_percent`` are pruned (never below the
   configured width). Neither changes any prediction (see :mod:`server.engine.agscl.capacity`).
+* **Temporary learning** (CLPU, :class:`~server.engine.protocol.TemporaryLearning`): a TEMPORARY task
+  gets a side network of its own (:mod:`server.engine.temporary`; the main model, Ω and capacity are
+  not touched); committing it is one AGS-CL learn with logit matching to the side network added to
+  the loss, then the side network is deleted.
 """
 
 from __future__ import annotations
@@ -64,6 +68,14 @@ from server.engine.agscl.nodes import (
 from server.engine.agscl.predictor import AgsclPredictor
 from server.engine.backbones import build_backbone, detach_head
 from server.engine.protocol import LearnOptions, Progress, Report, TaskData, UnknownTaskError, UnlearnedTaskError
+from server.engine.temporary import (
+    DISTILL_WEIGHT,
+    SideNetwork,
+    SideNetworks,
+    TaskSidePredictor,
+    distillation_loss,
+    fit_side_network,
+)
 from server.engine.training import (
     check_learn_inputs,
     class_mask,
@@ -98,7 +110,6 @@ class AgsclStrategy:
     name: str = "agscl"
     task_incremental: bool = True
     needs_replay: bool = False
-    supports_temporary: bool = False
     unlearn_methods: tuple[str, ...] = UNLEARN_METHODS
     #: The paper's Adam; 20 epochs of batch 32 learn a digits task to its ceiling.
     learn_defaults: LearnOptions = LearnOptions(epochs=20, batch_size=32, learning_rate=1e-3, holdout_fraction=0.1)
@@ -131,7 +142,19 @@ class AgsclStrategy:
         self._shares: Shares = {}  # live task -> its share of Ω
         self._grown_units = 0
         self._pruned_units = 0
-        self._predictor: AgsclPredictor | None = None
+        self._predictor: AgsclPredictor | TaskSidePredictor | None = None
+        #: TEMPORARY tasks: isolated side networks of the configured backbone (never the main model).
+        self._sides = SideNetworks(self._fresh_backbone, config.num_classes, self._device)
+        #: Temporary tasks whose side network was deleted (the main model never held them).
+        self._forgotten_temporary: set[str] = set()
+
+    def _fresh_backbone(self, seed: int) -> nn.Module:
+        """The configured backbone (configured width, head included) initialized from ``seed``, on the CPU."""
+        cfg = self.config
+        with seeded_rng(seed):
+            return build_backbone(
+                cfg.backbone, cfg.input_shape, cfg.num_classes, cifar_stem=cfg.cifar_stem, width=cfg.width
+            )
 
     # ------------------------------------------------------------------ importance
 
@@ -177,7 +200,21 @@ class AgsclStrategy:
             ``retain_training_data``, ``retain`` is ``data`` itself.
 
         Raises:
-            ValueError: if the data or options do not fit the model.
+            ValueError: if the data or options do not fit the model, or ``task`` is a temporary task.
+        """
+        if task in self._sides:
+            raise ValueError(f"task {task!r} is a temporary task: commit it or unlearn it")
+        return self._learn(task, data, options, progress, None)
+
+    def _learn(
+        self, task: str, data: TaskData, options: LearnOptions, progress: Progress, teacher: torch.Tensor | None
+    ) -> Report:
+        """:meth:`learn`, with ``teacher`` logits ``[n, num_classes]`` (on the device) to match, for a commit, or None.
+
+        With ``teacher`` the loss of every batch adds ``DISTILL_WEIGHT`` times the logit matching of
+        :func:`~server.engine.temporary.distillation_loss` over the task's classes; everything else
+        (proximal step, Ω update, re-initializations, capacity growth) is as for a plain learn, and
+        the commit also deletes the task's side network.
         """
         cfg = self.config
         check_learn_inputs(data, options, cfg.input_shape, cfg.num_classes)
@@ -185,6 +222,7 @@ class AgsclStrategy:
         live = task in self._heads
         classes = tuple(sorted(set(data.labels.tolist()) | set(self._classes[task] if live else ())))
         mask = class_mask(classes, cfg.num_classes, self._device)
+        indices_of_classes = torch.tensor(classes, dtype=torch.long, device=self._device)
 
         trunk = copy.deepcopy(self._trunk)
         heads = {name: copy.deepcopy(head) for name, head in self._heads.items()}
@@ -224,6 +262,10 @@ class AgsclStrategy:
                 y = data.labels[indices].to(self._device)  # [b]
                 logits = mask_logits(head(trunk(x)), mask)  # [b, num_classes]
                 loss = F.cross_entropy(logits, y)
+                if teacher is not None:
+                    loss = loss + DISTILL_WEIGHT * distillation_loss(
+                        logits, teacher[indices.to(self._device)], indices_of_classes
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -263,6 +305,9 @@ class AgsclStrategy:
             reinitialized += int(chosen.sum())
 
         # Commit: nothing above touched the strategy's own state.
+        if teacher is not None:
+            self._sides.replace(self._sides.without(task))
+        self._forgotten_temporary.discard(task)
         self._trunk = trunk.requires_grad_(True)
         self._template = template
         self._heads = heads
@@ -639,14 +684,89 @@ class AgsclStrategy:
             "training.retain_training_data = true for records-level forgetting"
         )
 
+    # ------------------------------------------------------------ temporary learning
+
+    def learn_temporary(self, task: str, data: TaskData, options: LearnOptions, progress: Progress) -> Report:
+        """Train a side network for ``task``: a fresh backbone on ``data`` only (the main model is not touched).
+
+        The configured backbone at its configured width (capacity growth is the main model's, not
+        the side network's), initialized from (seed, ``task``, ``options.seed``) and trained with
+        Adam and masked cross-entropy, without AGS-CL's regularization (it holds one task, so there
+        is nothing to protect). The trunk, its Ω shares, the heads, the BatchNorm statistics and the
+        capacity counters stay bit for bit as they were. Returns its metrics, ``learn_seconds`` and
+        ``retain=data``.
+
+        Raises:
+            ValueError: ``task`` is live or already temporary, or bad data or options.
+        """
+        cfg = self.config
+        check_learn_inputs(data, options, cfg.input_shape, cfg.num_classes)
+        if task in self._heads or task in self._sides:
+            raise ValueError(f"task {task!r} is already learned")
+        started = time.perf_counter()
+        classes = tuple(sorted(set(data.labels.tolist())))
+        network = self._sides.fresh(derive_seed(cfg.seed, "side-network", task, options.seed))
+        generator = seeded_generator(cfg.seed, options.seed, task, "side-network")
+        mask = class_mask(classes, cfg.num_classes, self._device)
+        metrics = fit_side_network(network, data, options, mask, generator, progress, self._device)
+        # Commit: only the side networks change.
+        self._sides.replace(self._sides.with_added(SideNetwork(task, network, classes, options)))
+        self._forgotten_temporary.discard(task)
+        self.version += 1
+        self._predictor = None
+        metrics["learn_seconds"] = time.perf_counter() - started
+        return Report(metrics=metrics, retain=data)
+
+    def forget_temporary(self, task: str, progress: Progress) -> Report:
+        """Delete ``task``'s side network: exact forgetting, the main model is not touched.
+
+        Returns ``unlearn_seconds``.
+
+        Raises:
+            UnknownTaskError: ``task`` has no side network.
+        """
+        started = time.perf_counter()
+        self._sides.get(task)
+        progress(0.0, "deleting the side network")
+        self._sides.replace(self._sides.without(task))
+        self._forgotten_temporary.add(task)
+        self.version += 1
+        self._predictor = None
+        progress(1.0, "side network deleted")
+        return Report(metrics={"unlearn_seconds": time.perf_counter() - started})
+
+    def commit_temporary(self, task: str, data: TaskData, progress: Progress, replay: Mapping[str, TaskData]) -> Report:
+        """Learn ``task`` into the main model from ``data`` as :meth:`learn` does, matching its side network's logits.
+
+        One AGS-CL learn (proximal steps, Ω update, re-initializations, capacity growth) with the
+        options the side network was trained with, whose loss adds ``DISTILL_WEIGHT`` times the
+        logit matching to the side network on the same samples; then the side network is deleted.
+        Metrics are :meth:`learn`'s plus ``distill_weight``.
+
+        Raises:
+            UnknownTaskError: ``task`` has no side network.
+        """
+        side = self._sides.get(task)
+        teacher = self._sides.logits(task, data.inputs)  # [n, num_classes], -inf outside its classes
+        report = self._learn(task, data, side.options, progress, teacher)
+        report.metrics["distill_weight"] = DISTILL_WEIGHT
+        return report
+
+    def temporary_tasks(self) -> tuple[str, ...]:
+        """Tasks that live as side networks now, sorted."""
+        return tuple(sorted(self._sides.live))
+
     # ------------------------------------------------------------------ serving and state
 
-    def predictor(self) -> AgsclPredictor:
-        """The immutable serving snapshot of the current version (the same object until the next operation)."""
+    def predictor(self) -> AgsclPredictor | TaskSidePredictor:
+        """The immutable serving snapshot of the current version (the same object until the next operation).
+
+        With temporary tasks (or forgotten ones) the snapshot answers those from their side networks.
+        """
         if self._predictor is None:
             trunk = copy.deepcopy(self._trunk).eval().requires_grad_(False)
             skeleton = copy.deepcopy(trunk).to("meta") if self._stats and self._buffer_names else None
-            self._predictor = AgsclPredictor(
+            base = AgsclPredictor(
                 version=self.version,
                 trunk=trunk,
                 heads={t: copy.deepcopy(h).eval().requires_grad_(False) for t, h in self._heads.items()},
@@ -659,12 +779,24 @@ class AgsclStrategy:
                 device=self._device,
                 skeleton=skeleton,
             )
+            self._predictor = (
+                base
+                if not self._sides.live and not self._forgotten_temporary
+                else TaskSidePredictor(
+                    base,
+                    self._sides.live,
+                    frozenset(self._forgotten_temporary),
+                    self.config.num_classes,
+                    self._device,
+                )
+            )
         return self._predictor
 
     def parameter_count(self) -> int:
-        """Trainable parameters of the trunk, the live heads and the heads kept for audits."""
+        """Trainable parameters of the trunk, the live heads, the heads kept for audits and the side networks."""
         modules: list[nn.Module] = [self._trunk, *self._heads.values(), *self._audit_heads.values()]
-        return sum(p.numel() for module in modules for p in module.parameters())
+        main = sum(p.numel() for module in modules for p in module.parameters())
+        return main + self._sides.parameter_count()
 
     def describe(self) -> dict[str, float]:
         """Sizes: parameters, nodes, free nodes, regularizer values (Ω, one per node), units grown and pruned."""
@@ -690,7 +822,8 @@ class AgsclStrategy:
         """Everything needed to continue exactly after a restart.
 
         The trunk (at its current widths), the template and every head, each task's BatchNorm
-        statistics and share of Ω, the task registry, the capacity counters and the version. Random
+        statistics and share of Ω, the task registry, the capacity counters, the version, and the
+        side networks of the TEMPORARY tasks (with the temporary tasks forgotten so far). Random
         draws come from generators derived from (seed, options.seed, version, ...), so seed and
         version are the whole RNG state; no optimizer state (every operation starts a fresh Adam).
         """
@@ -709,6 +842,8 @@ class AgsclStrategy:
             "shares": {t: {k: v.clone() for k, v in per.items()} for t, per in self._shares.items()},
             "grown_units": self._grown_units,
             "pruned_units": self._pruned_units,
+            "side_networks": self._sides.state_dict(),
+            "forgotten_temporary": sorted(self._forgotten_temporary),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -752,7 +887,12 @@ class AgsclStrategy:
             )
         ):
             raise ValueError("agscl state is inconsistent: heads, classes, statistics and importances do not match")
+        sides = self._sides.loaded(state.get("side_networks", []))  # absent from states saved before it existed
+        if set(sides) & live:
+            raise ValueError("agscl state is inconsistent: a task is both live and temporary")
 
+        self._sides.replace(sides)
+        self._forgotten_temporary = {str(t) for t in state.get("forgotten_temporary", [])}
         self.config = dataclasses.replace(self.config, seed=int(state["config"]["seed"]))
         self._trunk = trunk
         self._template = template
