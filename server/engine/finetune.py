@@ -436,14 +436,12 @@ class FinetuneStrategy:
 
     def forget_temporary(self, task: str, progress: Progress) -> Report:
         """Delete ``task``'s side network (exact forgetting); returns ``unlearn_seconds``."""
-        started = time.perf_counter()
-        self._sides.get(task)
-        progress(0.0, "deleting the side network")
-        self._sides.replace(self._sides.without(task))
-        self._forgotten_temporary.add(task)
-        self.version += 1
-        progress(1.0, "side network deleted")
-        return Report(metrics={"unlearn_seconds": time.perf_counter() - started})
+
+        def committed() -> None:
+            self._forgotten_temporary.add(task)
+            self.version += 1
+
+        return self._sides.delete(task, progress, committed)
 
     def commit_temporary(self, task: str, data: TaskData, progress: Progress, replay: Mapping[str, TaskData]) -> Report:
         """Learn ``task`` into the trunk and a new head from ``data``, matching its side network's logits; delete it."""

@@ -23,6 +23,7 @@ class-incremental ones).
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from server.engine.protocol import (
     LearnOptions,
     Predictor,
     Progress,
+    Report,
     TaskData,
     UnknownTaskError,
     UnlearnedTaskError,
@@ -119,6 +121,21 @@ class SideNetworks:
     def replace(self, live: Mapping[str, SideNetwork]) -> None:
         """Make ``live`` the side networks (the commit step of an operation)."""
         self._live = dict(live)
+
+    def delete(self, task: str, progress: Progress, committed: Callable[[], None]) -> Report:
+        """Forget ``task`` exactly, as one operation: drop its side network, then ``committed()`` (the
+        strategy's own bookkeeping: a new version). Returns ``unlearn_seconds``.
+
+        Raises:
+            UnknownTaskError: ``task`` has no live side network (nothing changes).
+        """
+        started = time.perf_counter()
+        self.get(task)
+        progress(0.0, "deleting the side network")  # may raise to cancel: nothing changed yet
+        self.replace(self.without(task))
+        committed()
+        progress(1.0, "side network deleted")
+        return Report(metrics={"unlearn_seconds": time.perf_counter() - started})
 
     def get(self, task: str) -> SideNetwork:
         """The side network of ``task``.

@@ -725,15 +725,13 @@ class AgsclStrategy:
         Raises:
             UnknownTaskError: ``task`` has no side network.
         """
-        started = time.perf_counter()
-        self._sides.get(task)
-        progress(0.0, "deleting the side network")
-        self._sides.replace(self._sides.without(task))
-        self._forgotten_temporary.add(task)
-        self.version += 1
-        self._predictor = None
-        progress(1.0, "side network deleted")
-        return Report(metrics={"unlearn_seconds": time.perf_counter() - started})
+
+        def committed() -> None:
+            self._forgotten_temporary.add(task)
+            self.version += 1
+            self._predictor = None
+
+        return self._sides.delete(task, progress, committed)
 
     def commit_temporary(self, task: str, data: TaskData, progress: Progress, replay: Mapping[str, TaskData]) -> Report:
         """Learn ``task`` into the main model from ``data`` as :meth:`learn` does, matching its side network's logits.

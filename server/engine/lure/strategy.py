@@ -467,13 +467,7 @@ class LureStrategy:
 
     def forget_temporary(self, task: str, progress: Progress) -> Report:
         """Delete mega-batch ``task``'s side network (exact forgetting); returns ``unlearn_seconds``."""
-        started = time.perf_counter()
-        self._sides.get(task)
-        progress(0.0, "deleting the side network")
-        self._sides.replace(self._sides.without(task))
-        self._commit()
-        progress(1.0, "side network deleted")
-        return Report(metrics={"unlearn_seconds": time.perf_counter() - started})
+        return self._sides.delete(task, progress, self._commit)
 
     def commit_temporary(self, task: str, data: TaskData, progress: Progress, replay: Mapping[str, TaskData]) -> Report:
         """Learn mega-batch ``task`` into the stream from ``data``, matching its side network; delete it."""
