@@ -61,7 +61,7 @@ from server.rpc import (
     create_server,
 )
 from server.rpc.auth import RefusalLog
-from server.rpc.batching import Batcher
+from server.rpc.batching import Batcher, one_intra_op_thread
 from server.rpc.guard import CallGuard, method_limits
 from server.rpc.inference import InferenceServicer
 from server.rpc.predicting import PredictService, max_response_rows
@@ -169,7 +169,7 @@ class App:
         self.health: HealthServicer | None = None
         #: The gRPC edge runs on this event loop, in its own thread; blocking work goes to ``executor``.
         self.loop = asyncio.new_event_loop()
-        self._loop_thread = threading.Thread(target=self.loop.run_forever, name="lethe-rpc-loop", daemon=True)
+        self._loop_thread = threading.Thread(target=self._run_loop, name="lethe-rpc-loop", daemon=True)
         self.executor = ThreadPoolExecutor(max_workers=config.server.threads, thread_name_prefix="lethe-rpc")
         self.ports = Ports(0, None)
         self.telemetry: Telemetry | None = None
@@ -539,6 +539,11 @@ class App:
         server, port = create_server(servicer, self.health, auth, **options)
         await server.start()
         return server, port
+
+    def _run_loop(self) -> None:
+        """The event loop's thread: forward passes it runs inline use one intra-op thread (see ``batching``)."""
+        one_intra_op_thread()
+        self.loop.run_forever()
 
     def _on_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run ``coroutine`` on the edge's event loop and wait for its result (from any other thread)."""

@@ -7,9 +7,14 @@ pass runs at a time on the executor; requests that arrive meanwhile form the nex
 first request of a pass waits up to ``max_batch_delay_ms`` for company.
 
 A pass that the last one of its key says is cheap (the same model version, at most
-:data:`INLINE_SECONDS` scaled to its rows) runs on the event loop itself: the hop to the executor and
-back costs about as much as a small model's whole forward pass. A new model version, a bigger pass
-or a slow one goes to the executor again, so the loop is never held for longer than that.
+:data:`INLINE_SECONDS` of thread CPU time scaled to its rows) runs on the event loop itself: the hop
+to the executor and back costs about as much as a small model's whole forward pass. A new model
+version, a bigger pass or a slow one goes to the executor again, so the loop is never held for
+longer than that. A key's cost is the cheapest of its last :data:`COST_WINDOW` passes: on a busy
+machine a pass preempted by another process is not a slow pass (wall time, not CPU time, is what is
+measured, so that a pass waiting on a GPU counts as slow). The loop's thread runs its passes on one intra-op thread
+(:func:`one_intra_op_thread`): they are small by definition, and waking torch's thread team for them
+costs more CPU than it saves, CPU the gRPC poller and the clients on the same cores need.
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +40,16 @@ log = logging.getLogger(__name__)
 Forward = Callable[[Any, np.ndarray], tuple[np.ndarray, int]]
 #: Longest expected pass that runs on the event loop instead of the executor (seconds).
 INLINE_SECONDS = 0.0005
+#: How many of a key's latest passes its cost is the cheapest of.
+COST_WINDOW = 8
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Cost:
-    """What a row of a key's passes costs on one model version (seconds; see ``Batcher._timed``)."""
+    """What a row of a key's latest passes cost on one model version (seconds, newest last)."""
 
     version: int
-    seconds: float
+    seconds: deque[float] = field(default_factory=lambda: deque(maxlen=COST_WINDOW))
 
 
 @dataclass
@@ -118,22 +128,17 @@ class Batcher:
         cost = self._costs.get(key)
         if cost is None or self.version is None or cost.version != self.version():
             return False
-        return cost.seconds * rows <= self.inline_seconds
+        return min(cost.seconds) * rows <= self.inline_seconds
 
     def _timed(self, key: Hashable, inputs: np.ndarray) -> tuple[np.ndarray, int]:
-        """One pass, its cost remembered for the next pass of ``key``.
-
-        A slow pass is forgotten only by halves (a cache miss in the model, say, costs several
-        passes on the executor before the key runs inline again).
-        """
+        """One pass, its cost remembered for the next passes of ``key`` (a new model version starts afresh)."""
         assert self.forward is not None, "Batcher.forward is not set"
         started = time.perf_counter()
         logits, version = self.forward(key, inputs)
-        seconds = (time.perf_counter() - started) / max(1, len(inputs))
-        last = self._costs.get(key)
-        if last is not None and last.version == version:
-            seconds = max(seconds, last.seconds / 2)
-        self._costs[key] = _Cost(version, seconds)
+        cost = self._costs.get(key)
+        if cost is None or cost.version != version:
+            cost = self._costs[key] = _Cost(version)
+        cost.seconds.append((time.perf_counter() - started) / max(1, len(inputs)))
         return logits, version
 
     async def _dispatch(self, key: Hashable, lane: _Lane) -> None:
@@ -187,3 +192,17 @@ class Batcher:
     @staticmethod
     def _rows(queue: list[_Pending]) -> int:
         return sum(len(p.inputs) for p in queue if not p.done.done())
+
+
+def one_intra_op_thread() -> None:
+    """Run the calling thread's torch operations on one intra-op thread; leave every other thread as it was.
+
+    ``torch.set_num_threads`` sets the calling thread's OpenMP and MKL thread counts and the count
+    that threads started afterwards take; that last one is given back from a throwaway thread, so
+    only this thread changes (the executor, the worker and later threads keep the configured count).
+    """
+    configured = torch.get_num_threads()
+    torch.set_num_threads(1)
+    restore = threading.Thread(target=torch.set_num_threads, args=(configured,), name="lethe-torch-threads")
+    restore.start()
+    restore.join()

@@ -169,3 +169,46 @@ def test_slow_passes_and_big_ones_stay_on_the_executor() -> None:
     # 0.1 ms a row: a row runs on the loop, 3,000 rows (0.3 s) never.
     assert _one_by_one(Threads(seconds=1e-4), [1] * 3) == ["executor", "loop", "loop"]
     assert set(_one_by_one(Threads(seconds=1e-4), [1] * 3, rows=3000)) == {"executor"}
+
+
+class OneSlowPass(Threads):
+    """A cheap pass, except that pass ``slow`` takes 0.2 s (as when the machine preempts the server)."""
+
+    def __init__(self, slow: int) -> None:
+        super().__init__()
+        self.slow, self.calls = slow, 0
+
+    def __call__(self, key: Any, inputs: np.ndarray) -> tuple[np.ndarray, int]:
+        self.calls += 1
+        if self.calls == self.slow:
+            threading.Event().wait(0.2)
+        return super().__call__(key, inputs)
+
+
+def test_one_slow_pass_does_not_move_a_cheap_key_off_the_loop() -> None:
+    assert _one_by_one(OneSlowPass(slow=3), [1] * 6) == ["executor", "loop", "loop", "loop", "loop", "loop"]
+    # Every pass slow for a whole window: the key's cost is the cheapest of its latest passes, so it moves.
+    always = Threads(seconds=0.1)
+    assert _one_by_one(always, [1] * 3) == ["executor"] * 3
+
+
+def test_the_loop_thread_runs_torch_on_one_thread_and_no_other_thread_changes() -> None:
+    import torch
+
+    from server.rpc.batching import one_intra_op_thread
+
+    configured = torch.get_num_threads()
+    seen: dict[str, int] = {}
+
+    def loop_thread() -> None:
+        one_intra_op_thread()
+        seen["loop"] = torch.get_num_threads()
+
+    thread = threading.Thread(target=loop_thread)
+    thread.start()
+    thread.join()
+    later = threading.Thread(target=lambda: seen.setdefault("later", torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen == {"loop": 1, "later": configured}
+    assert torch.get_num_threads() == configured
