@@ -47,7 +47,8 @@ class ServerSection:
     #: are joined into one forward pass of at most this many rows (1 = off).
     max_batch_size: int = 64
     #: How long a request waits for others to join its batch; 0 = never wait, join only what queued while the
-    #: previous pass ran (no added latency).
+    #: previous pass ran (no added latency). The wait ends early once as many requests as the task's recent
+    #: passes joined are there.
     max_batch_delay_ms: float = 0.0
     #: HTTP/2 keepalive: the server pings a connection that has been quiet this long.
     keepalive_time_s: float = 30.0

@@ -4,7 +4,12 @@ Requests are grouped by key (task and whether an admin evaluates an unlearned ta
 keys; one forward pass uses one model snapshot, so no pass mixes model versions either. Per key, one
 pass runs at a time on the executor; requests that arrive meanwhile form the next pass (at most
 ``max_batch_size`` rows, a request larger than that runs alone and is never split). With a delay, the
-first request of a pass waits up to ``max_batch_delay_ms`` for company.
+first request of a pass waits up to ``max_batch_delay_ms`` for company, and no longer than it takes the
+usual company to arrive: as many requests as the largest of the key's last :data:`COMPANY_WINDOW`
+passes joined, when that is more than one (clients that each wait for their answer before they ask
+again come back together, and waiting out the rest of the delay for a client that is not coming only
+adds latency). Without company in the window, a pass waits out the whole delay, so a lone request
+never teaches the batcher to stop waiting.
 
 A pass that the last one of its key says is cheap (the same model version, at most
 :data:`INLINE_SECONDS` of thread CPU time scaled to its rows) runs on the event loop itself: the hop
@@ -42,6 +47,8 @@ Forward = Callable[[Any, np.ndarray], tuple[np.ndarray, int]]
 INLINE_SECONDS = 0.0005
 #: How many of a key's latest passes its cost is the cheapest of.
 COST_WINDOW = 8
+#: How many of a key's latest passes the company a delayed pass waits for is the largest of.
+COMPANY_WINDOW = 8
 
 
 @dataclass
@@ -98,6 +105,8 @@ class Batcher:
         self.version: Callable[[], int] | None = None
         self._lanes: dict[Hashable, _Lane] = {}
         self._costs: dict[Hashable, _Cost] = {}
+        #: Requests per pass of each key's latest passes (kept when a lane empties).
+        self._company: dict[Hashable, deque[int]] = {}
 
     async def submit(self, key: Hashable, inputs: np.ndarray) -> tuple[np.ndarray, int]:
         """Logits of ``inputs`` and the model version, from a pass shared with other requests of ``key``."""
@@ -144,13 +153,15 @@ class Batcher:
     async def _dispatch(self, key: Hashable, lane: _Lane) -> None:
         """Run passes while the lane has requests; end when it is empty (a new request restarts it)."""
         while lane.queue:
-            if self.delay > 0 and self._rows(lane.queue) < self.max_batch_size:
+            company = self._company.setdefault(key, deque(maxlen=COMPANY_WINDOW))
+            if self.delay > 0 and not self._gathered(lane, company):
                 lane.wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._filled(lane), timeout=self.delay)
+                    await asyncio.wait_for(self._gathering(lane, company), timeout=self.delay)
             batch = self._take(lane)
             if not batch:
                 continue
+            company.append(len(batch))
             try:
                 logits, version = await self._run(
                     key, np.concatenate([p.inputs for p in batch]) if len(batch) > 1 else batch[0].inputs, len(batch)
@@ -169,8 +180,14 @@ class Batcher:
         if self._lanes.get(key) is lane:  # no await since the queue emptied: no request can be waiting
             del self._lanes[key]
 
-    async def _filled(self, lane: _Lane) -> None:
-        while self._rows(lane.queue) < self.max_batch_size:
+    def _gathered(self, lane: _Lane, company: deque[int]) -> bool:
+        """Whether a pass need wait no longer: it is full, or the usual company (see above) has arrived."""
+        waiting = [p for p in lane.queue if not p.done.done()]
+        usual = max(company, default=1)
+        return sum(len(p.inputs) for p in waiting) >= self.max_batch_size or (usual > 1 and len(waiting) >= usual)
+
+    async def _gathering(self, lane: _Lane, company: deque[int]) -> None:
+        while not self._gathered(lane, company):
             await lane.wake.wait()
             lane.wake.clear()
 
@@ -188,10 +205,6 @@ class Batcher:
             batch.append(lane.queue.pop(0))
             rows += len(pending.inputs)
         return batch
-
-    @staticmethod
-    def _rows(queue: list[_Pending]) -> int:
-        return sum(len(p.inputs) for p in queue if not p.done.done())
 
 
 def one_intra_op_thread() -> None:

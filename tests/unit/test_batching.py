@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -99,6 +100,50 @@ def test_a_delay_gathers_requests_that_arrive_after_the_first() -> None:
         results = asyncio.run(staggered(batcher))
     assert recorder.passes == [("k", 5)]
     assert [r[0][0, 0] for r in results] == [3.0 * i for i in range(5)]
+
+
+def test_a_delayed_pass_goes_as_soon_as_the_usual_company_has_arrived() -> None:
+    """Four clients that each wait for their answer: after the first pass, a pass waits for four, not the delay."""
+    recorder = Recorder(delay=0.0)
+    delay_s = 1.0
+
+    async def clients(batcher: Batcher) -> float:
+        async def client(i: int) -> None:
+            for round_ in range(5):
+                logits, _ = await batcher.submit("k", _rows(10 * i + round_, 1))
+                assert logits[0, 0] == 3.0 * (10 * i + round_)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(4)))
+        return time.perf_counter() - started
+
+    with ThreadPoolExecutor(2) as executor:
+        batcher = Batcher(executor, max_batch_size=64, max_batch_delay_ms=delay_s * 1000)
+        batcher.forward = recorder
+        elapsed = asyncio.run(clients(batcher))
+    assert recorder.passes == [("k", 4)] * 5
+    # The first pass waits out the delay (no company known yet); waiting it out for every pass takes 5 s.
+    assert elapsed < 3 * delay_s, elapsed
+
+
+def test_a_lone_client_keeps_waiting_out_the_delay_so_company_can_still_join() -> None:
+    recorder = Recorder(delay=0.0)
+
+    async def scenario(batcher: Batcher) -> None:
+        for i in range(3):  # passes of one request: nothing says company is coming, nor that it is not
+            await batcher.submit("k", _rows(i, 1))
+
+        async def late(i: int) -> Any:
+            await asyncio.sleep(0.02 * i)
+            return await batcher.submit("k", _rows(i, 1))
+
+        await asyncio.gather(*(late(i) for i in range(3)))
+
+    with ThreadPoolExecutor(2) as executor:
+        batcher = Batcher(executor, max_batch_size=64, max_batch_delay_ms=300)
+        batcher.forward = recorder
+        asyncio.run(scenario(batcher))
+    assert recorder.passes == [("k", 1)] * 3 + [("k", 3)]
 
 
 @pytest.mark.parametrize("delay_ms", [0.0, 5.0])
