@@ -5,6 +5,10 @@ forgetting; every task has its own output head (a copy of the backbone's initial
 when the task is first learned). BatchNorm statistics are shared across tasks, which is one of
 the reasons this baseline forgets. Unlearning deletes the task's head.
 
+With ``capacity = "on"`` the trunk grows (seed on dynamic model size, :mod:`server.engine.finetune_growth`):
+by ``grow_percent`` before every new task after the first and when the loss stays above ``grow_loss``;
+growth changes no prediction.
+
 With ``retain_training_data`` it also forgets single training samples exactly
 (:meth:`FinetuneStrategy.forget_samples`): it keeps the trunk taken before each live task was
 learned, rolls back to the one before the first affected task and learns the later tasks again.

@@ -30,7 +30,10 @@ Beyond the paper:
 * **Capacity** (seed on dynamic model size; ``mlp`` and ``cnn``): before a new task, when a node layer has
   fewer than ``min_free_fraction`` of its units free, every node layer grows by ``grow_percent``;
   after an unlearn, free units beyond a reserve of ``grow_percent`` are pruned (never below the
-  configured width). Neither changes any prediction (see :mod:`server.engine.agscl.capacity`).
+  configured width). Neither changes any prediction (see :mod:`server.engine.agscl.capacity`). The
+  layers also grow during a learn when the loss stays above ``grow_loss``
+  (:mod:`server.engine.agscl.growth`), and targeted dropout of the weakest free units keeps a share
+  of them free after every task (:mod:`server.engine.agscl.dropout`).
 * **Temporary learning** (CLPU, :class:`~server.engine.protocol.TemporaryLearning`): a TEMPORARY task
   gets a side network of its own (:mod:`server.engine.temporary`; the main model, Ω and capacity are
   not touched); committing it is one AGS-CL learn with logit matching to the side network added to
@@ -198,7 +201,9 @@ class AgsclStrategy:
             Metrics ``train_loss``, ``train_accuracy`` (last epoch, percent), ``zero_groups`` and
             ``frozen_groups`` (nodes exactly sparsified / frozen by the last proximal step),
             ``important_units``, ``free_units``, ``reinitialized_units``, ``grown_units`` (this
-            learn), ``pruned_units`` (0), ``parameters``, ``learn_seconds`` and ``samples``; with
+            learn, before it and during it), ``loss_growths`` (growths during it, on the loss),
+            ``targeted_units`` (pruned from the task after targeted dropout, left free),
+            ``pruned_units`` (0), ``parameters``, ``learn_seconds`` and ``samples``; with
             ``retain_training_data``, ``retain`` is ``data`` itself.
 
         Raises:
