@@ -59,6 +59,14 @@ class Variant:
 VARIANTS: tuple[Variant, ...] = (
     Variant("agscl", "agscl (capacity auto: growth and pruning)", "agscl"),
     Variant("agscl-fixed", "agscl, fixed width (capacity off)", "agscl", {"capacity": "off"}, ("learn",)),
+    Variant(
+        "agscl-no-dropout",
+        "agscl, growth without targeted dropout (dropout_percent 0)",
+        "agscl",
+        {"dropout_percent": 0.0},
+        ("learn",),
+    ),
+    Variant("finetune-grow", "finetune, capacity on (grows 25 % per task)", "finetune", {"capacity": "on"}, ("learn",)),
     Variant("finetune", "finetune (delete head)", "finetune"),
     Variant("uncle", "uncle (noise-align)", "uncle", sequences=("learn",)),  # its unlearning: reproduction-uncle.md
 )

@@ -5,6 +5,10 @@ forgetting; every task has its own output head (a copy of the backbone's initial
 when the task is first learned). BatchNorm statistics are shared across tasks, which is one of
 the reasons this baseline forgets. Unlearning deletes the task's head.
 
+With ``capacity = "on"`` the trunk grows (seed on dynamic model size, :mod:`server.engine.finetune_growth`):
+by ``grow_percent`` before every new task after the first and when the loss stays above ``grow_loss``;
+growth changes no prediction.
+
 With ``retain_training_data`` it also forgets single training samples exactly
 (:meth:`FinetuneStrategy.forget_samples`): it keeps the trunk taken before each live task was
 learned, rolls back to the one before the first affected task and learns the later tasks again.
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -23,7 +27,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
 from torch import nn
 
+from server.engine.agscl.growth import LossTrigger, extend_adam
 from server.engine.backbones import build_backbone, detach_head
+from server.engine.finetune_growth import FinetuneCapacity, TrunkGrowth
 from server.engine.networks import standalone, with_mask
 from server.engine.protocol import (
     LearnOptions,
@@ -208,15 +214,21 @@ class FinetuneStrategy:
         cifar_stem: bool = True,
         width: int = 0,
         retain_training_data: bool = False,
+        growth: FinetuneCapacity | None = None,
     ) -> None:
         self.version = 0
         self.retain_training_data = bool(retain_training_data)
+        growth = growth or FinetuneCapacity()
+        errors = growth.errors(backbone, self.retain_training_data)
+        if errors:
+            raise ValueError("invalid finetune configuration: " + "; ".join(errors))
         self._config: dict[str, Any] = {
             "backbone": backbone,
             "input_shape": tuple(int(d) for d in input_shape),
             "num_classes": int(num_classes),
             "cifar_stem": bool(cifar_stem),
             "width": int(width),
+            **growth.as_dict(),
         }
         self._input_shape: tuple[int, ...] = self._config["input_shape"]
         self._num_classes = int(num_classes)
@@ -228,6 +240,8 @@ class FinetuneStrategy:
         self._feature_dim = head.in_features
         self._trunk: nn.Module = model.to(self._device)
         self._head_template: nn.Linear = head.to(self._device)
+        self._growth = TrunkGrowth(growth, self._trunk, backbone)
+        self._grown_units = 0
         self._heads = nn.ModuleDict()  # _head_key(task) -> nn.Linear, live tasks only
         self._classes: dict[str, tuple[int, ...]] = {}  # every task ever learned -> its seen classes
         self._unlearned: set[str] = set()
@@ -244,6 +258,10 @@ class FinetuneStrategy:
             return build_backbone(
                 cfg["backbone"], self._input_shape, self._num_classes, cifar_stem=cfg["cifar_stem"], width=cfg["width"]
             )
+
+    def _live(self) -> list[str]:
+        """Tasks with a head, in the order they were first learned."""
+        return [task for task in self._classes if task not in self._unlearned]
 
     def learn(
         self,
@@ -296,8 +314,36 @@ class FinetuneStrategy:
             )
         classes = tuple(sorted(set(data.labels.tolist()) | set(self._classes[task] if live else ())))
         trunk = copy.deepcopy(self._trunk)
-        head: nn.Module = copy.deepcopy(self._heads[key] if live else self._head_template)
-        metrics = self._fit(task, trunk, head, data, options, classes, progress, teacher)
+        # Growth replaces heads with grown copies; the strategy's own modules are never modified.
+        heads = {name: _as_linear(self._heads[_head_key(name)]) for name in self._live() if name != task}
+        template = self._head_template
+        grown = 0
+        # The seed: grow by k % before every new task (the first one starts at the configured width).
+        extra = self._growth.extra(trunk) if self._growth.options.on and not live and heads else {}
+        if any(extra.values()):
+            heads, template = self._growth.grow(
+                trunk, heads, template, extra, derive_seed(self._seed, self.version, "grow")
+            )
+            grown += sum(extra.values())
+        head: nn.Module = copy.deepcopy(self._heads[key] if live else template)
+        growths = 0
+
+        def grow_on_loss(current: nn.Module, epoch: int) -> nn.Module | None:
+            nonlocal heads, template, grown, growths
+            more = self._growth.extra(trunk)
+            if not any(more.values()):
+                return None
+            assert isinstance(current, nn.Linear)
+            seed = derive_seed(self._seed, self.version, "grow", "loss", epoch)
+            grown_heads, template = self._growth.grow(trunk, {**heads, task: current}, template, more, seed)
+            current = grown_heads.pop(task)
+            heads = grown_heads
+            grown += sum(more.values())
+            growths += 1
+            return current
+
+        grower = grow_on_loss if self._growth.options.on else None
+        metrics, head = self._fit(task, trunk, head, data, options, classes, progress, teacher, grower)
 
         # Commit: nothing above touched the strategy's own state.
         if teacher is not None:
@@ -305,11 +351,18 @@ class FinetuneStrategy:
         if self.retain_training_data:
             self._learned[task] = _Learned(options, module_state_cpu(self._trunk))
         self._trunk = trunk
+        self._heads = nn.ModuleDict({_head_key(name): module for name, module in heads.items()})
         self._heads[key] = head
+        self._head_template = template
+        self._grown_units += grown
         self._classes[task] = classes
         self._unlearned.discard(task)
         self._forgotten_temporary.discard(task)
         self.version += 1
+        if self._growth.options.on:
+            metrics.update(
+                grown_units=float(grown), loss_growths=float(growths), parameters=float(self.parameter_count())
+            )
         metrics["learn_seconds"] = time.perf_counter() - started
         return Report(metrics=metrics, retain=data if self.retain_training_data else None)
 
@@ -323,8 +376,15 @@ class FinetuneStrategy:
         classes: tuple[int, ...],
         progress: Progress,
         teacher: torch.Tensor | None = None,
-    ) -> dict[str, float]:
-        """Train ``trunk`` and ``head`` in place on ``data``; return ``train_loss``, ``train_accuracy``, ``samples``.
+        grower: Callable[[nn.Module, int], nn.Module | None] | None = None,
+    ) -> tuple[dict[str, float], nn.Module]:
+        """Train ``trunk`` and ``head`` on ``data``; return the metrics and the head (a new one after a growth).
+
+        Metrics: ``train_loss``, ``train_accuracy``, ``samples``.
+
+        With ``grower`` (capacity on), when the epoch's mean loss has stayed above ``grow_loss`` for
+        ``grow_patience`` epochs, ``grower(head, epoch)`` grows the trunk in place and returns the grown
+        head (None at the maximum width); Adam's state is extended to the new weights.
 
         Shuffling is drawn from (seed, ``options.seed``, ``task``), not from the model version, so
         learning a task again after a rollback draws what learning it the first time drew. With
@@ -344,6 +404,8 @@ class FinetuneStrategy:
         step = 0
         loss_sum = torch.zeros((), device=self._device)
         correct = torch.zeros((), dtype=torch.long, device=self._device)
+        options_ = self._growth.options
+        trigger = LossTrigger(options_.grow_loss if grower is not None else 0.0, options_.grow_patience)
         for epoch in range(options.epochs):
             loss_sum.zero_()
             correct.zero_()
@@ -366,11 +428,18 @@ class FinetuneStrategy:
                 progress(
                     step / total_steps, f"epoch {epoch + 1}/{options.epochs}, batch {batch + 1}/{batches_per_epoch}"
                 )
-        return {
+            if grower is not None and trigger.update(float(loss_sum) / n, epochs_left=options.epochs - epoch - 1):
+                before = [*trunk.parameters(), *head.parameters()]
+                grown = grower(head, epoch)
+                if grown is not None:
+                    head = grown.train()
+                    optimizer = extend_adam(optimizer, before, [*trunk.parameters(), *head.parameters()])
+        metrics = {
             "train_loss": float(loss_sum) / n,
             "train_accuracy": 100.0 * float(correct) / n,
             "samples": float(n),
         }
+        return metrics, head
 
     def unlearn(self, task: str, method: str, progress: Progress, replay: Mapping[str, TaskData]) -> Report:
         """Forget ``task`` by deleting its head; the trunk is left as it is.
@@ -548,7 +617,7 @@ class FinetuneStrategy:
             before = record.trunk_before if k == 0 else module_state_cpu(trunk)
             head: nn.Module = copy.deepcopy(self._head_template)
             classes[task] = tuple(sorted(set(data.labels.tolist())))
-            self._fit(
+            _, head = self._fit(
                 task,
                 trunk,
                 head,
@@ -597,7 +666,7 @@ class FinetuneStrategy:
             unlearned=frozenset(self._unlearned),
             input_shape=self._input_shape,
             num_classes=self._num_classes,
-            feature_dim=self._feature_dim,
+            feature_dim=self._head_template.in_features,
             seed=self._seed,
             device=self._device,
         )
@@ -622,6 +691,8 @@ class FinetuneStrategy:
             "config": {**self._config, "input_shape": list(self._input_shape)},
             "seed": self._seed,
             "version": self.version,
+            "widths": self._growth.widths(self._trunk),
+            "grown_units": self._grown_units,
             "trunk": module_state_cpu(self._trunk),
             "head_template": module_state_cpu(self._head_template),
             "heads": {
@@ -653,7 +724,8 @@ class FinetuneStrategy:
         """
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"not a finetune state (format {state.get('format')!r}, expected {_STATE_FORMAT!r})")
-        saved = {**state["config"], "input_shape": tuple(state["config"]["input_shape"])}
+        # Options added after a state was saved are taken as configured (the state predates them).
+        saved = {**self._config, **state["config"], "input_shape": tuple(state["config"]["input_shape"])}
         if saved != self._config:
             differences = ", ".join(
                 f"{key}: saved {saved.get(key)!r}, configured {value!r}"
@@ -662,14 +734,12 @@ class FinetuneStrategy:
             )
             raise ValueError(f"finetune state was saved with a different model configuration ({differences})")
         trunk = copy.deepcopy(self._trunk)
+        self._growth.reshape(trunk, [int(w) for w in state.get("widths", self._growth.widths(trunk))])
         trunk.load_state_dict(state["trunk"])
-        template = copy.deepcopy(self._head_template)
-        template.load_state_dict(state["head_template"])
+        template = _linear_like(state["head_template"], self._device)
         heads = nn.ModuleDict()
         for task, head_state in state["heads"].items():
-            head = copy.deepcopy(template)
-            head.load_state_dict(head_state)
-            heads[_head_key(task)] = head
+            heads[_head_key(task)] = _linear_like(head_state, self._device)
         classes = {task: tuple(int(c) for c in values) for task, values in state["classes"].items()}
         unlearned = set(state["unlearned"])
         live = set(classes) - unlearned
@@ -698,7 +768,21 @@ class FinetuneStrategy:
         self._unlearned = unlearned
         self._learned = learned
         self._seed = int(state["seed"])
+        self._grown_units = int(state.get("grown_units", 0))
         self.version = int(state["version"])
+
+
+def _as_linear(module: nn.Module) -> nn.Linear:
+    assert isinstance(module, nn.Linear)
+    return module
+
+
+def _linear_like(state: Mapping[str, torch.Tensor], device: torch.device) -> nn.Linear:
+    """An ``nn.Linear`` holding ``state`` (its shape taken from the weight: heads grow with the trunk)."""
+    weight = state["weight"]
+    module = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in state, device="meta")
+    module.load_state_dict({k: v.to(device, copy=True) for k, v in state.items()}, assign=True)
+    return module
 
 
 def build_finetune(
@@ -711,6 +795,11 @@ def build_finetune(
     cifar_stem: bool = True,
     width: int = 0,
     retain_training_data: bool = False,
+    capacity: str = "off",
+    grow_percent: float = 25.0,
+    grow_loss: float = 0.5,
+    grow_patience: int = 10,
+    max_width_factor: float = 8.0,
 ) -> FinetuneStrategy:
     """Build the ``finetune`` strategy.
 
@@ -725,9 +814,20 @@ def build_finetune(
         retain_training_data: keep each task's training data (``Report.retain``) and the trunk before
             it, so that single samples can be forgotten exactly (records-level forgetting); costs one
             CPU copy of the trunk per live task, in memory and in checkpoints.
+        capacity: ``off`` (fixed width) or ``on`` (``mlp`` and ``cnn``; not with ``retain_training_data``): every
+            hidden layer grows by ``grow_percent`` before each new task and when the loss stays above
+            ``grow_loss``; a growth changes no prediction (seed on dynamic model size).
+        grow_percent: k, the percentage every hidden layer grows by.
+        grow_loss: τ; with capacity on, the hidden layers also grow during a learn when the epoch's mean training
+            loss stays above τ for ``grow_patience`` epochs in a row; 0 = never on the loss.
+        grow_patience: epochs in a row the training loss must stay above ``grow_loss`` before a growth.
+        max_width_factor: hidden layers never grow beyond this multiple of the configured width.
 
     Returns:
         A fresh strategy at version 0.
+
+    Raises:
+        ValueError: for an invalid option (all problems at once, each naming its option).
     """
     return FinetuneStrategy(
         backbone=backbone,
@@ -738,4 +838,11 @@ def build_finetune(
         cifar_stem=cifar_stem,
         width=width,
         retain_training_data=retain_training_data,
+        growth=FinetuneCapacity(
+            capacity=str(capacity),
+            grow_percent=grow_percent,
+            grow_loss=grow_loss,
+            grow_patience=grow_patience,
+            max_width_factor=max_width_factor,
+        ),
     )

@@ -107,6 +107,10 @@ def balanced(strategy: object, task: str, tasks: dict[str, tuple[TaskData, TaskD
         ("grow_percent", 0.0),
         ("min_free_fraction", 1.0),
         ("max_width_factor", 0.5),
+        ("grow_loss", -0.1),
+        ("grow_patience", 0),
+        ("dropout_percent", 100.0),
+        ("dropout_rate", 1.5),
         ("prox_every_epoch", "yes"),
         ("prune", 1),
     ],
@@ -235,7 +239,9 @@ def test_growth_changes_no_prediction() -> None:
 def test_release_forgets_to_chance_spares_the_others_and_prunes() -> None:
     """The latest task holds its nodes alone: releasing them changes no other task, and the grown units go."""
     tasks = split_digits()
-    strategy = agscl(width=16)
+    # Without targeted dropout, so that the layers grow within four tasks (it leaves a quarter of the free units
+    # free after each task, and then the 16-unit layers never run short) and pruning has grown units to remove.
+    strategy = agscl(width=16, dropout_percent=0.0)
     names = ["split01", "split23", "split45", "split67"]
     for task in names:
         strategy.learn(task, tasks[task][0], OPTIONS, no_progress, {})
@@ -416,7 +422,8 @@ def _main_state(strategy: AgsclStrategy) -> dict[str, object]:
 
 def test_temporary_learning_leaves_importance_and_capacity_alone_and_commit_is_an_agscl_learn() -> None:
     tasks = split_digits()
-    strategy = agscl(width=16)  # capacity on: the second task already grows the layers
+    # Capacity on, without targeted dropout (which keeps free units): the second task already grows the layers.
+    strategy = agscl(width=16, dropout_percent=0.0)
     for task in ("split01", "split23"):
         strategy.learn(task, tasks[task][0], OPTIONS, no_progress, {})
     widths, main = strategy.hidden_widths(), _main_state(strategy)

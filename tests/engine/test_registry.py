@@ -36,7 +36,16 @@ class RecordingBuilder:
 
 def test_finetune_is_registered() -> None:
     assert "finetune" in STRATEGIES
-    assert strategy_options("finetune") == {"cifar_stem": True, "width": 0, "retain_training_data": False}
+    assert strategy_options("finetune") == {
+        "cifar_stem": True,
+        "width": 0,
+        "retain_training_data": False,
+        "capacity": "off",
+        "grow_percent": 25.0,
+        "grow_loss": 0.5,
+        "grow_patience": 10,
+        "max_width_factor": 8.0,
+    }
 
 
 def test_unknown_strategy_lists_the_known_ones() -> None:
@@ -45,7 +54,7 @@ def test_unknown_strategy_lists_the_known_ones() -> None:
 
 
 def test_unknown_option_is_named_with_the_allowed_ones() -> None:
-    with pytest.raises(ValueError, match=r"'widht'.*allowed: cifar_stem, retain_training_data, width"):
+    with pytest.raises(ValueError, match=r"'widht'.*allowed: capacity, cifar_stem, .*retain_training_data, width"):
         build_strategy("finetune", options={"widht": 3}, **FIXED)
 
 

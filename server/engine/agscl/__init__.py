@@ -43,6 +43,10 @@ def build_agscl(
     amnesia_replay: float = 1.0,
     capacity: str = "auto",
     grow_percent: float = 25.0,
+    grow_loss: float = 0.5,
+    grow_patience: int = 10,
+    dropout_percent: float = 25.0,
+    dropout_rate: float = 0.5,
     min_free_fraction: float = 0.25,
     prune: bool = True,
     max_width_factor: float = 8.0,
@@ -75,7 +79,15 @@ def build_agscl(
         amnesia_replay: weight of ``amnesia``'s replay cross-entropy on the retained tasks' data.
         capacity: ``auto`` (grow and prune node layers where implemented: ``mlp``, ``cnn``), ``on`` (the same;
             an error on the ResNets) or ``off`` (fixed width).
-        grow_percent: k, the percentage every hidden layer grows by when free units run out.
+        grow_percent: k, the percentage every hidden layer grows by when free units run out (or the loss stays
+            above ``grow_loss``).
+        grow_loss: τ; the hidden layers also grow during a learn when the epoch's mean training loss stays above τ
+            for ``grow_patience`` epochs in a row (the seed's DEN trigger); 0 = never on the loss.
+        grow_patience: epochs in a row the training loss must stay above ``grow_loss`` before a growth.
+        dropout_percent: γ, targeted dropout: the weakest γ % (smallest incoming norm) of each layer's free units,
+            never one with importance > 0, are dropped during training and pruned from the task after it (they
+            stay free); 0 = off.
+        dropout_rate: α, the probability that a targeted unit is dropped at each training step.
         min_free_fraction: grow before a new task when a hidden layer has fewer than this share of units free
             (importance 0).
         prune: after an unlearn, prune free units beyond a reserve of ``grow_percent`` per layer, never below
@@ -109,6 +121,10 @@ def build_agscl(
         amnesia_replay=_number(amnesia_replay),
         capacity=str(capacity),
         grow_percent=_number(grow_percent),
+        grow_loss=_number(grow_loss),
+        grow_patience=grow_patience,
+        dropout_percent=_number(dropout_percent),
+        dropout_rate=_number(dropout_rate),
         min_free_fraction=_number(min_free_fraction),
         prune=prune,
         max_width_factor=_number(max_width_factor),

@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from server.engine.agscl.growth import growth_option_errors
+
 #: Unlearning methods; the first is the default (see :mod:`server.engine.agscl.strategy`).
 UNLEARN_METHODS: tuple[str, ...] = ("release", "amnesia")
 
@@ -65,6 +67,15 @@ class AgsclConfig:
         amnesia_replay: weight of the replay cross-entropy on retained tasks in ``amnesia``.
         capacity: see :data:`CAPACITY_MODES`.
         grow_percent: k, the percentage by which every hidden layer grows (seed on dynamic size).
+        grow_loss: τ: the hidden layers also grow *during* a learn when the epoch's mean training loss
+            has stayed above τ for ``grow_patience`` epochs in a row (the seed's DEN trigger,
+            :mod:`server.engine.agscl.growth`); 0 = only before a task, when free units run out.
+        grow_patience: epochs the loss must stay above ``grow_loss`` before a growth (and between two).
+        dropout_percent: γ, targeted dropout (seed section 4.2.1, :mod:`server.engine.agscl.dropout`):
+            the weakest γ % of each layer's free units (smallest incoming norm; never a unit with
+            Ω > 0) are dropped during training and pruned from the task after it (left free);
+            0 = off.
+        dropout_rate: α, the probability that a targeted unit is dropped at a training step.
         min_free_fraction: before learning a new task, the hidden layers grow when any of them has
             fewer than this share of its units free (Ω = 0). With λ = 1000 the important nodes are
             frozen outright, so a new task learns mostly on free ones: on a 32-unit MLP the second
@@ -93,6 +104,10 @@ class AgsclConfig:
     amnesia_replay: float = 1.0
     capacity: str = "auto"
     grow_percent: float = 25.0
+    grow_loss: float = 0.5
+    grow_patience: int = 10
+    dropout_percent: float = 25.0
+    dropout_rate: float = 0.5
     min_free_fraction: float = 0.25
     prune: bool = True
     max_width_factor: float = 8.0
@@ -145,9 +160,19 @@ class AgsclConfig:
             f"capacity = 'on' needs a resizable backbone ({', '.join(RESIZABLE_BACKBONES)}), got "
             f"{self.backbone!r}; use capacity = 'auto' or 'off'",
         )
+        errors += growth_option_errors(
+            grow_percent=self.grow_percent,
+            grow_loss=self.grow_loss,
+            grow_patience=self.grow_patience,
+            max_width_factor=self.max_width_factor,
+        )
         need(
-            finite(self.grow_percent) and 0 < self.grow_percent <= 400,
-            f"grow_percent must be in (0, 400], got {self.grow_percent!r}",
+            finite(self.dropout_percent) and 0 <= self.dropout_percent < 100,
+            f"dropout_percent must be in [0, 100) (0 = no targeted dropout), got {self.dropout_percent!r}",
+        )
+        need(
+            finite(self.dropout_rate) and 0 <= self.dropout_rate <= 1,
+            f"dropout_rate must be in [0, 1], got {self.dropout_rate!r}",
         )
         need(
             finite(self.min_free_fraction) and 0 <= self.min_free_fraction < 1,
@@ -160,10 +185,6 @@ class AgsclConfig:
             "grow_percent / 100 must be >= min_free_fraction (a pruned layer keeps grow_percent free and must not "
             f"grow again at once), got grow_percent={self.grow_percent!r}, "
             f"min_free_fraction={self.min_free_fraction!r}",
-        )
-        need(
-            finite(self.max_width_factor) and self.max_width_factor >= 1,
-            f"max_width_factor must be >= 1, got {self.max_width_factor!r}",
         )
         if errors:
             raise ValueError("invalid agscl configuration: " + "; ".join(errors))

@@ -30,7 +30,10 @@ Beyond the paper:
 * **Capacity** (seed on dynamic model size; ``mlp`` and ``cnn``): before a new task, when a node layer has
   fewer than ``min_free_fraction`` of its units free, every node layer grows by ``grow_percent``;
   after an unlearn, free units beyond a reserve of ``grow_percent`` are pruned (never below the
-  configured width). Neither changes any prediction (see :mod:`server.engine.agscl.capacity`).
+  configured width). Neither changes any prediction (see :mod:`server.engine.agscl.capacity`). The
+  layers also grow during a learn when the loss stays above ``grow_loss``
+  (:mod:`server.engine.agscl.growth`), and targeted dropout of the weakest free units keeps a share
+  of them free after every task (:mod:`server.engine.agscl.dropout`).
 * **Temporary learning** (CLPU, :class:`~server.engine.protocol.TemporaryLearning`): a TEMPORARY task
   gets a side network of its own (:mod:`server.engine.temporary`; the main model, Ω and capacity are
   not touched); committing it is one AGS-CL learn with logit matching to the side network added to
@@ -53,6 +56,8 @@ from torch.func import functional_call
 
 from server.engine.agscl import capacity
 from server.engine.agscl.config import RESIZABLE_BACKBONES, UNLEARN_METHODS, AgsclConfig
+from server.engine.agscl.dropout import TargetedDropout, weakest_free
+from server.engine.agscl.growth import LossTrigger, extend_adam
 from server.engine.agscl.nodes import (
     ActivationMeter,
     NodeLayer,
@@ -196,7 +201,9 @@ class AgsclStrategy:
             Metrics ``train_loss``, ``train_accuracy`` (last epoch, percent), ``zero_groups`` and
             ``frozen_groups`` (nodes exactly sparsified / frozen by the last proximal step),
             ``important_units``, ``free_units``, ``reinitialized_units``, ``grown_units`` (this
-            learn), ``pruned_units`` (0), ``parameters``, ``learn_seconds`` and ``samples``; with
+            learn, before it and during it), ``loss_growths`` (growths during it, on the loss),
+            ``targeted_units`` (pruned from the task after targeted dropout, left free),
+            ``pruned_units`` (0), ``parameters``, ``learn_seconds`` and ``samples``; with
             ``retain_training_data``, ``retain`` is ``data`` itself.
 
         Raises:
@@ -246,46 +253,87 @@ class AgsclStrategy:
         apply_masks(trunk, masks)
         optimizer = torch.optim.Adam([*trunk.parameters(), *head.parameters()], lr=options.learning_rate)
         generator = seeded_generator(cfg.seed, options.seed, self.version, task, "learn")
+        trigger = LossTrigger(cfg.grow_loss if cfg.resizable else 0.0, cfg.grow_patience)
+        # The weights at the start, grown alongside the trunk, give the proximal step its θ̂ after a growth.
+        start = copy.deepcopy(trunk) if trigger.threshold > 0 else None
+        targeted = cfg.dropout_percent > 0 and cfg.dropout_rate > 0
+        dropout = TargetedDropout(
+            trunk,
+            self._layers,
+            cfg.dropout_rate if targeted else 0.0,
+            seeded_generator(cfg.seed, options.seed, self.version, task, "targeted-dropout"),
+        )
         n = len(data)
         batches_per_epoch = count_minibatches(n, options.batch_size)
         total_steps = options.epochs * batches_per_epoch
         trunk.train()
         step = 0
+        loss_growths = 0
         prox: dict[str, int] = {"zero_groups": 0, "frozen_groups": 0}
         loss_sum = torch.zeros((), device=self._device)
         correct = torch.zeros((), dtype=torch.long, device=self._device)
-        for epoch in range(options.epochs):
-            loss_sum.zero_()
-            correct.zero_()
-            for batch, indices in enumerate(minibatches(n, options.batch_size, generator)):
-                x = data.inputs[indices].to(self._device, torch.float32)  # [b, *input_shape]
-                y = data.labels[indices].to(self._device)  # [b]
-                logits = mask_logits(head(trunk(x)), mask)  # [b, num_classes]
-                loss = F.cross_entropy(logits, y)
-                if teacher is not None:
-                    loss = loss + DISTILL_WEIGHT * distillation_loss(
-                        logits, teacher[indices.to(self._device)], indices_of_classes
+        with dropout:
+            for epoch in range(options.epochs):
+                if targeted:
+                    dropout.target(weakest_free(trunk, self._layers, omega, cfg.dropout_percent))
+                loss_sum.zero_()
+                correct.zero_()
+                for batch, indices in enumerate(minibatches(n, options.batch_size, generator)):
+                    x = data.inputs[indices].to(self._device, torch.float32)  # [b, *input_shape]
+                    y = data.labels[indices].to(self._device)  # [b]
+                    logits = mask_logits(head(trunk(x)), mask)  # [b, num_classes]
+                    loss = F.cross_entropy(logits, y)
+                    if teacher is not None:
+                        loss = loss + DISTILL_WEIGHT * distillation_loss(
+                            logits, teacher[indices.to(self._device)], indices_of_classes
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    apply_masks(trunk, masks)
+                    if not cfg.prox_every_epoch:
+                        prox = self._prox(trunk, omega, anchor, options.learning_rate)
+                    with torch.no_grad():
+                        loss_sum += loss.detach() * y.numel()
+                        correct += (logits.argmax(dim=1) == y).sum()
+                    step += 1
+                    progress(
+                        step / total_steps,
+                        f"epoch {epoch + 1}/{options.epochs}, batch {batch + 1}/{batches_per_epoch}",
                     )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                apply_masks(trunk, masks)
-                if not cfg.prox_every_epoch:
+                if cfg.prox_every_epoch:
                     prox = self._prox(trunk, omega, anchor, options.learning_rate)
-                with torch.no_grad():
-                    loss_sum += loss.detach() * y.numel()
-                    correct += (logits.argmax(dim=1) == y).sum()
-                step += 1
-                progress(
-                    step / total_steps, f"epoch {epoch + 1}/{options.epochs}, batch {batch + 1}/{batches_per_epoch}"
-                )
-            if cfg.prox_every_epoch:
-                prox = self._prox(trunk, omega, anchor, options.learning_rate)
+                if start is not None and trigger.update(float(loss_sum) / n, epochs_left=options.epochs - epoch - 1):
+                    # The loss stayed above τ: grow now and train on (the seed's DEN trigger).
+                    before = [*trunk.parameters(), *head.parameters()]
+                    extra = self._extra(trunk)
+                    if any(extra.values()):
+                        seed = derive_seed(cfg.seed, self.version, "grow", "loss", epoch)
+                        template = self._grow(
+                            trunk, heads, audit_heads, template, shares, all_stats, extra, omega, seed
+                        )
+                        # The same new weights in θ̂ (those into important nodes zero, like the trunk's).
+                        self._grow(start, {}, {}, template, {}, {}, extra, omega, seed)
+                        head = heads[task]
+                        omega = self._omega(shares, self._widths(trunk))
+                        anchor = {layer.name: group_matrix(start, layer) for layer in self._layers}
+                        masks = fixed_zero_masks(trunk, self._layers, omega)
+                        optimizer = extend_adam(optimizer, before, [*trunk.parameters(), *head.parameters()])
+                        dropout.attach(trunk)
+                        grown += sum(extra.values())
+                        loss_growths += 1
+
+        # Targeted dropout's pruning: the weakest free units leave the task (outgoing weights zeroed, no Ω share).
+        trunk.eval()
+        targeted_nodes = {layer.name: torch.zeros_like(omega[layer.name], dtype=torch.bool) for layer in self._layers}
+        if targeted:
+            targeted_nodes = weakest_free(trunk, self._layers, omega, cfg.dropout_percent)
+            zero_outgoing(trunk, self._layers, targeted_nodes, list(heads.values()))
 
         # Ω update (equation 8), then the re-initializations (I.1 then I.2).
-        trunk.eval()
         stats = {name: b.detach().clone() for name, b in trunk.named_buffers()}
         activations = self._activations(trunk, data.inputs)
+        activations = {name: a.masked_fill(targeted_nodes[name], 0.0) for name, a in activations.items()}
         for per_layer in shares.values():
             for name in per_layer:
                 per_layer[name] = per_layer[name] * cfg.eta
@@ -331,6 +379,8 @@ class AgsclStrategy:
                 "free_units": float(self._free_units(omega)),
                 "reinitialized_units": float(reinitialized),
                 "grown_units": float(grown),
+                "loss_growths": float(loss_growths),
+                "targeted_units": float(sum(int(nodes.sum()) for nodes in targeted_nodes.values())),
                 "pruned_units": 0.0,
                 "parameters": float(self.parameter_count()),
                 "learn_seconds": time.perf_counter() - started,
@@ -378,14 +428,38 @@ class AgsclStrategy:
         widths = self._widths(trunk)
         omega = self._omega(shares, widths)
         short = any(int((omega[name] == 0).sum()) < cfg.min_free_fraction * width for name, width in widths.items())
-        if not short:
+        extra = self._extra(trunk)
+        if not short or not any(extra.values()):
             return 0, template
-        extra = {
-            name: max(0, min(math.ceil(width * cfg.grow_percent / 100), self._max_width(name) - width))
-            for name, width in widths.items()
+        seed = derive_seed(cfg.seed, self.version, "grow")
+        template = self._grow(trunk, heads, audit_heads, template, shares, stats, extra, omega, seed)
+        return sum(extra.values()), template
+
+    def _extra(self, trunk: nn.Module) -> dict[str, int]:
+        """Units each node layer gets in a growth: ``grow_percent`` of its width, up to ``max_width_factor``."""
+        return {
+            name: max(0, min(math.ceil(width * self.config.grow_percent / 100), self._max_width(name) - width))
+            for name, width in self._widths(trunk).items()
         }
-        if not any(extra.values()):
-            return 0, template
+
+    def _grow(
+        self,
+        trunk: nn.Module,
+        heads: dict[str, nn.Linear],
+        audit_heads: dict[str, nn.Linear],
+        template: nn.Linear,
+        shares: Shares,
+        stats: dict[str, dict[str, torch.Tensor]],
+        extra: Mapping[str, int],
+        omega: Mapping[str, torch.Tensor],
+        seed: int,
+    ) -> nn.Linear:
+        """Add ``extra`` units per node layer (in place on copies); return the grown template.
+
+        ``omega`` (Ω before the growth) decides which weights from new units are zero (into important
+        nodes); the new weights are drawn from a generator seeded with ``seed``; ``heads``,
+        ``audit_heads``, ``shares`` and the tasks' BatchNorm ``stats`` are grown in place.
+        """
         names, audit_names = list(heads), list(audit_heads)
         grown = capacity.grow(
             trunk,
@@ -394,7 +468,7 @@ class AgsclStrategy:
             [*(heads[n] for n in names), *(audit_heads[n] for n in audit_names)],
             template,
             omega,
-            seeded_generator(cfg.seed, self.version, "grow"),
+            torch.Generator().manual_seed(seed),
         )
         for name, head in zip(names + audit_names, grown, strict=False):
             (heads if name in heads else audit_heads)[name] = head
@@ -403,7 +477,7 @@ class AgsclStrategy:
                 per_layer[name] = torch.cat([per_layer[name], torch.zeros(added)])
         for task, buffers in stats.items():
             stats[task] = capacity.resize_statistics(buffers, self._layers, {}, extra)
-        return sum(extra.values()), grown[-1]
+        return grown[-1]
 
     def _max_width(self, name: str) -> int:
         return math.floor(self._initial_widths[name] * self.config.max_width_factor)
@@ -853,7 +927,9 @@ class AgsclStrategy:
         """
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"not an agscl state (format {state.get('format')!r}, expected {_STATE_FORMAT!r})")
-        saved = {k: v for k, v in state["config"].items() if k != "seed"}
+        # Options added after a state was saved are taken as configured (the state predates them).
+        saved = {**self.config.as_dict(), **state["config"]}
+        saved = {k: v for k, v in saved.items() if k != "seed"}
         configured = {k: v for k, v in self.config.as_dict().items() if k != "seed"}
         if saved != configured:
             differences = ", ".join(
