@@ -8,6 +8,7 @@ integration test does) so that one probe sample is about one accuracy point, not
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -75,6 +76,7 @@ def test_temporary_learn_is_served_and_its_unlearn_leaves_the_model_bit_identica
         assert forgotten.metrics["unlearn_seconds"] < 0.5  # deleting a network, not training
         assert forgotten.metrics["spill"] == 0.0
         assert c.task("b").state == pb.UNLEARNED and c.task("b").forget_verified
+        assert math.isnan(c.task("b").accuracy)  # nothing answers it now: no stale accuracy from its side network
         assert np.array_equal(_probabilities(c, "a", xa), before)  # bit-identical
         assert c.model().parameters == parameters
         purged = _events(c, "b", "data.purged")

@@ -109,6 +109,9 @@ class UnlearnHandler:
             if task.name in evaluated.accuracies:
                 metrics["forget_accuracy_task"] = evaluated.accuracies[task.name]
                 task.unlearned_accuracy = task.accuracy = evaluated.accuracies[task.name]
+            elif side_network:
+                # No model answers the task any more: its last learned accuracy would read as current.
+                task.accuracy = None
             task.unlearned_version = ctx.strategy.version
         # Relapse is measured while the probe set is kept; with forget_probe_ops = 0 it is unknown. A
         # deleted side network cannot relapse (the main model never held its task): its probe goes now.
