@@ -68,6 +68,10 @@ _REFUSED_REQUEST_PARAMETERS = {
     "sequence_start": "sequences (stateful models) are not supported",
     "sequence_end": "sequences (stateful models) are not supported",
 }
+_REFUSED_OUTPUT_PARAMETERS = {
+    "classification": f"the classification extension is not supported; request {CLASSES!r}",
+    **dict.fromkeys(_SHARED_MEMORY, "shared memory is not supported"),
+}
 #: Models listed in a NOT_FOUND message, at most.
 _LISTED_MODELS = 20
 
@@ -363,11 +367,7 @@ def _requested_outputs(requested: Any) -> tuple[str, ...]:
             )
         if output.name in names:
             raise InvalidArgumentError(f"outputs[{index}].name", f"{output.name!r} is requested twice")
-        refused = {
-            "classification": f"the classification extension is not supported; request {CLASSES!r}",
-            **dict.fromkeys(_SHARED_MEMORY, "shared memory is not supported"),
-        }
-        _check_parameters(output.parameters, f"outputs[{index}].parameters", refused)
+        _check_parameters(output.parameters, f"outputs[{index}].parameters", _REFUSED_OUTPUT_PARAMETERS)
         names.append(output.name)
     return tuple(names)
 
