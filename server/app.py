@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections.abc import Callable, Coroutine
@@ -61,7 +62,7 @@ from server.rpc import (
     create_server,
 )
 from server.rpc.auth import RefusalLog
-from server.rpc.batching import Batcher, one_intra_op_thread
+from server.rpc.batching import Batcher, intra_op_threads
 from server.rpc.guard import CallGuard, method_limits
 from server.rpc.inference import InferenceServicer
 from server.rpc.predicting import PredictService, max_response_rows
@@ -170,7 +171,12 @@ class App:
         #: The gRPC edge runs on this event loop, in its own thread; blocking work goes to ``executor``.
         self.loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._run_loop, name="lethe-rpc-loop", daemon=True)
-        self.executor = ThreadPoolExecutor(max_workers=config.server.threads, thread_name_prefix="lethe-rpc")
+        inference = config.model.inference_threads or config.model.torch_threads
+        self.executor = ThreadPoolExecutor(
+            max_workers=config.server.threads,
+            thread_name_prefix="lethe-rpc",
+            initializer=functools.partial(intra_op_threads, inference) if inference else None,
+        )
         self.ports = Ports(0, None)
         self.telemetry: Telemetry | None = None
         self.audit_head: AuditHeadPublisher | None = None
@@ -542,7 +548,7 @@ class App:
 
     def _run_loop(self) -> None:
         """The event loop's thread: forward passes it runs inline use one intra-op thread (see ``batching``)."""
-        one_intra_op_thread()
+        intra_op_threads(1)
         self.loop.run_forever()
 
     def _on_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:

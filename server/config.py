@@ -95,6 +95,9 @@ class ModelSection:
     width: int = 0
     #: torch intra-op threads (0 = torch's default, one per core).
     torch_threads: int = 0
+    #: torch intra-op threads of a forward pass that Predict, PredictStream or ModelInfer runs on the executor
+    #: (0 = ``torch_threads``). Small passes run on the event loop with one thread whatever this says.
+    inference_threads: int = 0
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -398,6 +401,9 @@ def validate(config: Config) -> list[str]:
         p.append(f"model.input_shape: 1 to 4 positive dimensions like 1,8,8, got {m.input_shape}")
     if not 2 <= m.num_classes <= 100_000:
         p.append(f"model.num_classes: must be in 2..100000, got {m.num_classes}")
+    for name in ("torch_threads", "inference_threads"):
+        if not 0 <= getattr(m, name) <= 1024:
+            p.append(f"model.{name}: must be 0 (the default) to 1024, got {getattr(m, name)}")
     if m.device != "auto" and m.device != "cpu" and not m.device.startswith("cuda"):
         p.append(f"model.device: auto, cpu, cuda or cuda:N, got {m.device!r}")
     if t.epochs < 0 or t.batch_size < 0:

@@ -18,7 +18,7 @@ version, a bigger pass or a slow one goes to the executor again, so the loop is 
 longer than that. A key's cost is the cheapest of its last :data:`COST_WINDOW` passes: on a busy
 machine a pass preempted by another process is not a slow pass (wall time, not CPU time, is what is
 measured, so that a pass waiting on a GPU counts as slow). The loop's thread runs its passes on one intra-op thread
-(:func:`one_intra_op_thread`): they are small by definition, and waking torch's thread team for them
+(:func:`intra_op_threads`): they are small by definition, and waking torch's thread team for them
 costs more CPU than it saves, CPU the gRPC poller and the clients on the same cores need.
 """
 
@@ -207,15 +207,17 @@ class Batcher:
         return batch
 
 
-def one_intra_op_thread() -> None:
-    """Run the calling thread's torch operations on one intra-op thread; leave every other thread as it was.
+def intra_op_threads(count: int) -> None:
+    """Run the calling thread's torch operations on ``count`` intra-op threads; leave every other thread as it was.
 
     ``torch.set_num_threads`` sets the calling thread's OpenMP and MKL thread counts and the count
     that threads started afterwards take; that last one is given back from a throwaway thread, so
-    only this thread changes (the executor, the worker and later threads keep the configured count).
+    only this thread changes (the worker and later threads keep the configured count).
     """
     configured = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if count == configured:
+        return
+    torch.set_num_threads(count)
     restore = threading.Thread(target=torch.set_num_threads, args=(configured,), name="lethe-torch-threads")
     restore.start()
     restore.join()

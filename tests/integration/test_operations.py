@@ -116,12 +116,15 @@ def test_token_create_prints_a_usable_config_line(capsys: pytest.CaptureFixture[
 
 def test_config_reports_every_problem_at_once(tmp_path: Path) -> None:
     file = tmp_path / "lethe.toml"
-    file.write_text("[server]\nport = 70000\n[model]\nnum_classes = 1\nbogus = 3\n[model.options]\nbeta = 0.1\n")
+    file.write_text(
+        "[server]\nport = 70000\n[model]\nnum_classes = 1\nbogus = 3\ninference_threads = -1\n"
+        "[model.options]\nbeta = 0.1\n"
+    )
     with pytest.raises(ConfigError) as error:
         load_config(file, env={"LETHE_TRAINING_EPOCHS": "zero"})
     problems = "\n".join(error.value.problems)
     assert "server.port" in problems and "model.num_classes" in problems and "'model.bogus'" in problems
-    assert "training.epochs" in problems
+    assert "training.epochs" in problems and "model.inference_threads: must be 0 (the default) to 1024" in problems
     good = tmp_path / "good.toml"
     good.write_text('[model]\nstrategy = "lure"\ninput_shape = [3, 32, 32]\n[model.options]\nreplay = "full"\n')
     config = load_config(good, env={"LETHE_SERVER_PORT": "0"}, overrides={"model.num_classes": "100"})

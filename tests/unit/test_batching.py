@@ -240,13 +240,13 @@ def test_one_slow_pass_does_not_move_a_cheap_key_off_the_loop() -> None:
 def test_the_loop_thread_runs_torch_on_one_thread_and_no_other_thread_changes() -> None:
     import torch
 
-    from server.rpc.batching import one_intra_op_thread
+    from server.rpc.batching import intra_op_threads
 
     configured = torch.get_num_threads()
     seen: dict[str, int] = {}
 
     def loop_thread() -> None:
-        one_intra_op_thread()
+        intra_op_threads(1)
         seen["loop"] = torch.get_num_threads()
 
     thread = threading.Thread(target=loop_thread)
