@@ -173,7 +173,9 @@ class JobContext:
         """
         checkpoint_rows.record_intent(self, job)
         meta = CheckpointMeta(self.strategy.version, job.id, metrics)
-        self.checkpoints.save(meta, self.strategy.state_dict(), attempt=job.attempts)
+        state = self.strategy.state_dict()
+        # Retried like a transaction: with blobs in the database (storage.blob_url) the write is one.
+        self.retry(lambda: self.checkpoints.save(meta, state, attempt=job.attempts), "writing the checkpoint")
 
     def restore(self, discard_job: str | None = None) -> None:
         """Rebuild the model from the newest checkpoint, first deleting one written by ``discard_job``.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -124,7 +125,7 @@ def rewrite_task(ctx: JobContext, job: Job, part: int, plan: TaskPlan) -> Rewrit
 def write_files(ctx: JobContext, rewrite: Rewrite) -> None:
     """Write a task's new files (their rows are already recorded) and drop the arrays from memory."""
     for kind, path in rewrite.paths.items():
-        ctx.blobs.save_arrays(path, **rewrite.arrays[kind])
+        ctx.retry(partial(ctx.blobs.save_arrays, path, **rewrite.arrays[kind]), "writing the rewritten files")
     rewrite.arrays = {}
 
 

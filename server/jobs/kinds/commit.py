@@ -56,7 +56,7 @@ class CommitHandler:
             path = layout.job_file(DataFileKind.RETAINED, job.id, job.attempts)
             ctx.retry(lambda: _record_intent(ctx, job, path), "recording the job's files")
             selection = {"inputs": report.retain.inputs.numpy(), "labels": report.retain.labels.numpy()}
-            ctx.blobs.save_arrays(path, **selection)
+            ctx.retry(lambda: ctx.blobs.save_arrays(path, **selection), "writing the retained data")
             metrics["retained_kept"] = 0.5
         metrics.setdefault("samples", float(len(data)))
         return metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -67,8 +68,8 @@ class LearnHandler:
             }
         paths = {kind: layout.job_file(kind, job.id, job.attempts) for kind in arrays}
         ctx.retry(lambda: self._record_intent(ctx, job, paths), "recording the job's files")
-        for kind, named in arrays.items():
-            ctx.blobs.save_arrays(paths[kind], **named)
+        for kind, named in arrays.items():  # retried: with blobs in the database a write is a transaction
+            ctx.retry(partial(ctx.blobs.save_arrays, paths[kind], **named), "writing the job's files")
         metrics = {k: float(v) for k, v in report.metrics.items()}
         metrics.setdefault("samples", float(len(train)))
         metrics["probe_samples"] = float(len(probe))
