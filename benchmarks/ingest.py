@@ -170,7 +170,7 @@ def breakdown(inputs: np.ndarray, labels: np.ndarray, settings: IngestSettings, 
         with Stopwatch() as t:
             spool.commit()
         steps[BREAKDOWN_STEPS[-1]] = t.seconds
-    spool.path.unlink(missing_ok=True)
+    spool.blobs.delete(spool.relative)
     return steps
 
 

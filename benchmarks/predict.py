@@ -40,6 +40,7 @@ from protos.tensors import from_tensor, to_tensor
 from server.app import App
 from server.checkpoints import CheckpointStore
 from server.config import Config, ServerSection, load_config
+from server.data.blobs import FileBlobStore
 from server.engine.protocol import Predictor
 
 NAME = "predict"
@@ -166,7 +167,7 @@ def server_settings(case: ModelCase) -> dict[str, Any]:
 
 def served_model(config: Config) -> Predictor:
     """The model the server of ``config`` serves, loaded in this process from its latest checkpoint."""
-    checkpoint = CheckpointStore(Path(config.storage.data_dir).resolve()).load_latest()
+    checkpoint = CheckpointStore(FileBlobStore(Path(config.storage.data_dir).resolve())).load_latest()
     if checkpoint is None:
         raise RuntimeError("the server wrote no checkpoint")
     strategy = App(config).build_strategy()

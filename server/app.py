@@ -24,6 +24,7 @@ from protos import inference as oip
 from server.audit_head import HEAD_FILE, AuditHeadPublisher, compare_with_database
 from server.audit_key import load_or_create_audit_key, write_public_key
 from server.config import Config
+from server.data.blobs import BlobStore, open_blob_store
 from server.data.sample_ids import SampleIdKey
 from server.engine.protocol import LearnOptions, Strategy, supports_temporary
 from server.engine.registry import build_strategy, resolve_device, strategy_options
@@ -182,6 +183,8 @@ class App:
         self.audit_head: AuditHeadPublisher | None = None
         self._metrics_server: Any = None
         self.lease: Lease | None = None
+        #: Where spools, task data and checkpoints are (``storage.blob_url``), once started.
+        self.blobs: BlobStore | None = None
         #: Set when the lease was lost to another server (``lethe serve`` then exits with 3).
         self.lease_lost = False
         #: Set once :meth:`stop` has finished.
@@ -235,6 +238,8 @@ class App:
         sessions = make_session_factory(self.engine)
         lease = self.lease = self.lease or lease_for(self.engine, self.data_dir, c.server.lease_ttl_seconds)
         fence_commits(sessions, lease)
+        blobs = self.blobs = open_blob_store(c.storage.blob_url, self.data_dir, sessions)  # writes fenced too
+        log.info("blobs (spools, task data, checkpoints) are in %s", blobs.description)
         telemetry = self.telemetry = Telemetry(
             self.registry, max_task_series=c.telemetry.max_task_series, version=__version__
         )
@@ -266,6 +271,7 @@ class App:
             ),
             audit_log=audit_log,
             sample_key=sample_key,
+            blobs=blobs,
         )
         self.worker = Worker(context, on_fatal=self._worker_died)
         strategy = self.worker.strategy
@@ -284,6 +290,7 @@ class App:
             QueueLimits(c.limits.max_queued_jobs, c.limits.max_tasks, max_temporary_tasks=c.limits.max_temporary_tasks),
             audit_log=audit_log,
             sample_key=sample_key,
+            blobs=blobs,
         )
         telemetry.job_queue_depth.set_function(jobs.queue_depth)
         telemetry.job_queue_limit.set(c.limits.max_queued_jobs)
@@ -490,7 +497,8 @@ class App:
             self.set_health(SERVICE_NAME, status)
             log.info("replica %s (model version %d)", "ready" if now_ready else "NOT ready: behind", follower.version)
 
-        follower = ReplicaFollower(sessions, self.data_dir, self.worker.strategy, predictions.serving, on_ready)
+        assert self.blobs is not None
+        follower = ReplicaFollower(sessions, self.blobs, self.worker.strategy, predictions.serving, on_ready)
         self._follower = follower
         follower.start()
         log.info("lethe read replica on %s:%d", self.config.server.host, self.ports.grpc)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlparse
 
 
 class ConfigError(ValueError):
@@ -76,6 +77,11 @@ class StorageSection:
     database_url: str = ""
     #: Upgrade an older schema at start-up instead of refusing to start (an empty database is always initialized).
     auto_upgrade: bool = False
+    #: Where spools, probe/member/retained sets and checkpoints are kept: empty = the data directory;
+    #: ``file:///absolute/path`` = that directory (a volume shared by a primary, its standby and replicas);
+    #: ``postgresql`` = chunked rows in the PostgreSQL database of ``database_url`` (needs it to be PostgreSQL),
+    #: so servers with different data directories (and no shared volume) serve the same models.
+    blob_url: str = ""
     #: HMAC key of sample ids (32 random bytes, created on first start); empty = ``<data_dir>/keys/sample-ids.key``.
     #: Back it up with the database: without it no indexed sample can be found again.
     sample_id_key_file: str = ""
@@ -397,6 +403,9 @@ def validate(config: Config) -> list[str]:
     url = config.storage.database_url
     if url and not url.startswith(("sqlite:", "postgresql", "postgres:")):
         p.append(f"storage.database_url: must start with sqlite:// or postgresql://, got {url.split(':')[0]}://...")
+    problem = blob_url_problem(config.storage.blob_url, config.database_url)
+    if problem is not None:
+        p.append(problem)
     if not m.input_shape or any(d <= 0 for d in m.input_shape) or len(m.input_shape) > 4:
         p.append(f"model.input_shape: 1 to 4 positive dimensions like 1,8,8, got {m.input_shape}")
     if not 2 <= m.num_classes <= 100_000:
@@ -453,6 +462,30 @@ def validate(config: Config) -> list[str]:
     if config.telemetry.log_level.upper() not in LOG_LEVELS:
         p.append(f"telemetry.log_level: one of {', '.join(LOG_LEVELS)}, got {config.telemetry.log_level!r}")
     return p
+
+
+def blob_url_problem(url: str, database_url: str) -> str | None:
+    """Why ``url`` is not a usable ``storage.blob_url`` with ``database_url``, or None when it is.
+
+    Args:
+        url: the configured blob URL.
+        database_url: the effective database URL (``storage.database_url``, or SQLite's default).
+    """
+    if url in ("", "postgresql"):
+        if url == "postgresql" and not database_url.startswith(("postgresql", "postgres:")):
+            return (
+                'storage.blob_url: "postgresql" keeps blobs in the PostgreSQL database, but storage.database_url '
+                "is not PostgreSQL (SQLite by default); set a postgresql:// database URL, or use file:///path or "
+                "leave blob_url empty (the data directory)"
+            )
+        return None
+    parsed = urlparse(url)
+    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+        return (
+            f"storage.blob_url: empty (the data directory), file:///absolute/path (a shared volume) or "
+            f"postgresql, got {url!r}"
+        )
+    return None
 
 
 def token_entry_problem(entry: str) -> str | None:

@@ -1,6 +1,7 @@
 """Read replicas (``server.role = replica``, DESIGN.md section 9): Predict from the primary's published models.
 
-A replica shares the primary's database and data directory (a shared volume) and writes nothing:
+A replica shares the primary's database and blob store (``storage.blob_url``: the database itself
+with ``postgresql``, else a shared volume) and writes nothing:
 it has no worker and no lease, and the fence on its sessions refuses every commit. A follower
 thread reads the database at every commit of the primary (PostgreSQL: it listens for the
 notification each commit sends) and every :data:`POLL_SECONDS` in any case:
@@ -31,6 +32,7 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from server.data.blobs import BlobStore
 from server.data.layout import parse_checkpoint_name
 from server.engine.protocol import Strategy
 from server.jobs.serving import ServingState
@@ -60,7 +62,7 @@ class ReplicaFollower:
 
     Args:
         sessions: the shared database.
-        data_dir: the shared data directory.
+        blobs: the shared blob store, where the primary writes its checkpoints.
         strategy: a strategy of the configured model, loaded with each new checkpoint.
         serving: what Predict reads.
         on_ready: called with True once a model is served and polls succeed, False when they go stale.
@@ -69,13 +71,13 @@ class ReplicaFollower:
     def __init__(
         self,
         sessions: sessionmaker[Session],
-        data_dir: Path,
+        blobs: BlobStore,
         strategy: Strategy,
         serving: ServingState,
         on_ready: Callable[[bool], None],
     ) -> None:
         self.sessions = sessions
-        self.data_dir = data_dir
+        self.blobs = blobs
         self.strategy = strategy
         self.serving = serving
         self.on_ready = on_ready
@@ -144,7 +146,8 @@ class ReplicaFollower:
         self.last_sync = time.monotonic()
 
     def _load(self, path: str, version: int) -> None:
-        payload = torch.load(self.data_dir / path, map_location="cpu", weights_only=True)
+        with self.blobs.open(path) as f:  # streamed: a file, or the database's chunks as torch reads them
+            payload = torch.load(f, map_location="cpu", weights_only=True)
         self.strategy.load_state_dict(payload["strategy"])
         self.serving.publish(self.strategy.predictor())
         self.version = version

@@ -121,6 +121,34 @@ def unaccounted_files(data_dir: Path, database_url: str, settle_seconds: float =
         time.sleep(0.1)
 
 
+def unaccounted_blobs(database_url: str, settle_seconds: float = 5.0) -> dict[str, list[str]]:
+    """:func:`unaccounted_files` for ``storage.blob_url = "postgresql"``: the ``blobs`` table against the live
+    ``data_files`` rows; {} when every published blob is a live row, every live row a blob, nothing is pending
+    and one checkpoint is live."""
+    deadline = time.monotonic() + settle_seconds
+    while True:
+        engine = create_engine(database_url, poolclass=NullPool)
+        try:
+            with engine.connect() as connection:
+                rows = connection.execute(text("SELECT path, kind FROM data_files WHERE purged_at IS NULL")).all()
+                blobs = connection.execute(text("SELECT path, pending_path FROM blobs")).all()
+        finally:
+            engine.dispose()
+        live = {str(r[0]) for r in rows}
+        stored = {str(b[0]) for b in blobs if b[0] is not None}
+        checkpoints = sorted((p for p in live if p.startswith("checkpoints/")), key=_checkpoint_order)
+        diff = {
+            "a blob, not a live row": sorted(stored - live),
+            "live row, not a blob": sorted(live - stored),
+            "pending blobs": sorted(str(b[1]) for b in blobs if b[0] is None),
+            "older checkpoints": checkpoints[:-1],
+        }
+        diff = {k: v for k, v in diff.items() if v}
+        if not diff or time.monotonic() > deadline:
+            return diff
+        time.sleep(0.1)
+
+
 def _checkpoint_order(path: str) -> tuple[int, str]:
     return checkpoint_version(path), path
 

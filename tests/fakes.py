@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy.orm import Session
@@ -127,5 +126,5 @@ class UnrecordableFailures(Lifecycle):
 class UnprunableCheckpoints(CheckpointStore):
     """A checkpoint store whose ``prune`` fails (an error after a job has committed)."""
 
-    def prune(self, keep: Path) -> list[FileRecord]:
+    def prune(self, keep: str) -> list[FileRecord]:
         raise OSError("injected: cannot delete old checkpoints")

@@ -1,5 +1,6 @@
-"""Files the server keeps under its data directory: spools, probe sets, retained data, purges."""
+"""Data the server keeps: the blob store (spools, probe sets, retained data, checkpoints), purges."""
 
+from server.data.blobs import BlobStore, BlobWriter, FileBlobStore, open_blob_store
 from server.data.files import (
     FileRecord,
     digest_on_disk,
@@ -13,11 +14,15 @@ from server.data.files import (
 from server.data.spool import SpoolWriter, read_spool
 
 __all__ = [
+    "BlobStore",
+    "BlobWriter",
+    "FileBlobStore",
     "FileRecord",
     "SpoolWriter",
     "digest_on_disk",
     "fsync_dir",
     "load_arrays",
+    "open_blob_store",
     "purge",
     "read_spool",
     "save_arrays",

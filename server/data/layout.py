@@ -1,4 +1,4 @@
-"""Where every file lives under the data directory: the only module that spells a path.
+"""Where every blob lives (relative data paths, see :mod:`server.data.blobs`): the only module that spells a path.
 
 Files a job writes carry the job's attempt number, so a job that runs again after a restart
 never reuses the name of a file its interrupted attempt recorded (every name is recorded once).
@@ -114,15 +114,6 @@ class DataLayout:
         if not directory.is_dir():
             return []
         return [f"{CHECKPOINTS}/{p.name}" for p in sorted(directory.iterdir()) if parse_checkpoint_name(p.name)]
-
-    def task_files(self) -> list[str]:
-        """Every file in the task-data folders, as relative paths (what the start-up sweep checks)."""
-        found: list[str] = []
-        for folder in FOLDERS.values():
-            directory = self.root / folder
-            if directory.is_dir():
-                found += [f"{folder}/{p.name}" for p in sorted(directory.iterdir()) if p.is_file()]
-        return found
 
     @staticmethod
     def is_temporary(relative: str) -> bool:

@@ -2,14 +2,13 @@
 
 Layout: a sequence of ``.npy`` records, three per chunk (inputs float32 ``[n, *shape]``, labels int64
 ``[n]``, sample ids as a fixed-width unicode array ``[n]`` or ``[0]``). ``np.save``/``np.load`` write
-and read them without pickling. The file is written as ``<name>.partial`` and renamed to its final
-name only after fsync, so a spool file that exists is complete.
+and read them without pickling. The spool is a blob (:mod:`server.data.blobs`) written as the stream
+arrives and published atomically at its end, so a spool that exists is complete.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import queue
 import threading
@@ -19,23 +18,21 @@ from typing import BinaryIO
 
 import numpy as np
 
-from server.data.files import FileRecord, fsync_dir
+from server.data.blobs.files import FileBlobStore
+from server.data.blobs.store import BlobStore, BlobWriter
+from server.data.files import FileRecord
 
-#: Bytes between background fdatasync calls of a spool file.
-_SYNC_EVERY = 32 << 20
 
-
-class _HashingWriter:
-    """Hashes, counts and writes what it is given on a background thread.
+class _BackgroundWriter:
+    """Writes what it is given to a blob writer on a background thread.
 
     The RPC thread keeps receiving and validating the next chunk while this thread hashes and writes
-    the previous one (hashlib and file writes release the GIL for large buffers). A write error
-    (e.g. a full disk) is raised on the RPC thread at the next write or at :meth:`finish`.
+    the previous one (hashlib, file writes and socket sends release the GIL for large buffers). A
+    write error (e.g. a full disk) is raised on the RPC thread at the next write or at :meth:`finish`.
     """
 
-    def __init__(self, f: BinaryIO, depth: int = 8) -> None:
-        self._f = f
-        self.digest = hashlib.sha256()
+    def __init__(self, sink: BlobWriter, depth: int = 8) -> None:
+        self._sink = sink
         self.bytes = 0
         self._queue: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
@@ -43,17 +40,10 @@ class _HashingWriter:
         self._thread.start()
 
     def _drain(self) -> None:
-        unsynced = 0
         while (data := self._queue.get()) is not None:
             if self._error is None:
                 try:
-                    self.digest.update(data)
-                    self._f.write(data)
-                    unsynced += len(data)
-                    if unsynced >= _SYNC_EVERY:  # flush as we go, so the final fsync has little left
-                        self._f.flush()
-                        os.fdatasync(self._f.fileno())
-                        unsynced = 0
+                    self._sink.write(data)
                 except BaseException as exc:  # reported on the RPC thread
                     self._error = exc
 
@@ -74,19 +64,20 @@ class _HashingWriter:
 
 
 class SpoolWriter:
-    """Appends validated chunks to a new spool file; :meth:`commit` makes it durable.
+    """Appends validated chunks to a new spool blob; :meth:`commit` makes it durable and visible.
 
-    Use as a context manager: leaving the block without :meth:`commit` deletes the partial file.
+    Use as a context manager: leaving the block without :meth:`commit` drops what was written.
+
+    Args:
+        blobs: the blob store (a directory is taken as the data directory's files, for tools and tests).
+        relative: the spool's data path.
     """
 
-    def __init__(self, root: Path, relative: str) -> None:
-        self.root = root
+    def __init__(self, blobs: BlobStore | Path, relative: str) -> None:
+        self.blobs = blobs if isinstance(blobs, BlobStore) else FileBlobStore(blobs)
         self.relative = relative
-        self.path = root / relative
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._partial = self.path.with_name(self.path.name + ".partial")
-        self._file: BinaryIO = self._partial.open("wb")
-        self._writer = _HashingWriter(self._file)
+        self._sink = self.blobs.writer(relative)
+        self._writer = _BackgroundWriter(self._sink)
         self.samples = 0
         self._committed = False
 
@@ -112,23 +103,17 @@ class SpoolWriter:
         return self._writer.bytes
 
     def commit(self) -> FileRecord:
-        """fsync the file, rename it to its final name, fsync the directory; return its record."""
+        """Wait for the background writes, then publish the blob (fsync and rename, or one transaction)."""
         self._writer.finish()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._partial, self.path)
-        fsync_dir(self.path.parent)
+        record = self._sink.commit()
         self._committed = True
-        return FileRecord(self.relative, self._writer.bytes, self._writer.digest.hexdigest())
+        return record
 
     def abort(self) -> None:
-        """Close and delete the partial file."""
-        with contextlib.suppress(BaseException):  # the file is deleted anyway
+        """Drop what was written."""
+        with contextlib.suppress(BaseException):  # dropped anyway
             self._writer.finish()
-        if not self._file.closed:
-            self._file.close()
-        self._partial.unlink(missing_ok=True)
+        self._sink.abort()
 
     def __enter__(self) -> SpoolWriter:
         return self
@@ -140,20 +125,28 @@ class SpoolWriter:
             self.abort()
 
 
-def read_spool(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Read a whole spool file back: ``(inputs, labels, sample_ids)`` with chunks concatenated."""
+def read_spool(source: Path | BinaryIO) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Read a whole spool back: ``(inputs, labels, sample_ids)`` with chunks concatenated.
+
+    Args:
+        source: a spool file, or a seekable stream of one (e.g. ``BlobStore.open``).
+    """
+    if isinstance(source, Path):
+        with source.open("rb") as f:
+            return read_spool(f)
     inputs: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     ids: list[str] = []
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        while f.tell() < size:
-            x = np.load(f, allow_pickle=False)
-            y = np.load(f, allow_pickle=False)
-            s = np.load(f, allow_pickle=False)
-            inputs.append(x)
-            labels.append(y)
-            ids.extend(str(v) for v in s)
+    start = source.tell()
+    size = source.seek(0, os.SEEK_END)
+    source.seek(start)
+    while source.tell() < size:
+        x = np.load(source, allow_pickle=False)
+        y = np.load(source, allow_pickle=False)
+        s = np.load(source, allow_pickle=False)
+        inputs.append(x)
+        labels.append(y)
+        ids.extend(str(v) for v in s)
     if not inputs:
-        raise ValueError(f"spool file {path} is empty")
+        raise ValueError("the spool is empty")
     return np.concatenate(inputs), np.concatenate(labels), ids

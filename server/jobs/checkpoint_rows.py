@@ -21,13 +21,12 @@ start records as ``missing``.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
-from server.data import FileRecord, digest_on_disk, fsync_dir
-from server.data.layout import is_checkpoint_path, parse_checkpoint_name
+from server.data import FileRecord
+from server.data.layout import CHECKPOINTS, is_checkpoint_path, parse_checkpoint_name
 from server.storage import DataFile, DataFileKind, DataFileRepository, Job
 
 if TYPE_CHECKING:
@@ -35,10 +34,6 @@ if TYPE_CHECKING:
     from server.jobs.context import JobContext
 
 log = logging.getLogger(__name__)
-
-
-def _relative(ctx: JobContext, path: Path) -> str:
-    return path.relative_to(ctx.layout.root).as_posix()
 
 
 def model_checkpoints(session: Session) -> list[DataFile]:
@@ -72,7 +67,7 @@ def written_by(ctx: JobContext, job_id: str) -> FileRecord | None:
         return [f.path for f in model_checkpoints(session) if f.job_id == job_id]
 
     for path in reversed(ctx.read(query, "reading the job's checkpoint")):
-        found = digest_on_disk(ctx.layout.root, path)
+        found = ctx.blobs.digest(path)
         if found is not None:
             return found
     return None
@@ -85,7 +80,7 @@ def complete(session: Session, record: FileRecord) -> None:
         row.bytes, row.sha256 = record.bytes, record.sha256
 
 
-def prune(ctx: JobContext, *, keep: Path | None = None, job_id: str = "", why: str = "") -> None:
+def prune(ctx: JobContext, *, keep: str | None = None, job_id: str = "", why: str = "") -> None:
     """Purge (rows, with one audited proof) and delete every checkpoint but ``keep`` (the newest by default).
 
     Args:
@@ -97,8 +92,8 @@ def prune(ctx: JobContext, *, keep: Path | None = None, job_id: str = "", why: s
     paths = ctx.checkpoints.paths()
     if keep is None and paths:
         keep = paths[0]
-    kept = _relative(ctx, keep) if keep is not None else None
-    on_disk = [_relative(ctx, p) for p in paths if p != keep]
+    kept = keep
+    on_disk = [p for p in paths if p != keep]
 
     def query(session: Session) -> tuple[list[str], list[str]]:
         files = DataFileRepository(session)
@@ -107,7 +102,7 @@ def prune(ctx: JobContext, *, keep: Path | None = None, job_id: str = "", why: s
         return rows, unrecorded
 
     rows, unrecorded = ctx.read(query, "reading the checkpoint rows")
-    found = {p: digest_on_disk(ctx.layout.root, p) for p in {*rows, *unrecorded}}
+    found = {p: ctx.blobs.digest(p) for p in {*rows, *unrecorded}}
     version = parse_checkpoint_name(kept) if kept is not None else None
     reason = why or (
         f"replaced by the checkpoint of model version {version.version}" if version else "no checkpoint is kept"
@@ -133,13 +128,11 @@ def discard(ctx: JobContext, job_id: str) -> None:
     best effort (the database may be why the job failed): the next start records a row left live
     as ``missing``.
     """
-    paths = [p for p in ctx.layout.checkpoint_files() if (n := parse_checkpoint_name(p)) and n.job_id == job_id]
-    found = {p: digest_on_disk(ctx.layout.root, p) for p in paths}
+    paths = [p for p in ctx.blobs.names(CHECKPOINTS) if (n := parse_checkpoint_name(p)) and n.job_id == job_id]
+    found: dict[str, FileRecord | None] = {}
     for p in paths:
         log.warning("discarding checkpoint %s of job %s, which did not commit", p, job_id)
-        ctx.layout.absolute(p).unlink(missing_ok=True)
-    if paths:
-        fsync_dir(ctx.layout.checkpoints)
+        found[p] = ctx.blobs.delete(p)
 
     def work() -> None:
         with ctx.transaction() as session:
@@ -158,8 +151,8 @@ def reconcile(ctx: JobContext, loaded: Checkpoint | None) -> None:
     paths = ctx.checkpoints.paths()
     # The loaded one, unless finishing its job failed and discarded it (then the model was restored
     # from the newest one left); never a newer, unreadable file over the one the model came from.
-    if loaded is not None and loaded.path.exists():
-        keep: Path | None = loaded.path
+    if loaded is not None and ctx.blobs.exists(loaded.path):
+        keep: str | None = loaded.path
         job_id: str | None = loaded.meta.last_job_id
     else:
         keep, job_id = (paths[0] if paths else None), None
@@ -172,9 +165,9 @@ def reconcile(ctx: JobContext, loaded: Checkpoint | None) -> None:
     )
 
 
-def _adopt(ctx: JobContext, keep: Path, job_id: str | None) -> None:
-    path = _relative(ctx, keep)
-    found = digest_on_disk(ctx.layout.root, path)
+def _adopt(ctx: JobContext, keep: str, job_id: str | None) -> None:
+    path = keep
+    found = ctx.blobs.digest(path)
     if found is None:
         return
 

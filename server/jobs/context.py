@@ -16,7 +16,7 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.checkpoints import CheckpointMeta, CheckpointStore
-from server.data import FileRecord, load_arrays
+from server.data import BlobStore, FileBlobStore, FileRecord
 from server.data.layout import DataLayout
 from server.data.sample_ids import SampleIdKey
 from server.engine.protocol import Predictor, Progress, Strategy, TaskData
@@ -83,6 +83,7 @@ class JobContext:
         audit_log: AuditLog | None = None,
         *,
         sample_key: SampleIdKey | None = None,
+        blobs: BlobStore | None = None,
     ) -> None:
         self.factory = strategy_factory
         self.strategy = strategy_factory()
@@ -92,12 +93,14 @@ class JobContext:
         self.telemetry = telemetry
         self.settings = settings
         self.layout = DataLayout(settings.data_dir)
-        self.checkpoints = CheckpointStore(settings.data_dir)
-        self.probes = ProbeCache(settings.data_dir)
+        #: Where spools, task data and checkpoints are (``storage.blob_url``; the data directory by default).
+        self.blobs = blobs if blobs is not None else FileBlobStore(settings.data_dir)
+        self.checkpoints = CheckpointStore(self.blobs)
+        self.probes = ProbeCache(self.blobs)
         self.sample_key = sample_key or SampleIdKey(settings.data_dir / "keys" / "sample-ids.key")
         if not self.strategy.task_incremental:  # one output space: serve the rollback point while forgetting
             serving.set_rollback(self.rollback_predictor)
-        self.lifecycle = Lifecycle(audit_log, data_dir=settings.data_dir)
+        self.lifecycle = Lifecycle(audit_log, blobs=self.blobs)
         self.stopping = threading.Event()
         self.deadline = math.inf
 
@@ -159,7 +162,7 @@ class JobContext:
         replay: dict[str, TaskData] = {}
         for f in files:
             if f.task not in exclude and f.bytes > 0 and (temporary or f.task not in held):
-                arrays = load_arrays(self.layout.absolute(f.path))
+                arrays = self.blobs.load_arrays(f.path)
                 replay[f.task] = TaskData(torch.from_numpy(arrays["inputs"]), torch.from_numpy(arrays["labels"]))
         return replay
 
@@ -170,7 +173,9 @@ class JobContext:
         """
         checkpoint_rows.record_intent(self, job)
         meta = CheckpointMeta(self.strategy.version, job.id, metrics)
-        self.checkpoints.save(meta, self.strategy.state_dict(), attempt=job.attempts)
+        state = self.strategy.state_dict()
+        # Retried like a transaction: with blobs in the database (storage.blob_url) the write is one.
+        self.retry(lambda: self.checkpoints.save(meta, state, attempt=job.attempts), "writing the checkpoint")
 
     def restore(self, discard_job: str | None = None) -> None:
         """Rebuild the model from the newest checkpoint, first deleting one written by ``discard_job``.
@@ -182,8 +187,8 @@ class JobContext:
             checkpoint_rows.discard(self, discard_job)
         newest = self.checkpoints.load_latest()
         if newest is not None and discard_job is not None and newest.meta.last_job_id == discard_job:
-            log.warning("discarding checkpoint %s of job %s, which did not commit", newest.path.name, discard_job)
-            newest.path.unlink(missing_ok=True)
+            log.warning("discarding checkpoint %s of job %s, which did not commit", newest.path, discard_job)
+            self.blobs.delete(newest.path)
             newest = self.checkpoints.load_latest()
         self.strategy = self.factory()
         if newest is not None:

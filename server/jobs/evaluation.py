@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from server.data import load_arrays
+from server.data import BlobStore
 from server.engine import metrics
 from server.engine.protocol import Predictor, UnknownTaskError
 
@@ -29,15 +28,15 @@ class ProbeSet:
 class ProbeCache:
     """Probe and member files read once and kept in memory until they are purged."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
+    def __init__(self, blobs: BlobStore) -> None:
+        self.blobs = blobs
         self._cache: dict[str, ProbeSet] = {}
 
     def get(self, relative: str) -> ProbeSet:
         """Load ``relative`` (an ``.npz`` with ``inputs`` and ``labels``) or return the cached copy."""
         found = self._cache.get(relative)
         if found is None:
-            arrays = load_arrays(self.data_dir / relative)
+            arrays = self.blobs.load_arrays(relative)
             found = ProbeSet(arrays["inputs"], arrays["labels"])
             self._cache[relative] = found
         return found

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy.orm import Session
 
-from server.data import FileRecord, purge
+from server.data import FileRecord
 from server.engine import metrics as m
 from server.jobs import checkpoint_rows
 from server.jobs.context import JobContext, JobRun
@@ -203,7 +203,7 @@ def _prune(ctx: JobContext, job_id: str) -> None:
 
 def _delete(ctx: JobContext, committed: Committed) -> None:
     for relative in committed.to_delete:
-        purged = purge(ctx.layout.root, relative)
+        purged = ctx.blobs.delete(relative)
         ctx.probes.drop(relative)
         if purged is not None:
             ctx.telemetry.purged_bytes.inc(purged.bytes)

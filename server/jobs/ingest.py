@@ -14,7 +14,7 @@ from types import TracebackType
 
 import numpy as np
 
-from server.data import SpoolWriter, purge
+from server.data import SpoolWriter
 from server.data.layout import DataLayout
 from server.errors import InvalidArgumentError, UnavailableError
 from server.jobs.service import JobService, LearnSubmission
@@ -28,7 +28,7 @@ class LearnStream:
         self.jobs = jobs
         self.submission = submission
         self.job_id = uuid.uuid4().hex
-        self._spool = SpoolWriter(jobs.data_dir, DataLayout.spool(self.job_id))
+        self._spool = SpoolWriter(jobs.blobs, DataLayout.spool(self.job_id))
         self.classes: set[int] = set()
         #: Keyed digests of the client's sample ids, in stream order; None until the first chunk says
         #: whether the stream carries ids (all chunks do, or none does).
@@ -88,7 +88,7 @@ class LearnStream:
         """
         record = self._spool.commit()
         if ended_early():
-            purge(self.jobs.data_dir, record.path)
+            self.jobs.blobs.delete(record.path)
             raise UnavailableError(
                 "the Learn stream was cancelled before it ended; nothing was recorded", reason="STREAM_CANCELLED"
             )

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.data import FileRecord, digest_on_disk
+from server.data import BlobStore, FileRecord
 from server.data.layout import parse_checkpoint_name
 from server.storage import (
     AuditLog,
@@ -133,13 +132,13 @@ class Lifecycle:
 
     Args:
         audit_log: Where the events go (the server's is signed); a plain one by default.
-        data_dir: The data directory, read at deletion time for the purge proofs' digests. Without
-            it (unit tests of transitions) proofs say ``at_deletion: unchecked``.
+        blobs: The blob store, read at deletion time for the purge proofs' digests. Without it
+            (unit tests of transitions) proofs say ``at_deletion: unchecked``.
     """
 
-    def __init__(self, audit_log: AuditLog | None = None, data_dir: Path | None = None) -> None:
+    def __init__(self, audit_log: AuditLog | None = None, blobs: BlobStore | None = None) -> None:
         self.audit_log = audit_log or AuditLog()
-        self.data_dir = data_dir
+        self.blobs = blobs
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -286,8 +285,8 @@ class Lifecycle:
 
     # ----------------------------------------------------------------- purge
     def on_disk(self, path: str) -> FileRecord | str | None:
-        """Size and SHA-256 of a data file as it is now (None: missing; :data:`UNCHECKED` without a data dir)."""
-        return digest_on_disk(self.data_dir, path) if self.data_dir is not None else UNCHECKED
+        """Size and SHA-256 of a data file as it is now (None: missing; :data:`UNCHECKED` without a blob store)."""
+        return self.blobs.digest(path) if self.blobs is not None else UNCHECKED
 
     def purge(
         self,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session
 
-from server.data import purge
+from server.data.layout import FOLDERS
 from server.jobs import checkpoint_rows
 from server.jobs.context import JobContext
 from server.storage import DataFileRepository, Job, JobKind, JobRepository, JobState, TaskRepository
@@ -50,7 +50,7 @@ def recover(ctx: JobContext, finish_from_checkpoint: Callable[[Job, dict[str, fl
         if applied > have and not any(j.id == named for j in running):
             raise StateMismatchError(
                 f"the database records model version {applied} but the newest checkpoint in "
-                f"{ctx.checkpoints.directory} is version {have}; restore the data directory and the "
+                f"{ctx.blobs.description} is version {have}; restore the blobs (data directory) and the "
                 "database from the same backup"
             )
         for job in running:
@@ -60,7 +60,7 @@ def recover(ctx: JobContext, finish_from_checkpoint: Callable[[Job, dict[str, fl
                 to_delete += ctx.lifecycle.requeue(session, job, "re-queued after a restart")
                 log.warning("re-queued job %s (%s %s) interrupted by a restart", job.id, job.kind, job.task)
     for path in to_delete:
-        purge(ctx.layout.root, path)
+        ctx.blobs.delete(path)
     if to_finish is not None and checkpoint is not None:
         log.warning("finishing job %s from its checkpoint after a restart", to_finish.id)
         finish_from_checkpoint(to_finish, dict(checkpoint.meta.last_job_metrics))
@@ -70,14 +70,17 @@ def recover(ctx: JobContext, finish_from_checkpoint: Callable[[Job, dict[str, fl
 
 
 def sweep(ctx: JobContext) -> None:
-    """Delete every task-data file that is not a live ``data_files`` row (purged, or never recorded)."""
+    """Delete every task-data blob that is not a live ``data_files`` row (purged, or never recorded),
+    and what interrupted writes left."""
     with ctx.sessions() as session:
         live = {f.path for f in DataFileRepository(session).live()}
-    for relative in ctx.layout.task_files():
-        if relative not in live:
-            why = "an interrupted write" if ctx.layout.is_temporary(relative) else "not a live data_files row"
-            log.warning("deleting %s: %s", relative, why)
-            purge(ctx.layout.root, relative)
+    for folder in FOLDERS.values():
+        for relative in ctx.blobs.remove_temporary(folder):
+            log.warning("deleted %s: an interrupted write", relative)
+        for relative in ctx.blobs.names(folder):
+            if relative not in live:
+                log.warning("deleting %s: not a live data_files row", relative)
+                ctx.blobs.delete(relative)
 
 
 def load_serving_state(ctx: JobContext) -> None:

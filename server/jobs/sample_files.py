@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
 from sqlalchemy.orm import Session
 
-from server.data import SpoolWriter, load_arrays, read_spool, save_arrays
+from server.data import SpoolWriter, read_spool
 from server.engine.protocol import LearnOptions, TaskData
 from server.jobs.context import JobContext
 from server.jobs.evaluation import ProbeSet
@@ -75,10 +76,11 @@ def plans(session: Session, job: Job) -> list[TaskPlan]:
 
 def rewrite_spool(ctx: JobContext, plan: TaskPlan, path: str) -> None:
     """A queued Learn's spool without the samples; the rest keeps its digests (server-made ones too)."""
-    inputs, labels, ids = read_spool(ctx.layout.absolute(plan.files[DataFileKind.SPOOL].path))
+    with ctx.blobs.open(plan.files[DataFileKind.SPOOL].path) as spool:
+        inputs, labels, ids = read_spool(spool)
     digests = ids or ctx.sample_key.server_made(plan.learn_job, len(labels))
     keep = np.array([d not in plan.digests for d in digests], dtype=bool)
-    with SpoolWriter(ctx.layout.root, path) as writer:
+    with SpoolWriter(ctx.blobs, path) as writer:
         writer.append(inputs[keep], labels[keep], [d for d, k in zip(digests, keep, strict=True) if k])
         writer.commit()
 
@@ -88,7 +90,7 @@ def rewrite_task(ctx: JobContext, job: Job, part: int, plan: TaskPlan) -> Rewrit
     for kind in (DataFileKind.RETAINED, DataFileKind.PROBE):
         if kind not in plan.files:
             raise ValueError(f"task {plan.task!r} has no {kind.value} file: its samples cannot be forgotten exactly")
-    parts = [load_arrays(ctx.layout.absolute(plan.files[k].path)) for k in (DataFileKind.RETAINED, DataFileKind.PROBE)]
+    parts = [ctx.blobs.load_arrays(plan.files[k].path) for k in (DataFileKind.RETAINED, DataFileKind.PROBE)]
     if any("positions" not in p for p in parts):
         raise ValueError(
             f"task {plan.task!r} was learned before sample ids were indexed: its files do not name their samples"
@@ -123,16 +125,16 @@ def rewrite_task(ctx: JobContext, job: Job, part: int, plan: TaskPlan) -> Rewrit
 def write_files(ctx: JobContext, rewrite: Rewrite) -> None:
     """Write a task's new files (their rows are already recorded) and drop the arrays from memory."""
     for kind, path in rewrite.paths.items():
-        save_arrays(ctx.layout.absolute(path), **rewrite.arrays[kind])
+        ctx.retry(partial(ctx.blobs.save_arrays, path, **rewrite.arrays[kind]), "writing the rewritten files")
     rewrite.arrays = {}
 
 
 def count_rows(ctx: JobContext, path: str) -> int:
     """Samples in a task-data file."""
-    absolute = ctx.layout.absolute(path)
-    if not absolute.exists():
+    if not ctx.blobs.exists(path):
         return 0
-    if path.endswith(".spool"):
-        return int(read_spool(absolute)[1].shape[0])
-    with np.load(absolute, allow_pickle=False) as data:
-        return int(data["labels"].shape[0])
+    with ctx.blobs.open(path) as f:
+        if path.endswith(".spool"):
+            return int(read_spool(f)[1].shape[0])
+        with np.load(f, allow_pickle=False) as data:
+            return int(data["labels"].shape[0])

@@ -20,7 +20,7 @@ from pathlib import Path
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.data import FileRecord, purge
+from server.data import BlobStore, FileBlobStore, FileRecord
 from server.data.sample_ids import SampleIdKey, server_made_id
 from server.engine.protocol import LearnOptions
 from server.engine.temporary import FORGET_METHOD
@@ -122,13 +122,16 @@ class JobService:
         audit_log: AuditLog | None = None,
         *,
         sample_key: SampleIdKey | None = None,
+        blobs: BlobStore | None = None,
     ) -> None:
         self.sessions = sessions
         self.data_dir = data_dir
+        #: Where spools are written (``storage.blob_url``; the data directory by default).
+        self.blobs = blobs if blobs is not None else FileBlobStore(data_dir)
         self.events = events
         self.serving = serving
         self.limits = limits
-        self.lifecycle = Lifecycle(audit_log, data_dir=data_dir)
+        self.lifecycle = Lifecycle(audit_log, blobs=self.blobs)
         self.audit_log = self.lifecycle.audit_log
         self._ready = threading.Event()
         #: Set on a hot standby or a read replica: the error every write gets.
@@ -258,7 +261,7 @@ class JobService:
                 existing = self._matching(session, submission.idempotency_key, JobKind.LEARN, submission.task)
                 existing = existing or self._check_learn(session, submission)
                 if existing is not None:
-                    purge(self.data_dir, spool.path)
+                    self.blobs.delete(spool.path)
                     return existing
                 self.lifecycle.new_task(
                     session, submission.task, samples, classes, temporary=submission.options.temporary
@@ -307,7 +310,7 @@ class JobService:
                     },
                 )
         except IntegrityError:
-            purge(self.data_dir, spool.path)
+            self.blobs.delete(spool.path)
             # Two requests with one idempotency key raced: the other one won; answer with its job.
             existing = self.existing_job(submission.idempotency_key, JobKind.LEARN, submission.task)
             if existing is not None:
@@ -318,7 +321,7 @@ class JobService:
                 metadata={"task": submission.task},
             ) from None
         except BaseException:
-            purge(self.data_dir, spool.path)
+            self.blobs.delete(spool.path)
             raise
         self.serving.set_task_state(submission.task, TaskState.LEARNING)
         self.events.notify()
@@ -618,7 +621,7 @@ class JobService:
 
     def _delete_files(self, paths: Sequence[str]) -> None:
         for path in paths:
-            purge(self.data_dir, path)
+            self.blobs.delete(path)
 
     # --------------------------------------------------------------- queries
     def get_job(self, job_id: str) -> Job:

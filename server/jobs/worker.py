@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable
 
-from server.data import purge
 from server.engine.protocol import Progress, Strategy, no_progress
 from server.jobs import recovery
 from server.jobs.context import JobContext, JobRun, WorkerSettings
@@ -200,7 +199,7 @@ class Worker:
         self.ctx.serving.release(job.id)
         self.ctx.telemetry.job_duration.labels(job.kind.value).observe(time.monotonic() - started)
         for path in to_delete:
-            purge(self.ctx.layout.root, path)
+            self.ctx.blobs.delete(path)
 
     def _cancelled(self, job: Job) -> None:
         """CANCELLED at a cancel's request: model restored bit for bit, spool and files purged."""
@@ -212,7 +211,7 @@ class Worker:
         )
         self.ctx.serving.release(job.id)
         for path in to_delete:
-            purge(self.ctx.layout.root, path)
+            self.ctx.blobs.delete(path)
         log.info("job %s cancelled while running; the model is as before it", job.id)
 
     def _interrupted(self, job: Job) -> None:
@@ -228,7 +227,7 @@ class Worker:
             log.warning("job %s stays RUNNING; the next start re-queues it", job.id)
             return
         for path in to_delete:
-            purge(self.ctx.layout.root, path)
+            self.ctx.blobs.delete(path)
         log.warning("job %s interrupted by shutdown and re-queued", job.id)
 
     def _end(self, job: Job, transition: Callable[..., list[str]], what: str) -> list[str]:

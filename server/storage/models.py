@@ -19,6 +19,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -261,6 +262,40 @@ class Sample(Base):
 
     def __repr__(self) -> str:
         return f"Sample(task={self.task!r}, digest={self.digest[:12]!r})"
+
+
+class Blob(Base):
+    """A blob of the ``postgresql`` blob store (see :mod:`server.data.blobs.postgres`): one data file.
+
+    ``path`` is NULL while the blob is being written (its chunks go in under the row's ``id``) and is
+    set, together with ``bytes`` and ``sha256``, in the one transaction that publishes it;
+    ``pending_path`` is the path it is written for (a crash leaves such rows; the start-up sweep
+    deletes them).
+    """
+
+    __tablename__ = "blobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    path: Mapped[str | None] = mapped_column(String(512), unique=True)
+    pending_path: Mapped[str] = mapped_column(String(512))
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    sha256: Mapped[str] = mapped_column(String(HASH_LENGTH), default="")
+    #: Bytes of every chunk but the last (chunk ``n`` holds bytes ``n * chunk_bytes`` onwards).
+    chunk_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+
+    def __repr__(self) -> str:
+        return f"Blob(path={self.path!r}, bytes={self.bytes!r})"
+
+
+class BlobChunk(Base):
+    """One chunk (at most ``Blob.chunk_bytes``) of a blob's bytes."""
+
+    __tablename__ = "blob_chunks"
+
+    blob_id: Mapped[int] = mapped_column(Integer, ForeignKey("blobs.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Lease(Base):

@@ -228,7 +228,7 @@ def test_an_error_after_the_commit_never_turns_success_into_failure(tmp_path: Pa
     with running_app(config) as server:
         c, worker = server.client, server.app.worker
         assert worker is not None
-        worker.ctx.checkpoints = UnprunableCheckpoints(tmp_path / "data")
+        worker.ctx.checkpoints = UnprunableCheckpoints(worker.ctx.blobs)
         first = c.wait(c.learn("a", *digits([0, 1])).id)
         second = c.wait(c.learn("b", *digits([2, 3])).id)
         assert (first.state, second.state) == (pb.SUCCEEDED, pb.SUCCEEDED)
@@ -246,14 +246,15 @@ def test_a_job_reads_as_ended_only_once_its_superseded_files_are_deleted(
 ) -> None:
     """Deleting purged files after the commit is slowed down: an unlearn that reads SUCCEEDED (to
     GetJob, WatchJob and ListJobs) has no file of its task's data left (CI once read one in between)."""
-    from server.data import purge
-    from server.jobs import finish
+    from server.data import FileBlobStore
 
-    def slow_purge(root: Path, relative: str) -> object:
+    delete = FileBlobStore.delete
+
+    def slow_delete(store: FileBlobStore, relative: str) -> object:
         time.sleep(0.5)
-        return purge(root, relative)
+        return delete(store, relative)
 
-    monkeypatch.setattr(finish, "purge", slow_purge)
+    monkeypatch.setattr(FileBlobStore, "delete", slow_delete)
     data_dir = tmp_path / "data"
     with running_app(make_config(data_dir, database_url, **{"training.epochs": 1})) as server:
         c = server.client

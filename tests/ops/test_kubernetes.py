@@ -60,13 +60,22 @@ def test_the_pods_settings_are_settings_the_server_accepts(workload: str, tmp_pa
     container = _containers()[workload]
     env = {e["name"]: e["value"] for e in container["env"]}
     secret = _by_kind("Secret")["lethe"]["stringData"]
+    keys = {m["mountPath"] for m in container["volumeMounts"] if m["name"] == "keys"}
+    assert keys == {"/keys"}
+    for name, value in env.items():  # the keys Secret's files, here under tmp_path (the server checks they exist)
+        if value.startswith("/keys/"):
+            (tmp_path / Path(value).name).write_bytes(b"key")
+            env[name] = str(tmp_path / Path(value).name)
     config = load_config(env={**env, **secret})  # raises ConfigError naming any unknown or bad value
     assert config.server.role == {"lethe-primary": "primary", "lethe-replica": "replica"}[workload]
     assert config.server.host == "0.0.0.0" and config.server.metrics_host == "0.0.0.0"
     assert config.database_url.startswith("postgresql")  # a standby and replicas need PostgreSQL
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": config.server.port, "metrics": config.server.metrics_port}
-    assert {m["mountPath"] for m in container["volumeMounts"]} == {config.storage.data_dir}
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {config.storage.data_dir, "/keys"}
+    # No volume is shared: blobs are in the database, and both keys come from the Secret.
+    assert config.storage.blob_url == "postgresql"
+    assert config.audit.signing_key_file and config.storage.sample_id_key_file
 
 
 def test_only_the_lease_holder_is_ready_among_the_primaries_and_replicas_are_ready_when_following() -> None:
@@ -102,31 +111,37 @@ def test_services_budgets_and_the_autoscaler_select_the_right_pods() -> None:
     assert _selects(budgets["lethe-replica"]["spec"]["selector"]["matchLabels"], replica)
     target = _by_kind("HorizontalPodAutoscaler")["lethe-replica"]["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", "lethe-replica")
-    claim = {
-        v["persistentVolumeClaim"]["claimName"]
-        for c in ("StatefulSet", "Deployment")
-        for w in _by_kind(c).values()
-        for v in w["spec"]["template"]["spec"]["volumes"]
-    }
-    assert (
-        claim == set(_by_kind("PersistentVolumeClaim"))
-        and "ReadWriteMany" in _by_kind("PersistentVolumeClaim")["lethe-data"]["spec"]["accessModes"]
-    )
+    # No shared volume (blobs are in PostgreSQL): each primary has a small claim of its own, replicas none.
+    assert _by_kind("PersistentVolumeClaim") == {}
+    (claim,) = _by_kind("StatefulSet")["lethe-primary"]["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data" and claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    volumes = {v["name"]: v for v in _by_kind("Deployment")["lethe-replica"]["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes["data"] and volumes["keys"]["secret"]["secretName"] == "lethe-keys"
 
 
-def test_the_compose_file_runs_two_primaries_and_two_replicas_on_one_database() -> None:
+def test_the_compose_file_runs_two_primaries_and_two_replicas_on_one_database(tmp_path: Path) -> None:
     compose = yaml.safe_load((DEPLOY.parent / "docker-compose.ha.yml").read_text())
     services = compose["services"]
     roles = {}
+    keys = services.pop("lethe-keys")
+    assert keys["volumes"] == ["lethe-keys:/keys"] and "entrypoint" in keys
     for name, service in services.items():
         if name == "postgres":
             continue
         env = {k: v for k, v in service["environment"].items() if not v.startswith("${LETHE_AUTH_TOKENS")}
+        for key, value in env.items():  # the keys lethe-keys creates, here under tmp_path
+            if value.startswith("/keys/"):
+                (tmp_path / Path(value).name).write_bytes(b"key")
+                env[key] = str(tmp_path / Path(value).name)
         config = load_config(env=env)
         roles[name] = config.server.role
         assert config.database_url.startswith("postgresql") and "@postgres:5432/" in config.database_url
-        assert service["volumes"] == ["lethe-data:/data"]
+        # Blobs in the database: each server's data directory is its own; only the keys are shared.
+        assert config.storage.blob_url == "postgresql"
+        assert "lethe-keys:/keys:ro" in service["volumes"]
+        assert not any(v.endswith(":/data") for v in service["volumes"] if v.startswith("lethe-data"))
         assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert service["depends_on"]["lethe-keys"]["condition"] == "service_completed_successfully"
     assert sorted(roles.values()) == ["primary", "primary", "replica", "replica"]
     published = [s["ports"][0].split(":")[1] for n, s in services.items() if n != "postgres"]
     assert len(set(published)) == 4

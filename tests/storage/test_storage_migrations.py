@@ -35,7 +35,18 @@ from server.storage import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TABLES = {"tasks", "jobs", "evaluations", "audit_events", "audit_head", "data_files", "samples", "leases"}
+TABLES = {
+    "tasks",
+    "jobs",
+    "evaluations",
+    "audit_events",
+    "audit_head",
+    "data_files",
+    "samples",
+    "leases",
+    "blobs",
+    "blob_chunks",
+}
 
 
 def _differences(engine: Engine, metadata: MetaData) -> list[object]:

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from server.checkpoints import CheckpointMeta, CheckpointStore
-from server.data import SpoolWriter, load_arrays, purge, read_spool, save_arrays
+from server.data import FileBlobStore, SpoolWriter, load_arrays, purge, read_spool, save_arrays
 
 
 def test_spool_round_trip_and_digest(tmp_path: Path) -> None:
     x1, y1 = np.random.rand(3, 1, 8, 8).astype(np.float32), np.array([1, 2, 3])
     x2, y2 = np.random.rand(2, 1, 8, 8).astype(np.float32), np.array([4, 5])
-    with SpoolWriter(tmp_path, "spool/job.spool") as spool:
+    with SpoolWriter(FileBlobStore(tmp_path), "spool/job.spool") as spool:
         spool.append(x1, y1, ["a", "b", "c"])
         spool.append(x2, y2, [])
         assert not (tmp_path / "spool/job.spool").exists()  # invisible until committed
@@ -47,10 +47,10 @@ def test_purge_reports_what_it_deleted(tmp_path: Path) -> None:
 
 
 def test_checkpoint_falls_back_over_a_torn_file_and_prunes(tmp_path: Path) -> None:
-    store = CheckpointStore(tmp_path)
+    store = CheckpointStore(FileBlobStore(tmp_path))
     store.save(CheckpointMeta(1, "a" * 32, {"loss": 0.5}), {"w": torch.ones(3)})
     store.save(CheckpointMeta(2, "b" * 32, {}), {"w": torch.full((3,), 2.0)})
-    newest = store.paths()[0]
+    newest = tmp_path / store.paths()[0]
     newest.write_bytes(newest.read_bytes()[:20])  # torn write
     loaded = store.load_latest()
     assert loaded is not None and loaded.meta.version == 1 and loaded.meta.last_job_metrics == {"loss": 0.5}
@@ -61,7 +61,8 @@ def test_checkpoint_falls_back_over_a_torn_file_and_prunes(tmp_path: Path) -> No
 
 
 def test_checkpoint_refuses_arbitrary_pickles(tmp_path: Path) -> None:
-    store = CheckpointStore(tmp_path)
+    store = CheckpointStore(FileBlobStore(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
 
     class Evil:
         def __reduce__(self) -> tuple[object, tuple[str]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from sqlalchemy.orm import Session
 
-from server.data import FileRecord, load_arrays, save_arrays, sha256_file
 from server.engine import metrics as m
 from server.engine.protocol import TaskData
 from server.jobs.context import JobContext, JobRun
@@ -44,7 +43,7 @@ class CommitHandler:
         retained = retained_file(ctx, job.task, exclude_job=job.id)
         if retained is None:
             raise ValueError(f"the training data of temporary task {job.task!r} is missing: nothing to commit from")
-        arrays = load_arrays(layout.absolute(retained.path))
+        arrays = ctx.blobs.load_arrays(retained.path)
         data = TaskData(torch.from_numpy(arrays["inputs"]), torch.from_numpy(arrays["labels"]))
         report = learner.commit_temporary(job.task, data, run.progress, ctx.replay(exclude=job.task))
         check_finite(ctx, job.task, arrays["inputs"])  # a diverged commit fails and is rolled back
@@ -57,7 +56,7 @@ class CommitHandler:
             path = layout.job_file(DataFileKind.RETAINED, job.id, job.attempts)
             ctx.retry(lambda: _record_intent(ctx, job, path), "recording the job's files")
             selection = {"inputs": report.retain.inputs.numpy(), "labels": report.retain.labels.numpy()}
-            save_arrays(layout.absolute(path), **selection)
+            ctx.retry(lambda: ctx.blobs.save_arrays(path, **selection), "writing the retained data")
             metrics["retained_kept"] = 0.5
         metrics.setdefault("samples", float(len(data)))
         return metrics
@@ -65,10 +64,9 @@ class CommitHandler:
     def measure(self, ctx: JobContext, run: JobRun, evaluated: Evaluated) -> dict[str, float]:
         """Digest the new retained selection, if the computation wrote one."""
         run.files = []
-        path = ctx.layout.job_file(DataFileKind.RETAINED, run.job.id, run.job.attempts)
-        absolute = ctx.layout.absolute(path)
-        if absolute.exists():
-            run.files.append(FileRecord(path, absolute.stat().st_size, sha256_file(absolute)))
+        found = ctx.blobs.digest(ctx.layout.job_file(DataFileKind.RETAINED, run.job.id, run.job.attempts))
+        if found is not None:
+            run.files.append(found)
         return {}
 
     def commit(self, ctx: JobContext, session: Session, run: JobRun, job: Job, evaluated: Evaluated) -> list[str]:

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from sqlalchemy.orm import Session
 
-from server.data import FileRecord, sha256_file
 from server.engine import metrics as m
 from server.jobs import sample_files
 from server.jobs.context import JobContext, JobRun
@@ -84,8 +83,10 @@ class ForgetSamplesHandler:
         new, old = ctx.read(lambda session: _replaced_files(session, run.job), "reading the rewritten files")
         run.files = []
         for row in new:
-            absolute = ctx.layout.absolute(row.path)
-            run.files.append(FileRecord(row.path, absolute.stat().st_size, sha256_file(absolute)))
+            found = ctx.blobs.digest(row.path)
+            if found is None:
+                raise FileNotFoundError(f"the rewritten file {row.path} is missing from {ctx.blobs.description}")
+            run.files.append(found)
         self._rows = {row.path: sample_files.count_rows(ctx, row.path) for row in (*new, *old)}
         rewrites = self._rewrites.pop(run.job.id, [])
         return _forget_quality(ctx, evaluated, rewrites) if rewrites else {}

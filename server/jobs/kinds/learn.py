@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import torch
 from sqlalchemy.orm import Session
 
-from server.data import FileRecord, read_spool, save_arrays, sha256_file
+from server.data import read_spool
 from server.engine.protocol import LearnOptions, TaskData, TemporaryLearning
 from server.jobs.context import JobContext, JobRun
 from server.jobs.snapshot import Evaluated
@@ -38,7 +39,8 @@ class LearnHandler:
     def compute(self, ctx: JobContext, run: JobRun) -> dict[str, float]:
         """Train on the job's spool, then record and write its probe, member and retained files."""
         job, layout = run.job, ctx.layout
-        inputs, labels, ids = read_spool(layout.absolute(spool_of(ctx, job)))
+        with ctx.blobs.open(spool_of(ctx, job)) as spool:
+            inputs, labels, ids = read_spool(spool)
         digests = np.asarray(ids or ctx.sample_key.server_made(job.id, len(labels)))
         options = LearnOptions.from_dict(job.options)
         if "seed" not in job.options:  # queued by a version that resolved the seed in the worker
@@ -66,8 +68,8 @@ class LearnHandler:
             }
         paths = {kind: layout.job_file(kind, job.id, job.attempts) for kind in arrays}
         ctx.retry(lambda: self._record_intent(ctx, job, paths), "recording the job's files")
-        for kind, named in arrays.items():
-            save_arrays(layout.absolute(paths[kind]), **named)
+        for kind, named in arrays.items():  # retried: with blobs in the database a write is a transaction
+            ctx.retry(partial(ctx.blobs.save_arrays, paths[kind], **named), "writing the job's files")
         metrics = {k: float(v) for k, v in report.metrics.items()}
         metrics.setdefault("samples", float(len(train)))
         metrics["probe_samples"] = float(len(probe))
@@ -88,10 +90,9 @@ class LearnHandler:
         """Digest the files the computation wrote (outside the transaction: it reads them all)."""
         run.files = []
         for kind in (DataFileKind.PROBE, DataFileKind.MEMBER, DataFileKind.RETAINED):
-            path = ctx.layout.job_file(kind, run.job.id, run.job.attempts)
-            absolute = ctx.layout.absolute(path)
-            if absolute.exists():
-                run.files.append(FileRecord(path, absolute.stat().st_size, sha256_file(absolute)))
+            found = ctx.blobs.digest(ctx.layout.job_file(kind, run.job.id, run.job.attempts))
+            if found is not None:
+                run.files.append(found)
         return {}
 
     def commit(self, ctx: JobContext, session: Session, run: JobRun, job: Job, evaluated: Evaluated) -> list[str]:
