@@ -120,13 +120,12 @@ def test_every_bad_option_is_refused_by_name(option: str, value: object) -> None
         agscl(**{option: value})
 
 
-def test_capacity_on_needs_a_resizable_backbone_and_all_errors_come_at_once() -> None:
-    with pytest.raises(ValueError, match="capacity = 'on' needs a resizable backbone"):
-        agscl(backbone="resnet18", capacity="on")
+def test_capacity_resizes_every_backbone_and_all_errors_come_at_once() -> None:
     with pytest.raises(ValueError, match=r"mu.*rho"):
         agscl(mu=-1.0, rho=2.0)
-    assert not agscl(backbone="resnet18").config.resizable  # auto: fixed width where growth is not implemented
+    assert agscl(backbone="resnet18", capacity="on").config.resizable  # the inner block convs (resnet tests)
     assert agscl().config.resizable and agscl(backbone="cnn", width=8).config.resizable
+    assert not agscl(capacity="off").config.resizable
 
 
 # -- the proximal step ------------------------------------------------------------------------------

@@ -77,22 +77,24 @@ def build_agscl(
         amnesia_learning_rate: Adam learning rate of ``amnesia``.
         amnesia_ewc: weight of ``amnesia``'s EWC penalty (diagonal Fisher of the retained tasks).
         amnesia_replay: weight of ``amnesia``'s replay cross-entropy on the retained tasks' data.
-        capacity: ``auto`` (grow and prune node layers where implemented: ``mlp``, ``cnn``), ``on`` (the same;
-            an error on the ResNets) or ``off`` (fixed width).
-        grow_percent: k, the percentage every hidden layer grows by when free units run out (or the loss stays
+        capacity: ``auto`` or ``on`` (the same: grow and prune the resizable node layers, on every backbone) or
+            ``off`` (fixed width). In a ResNet only the convs inside each block resize (a basic block's first
+            conv, a bottleneck's first two); the residual-stream widths (stem, each block's last conv, the
+            downsample) stay fixed, since their channels are shared with the identity path.
+        grow_percent: k, the percentage every resizable layer grows by when free units run out (or the loss stays
             above ``grow_loss``).
-        grow_loss: τ; the hidden layers also grow during a learn when the epoch's mean training loss stays above τ
+        grow_loss: τ; the resizable layers also grow during a learn when the epoch's mean training loss stays above τ
             for ``grow_patience`` epochs in a row (the seed's DEN trigger); 0 = never on the loss.
         grow_patience: epochs in a row the training loss must stay above ``grow_loss`` before a growth.
         dropout_percent: γ, targeted dropout: the weakest γ % (smallest incoming norm) of each layer's free units,
             never one with importance > 0, are dropped during training and pruned from the task after it (they
             stay free); 0 = off.
         dropout_rate: α, the probability that a targeted unit is dropped at each training step.
-        min_free_fraction: grow before a new task when a hidden layer has fewer than this share of units free
+        min_free_fraction: grow before a new task when a resizable layer has fewer than this share of units free
             (importance 0).
         prune: after an unlearn, prune free units beyond a reserve of ``grow_percent`` per layer, never below
             the configured width.
-        max_width_factor: hidden layers never grow beyond this multiple of the configured width.
+        max_width_factor: resizable layers never grow beyond this multiple of the configured width.
         retain_training_data: ``learn`` returns ``Report(retain=data)`` so the server keeps each task's
             training data, which unlearn method ``amnesia`` needs. Not model state.
 

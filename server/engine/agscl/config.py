@@ -15,15 +15,16 @@ from server.engine.agscl.growth import growth_option_errors
 #: Unlearning methods; the first is the default (see :mod:`server.engine.agscl.strategy`).
 UNLEARN_METHODS: tuple[str, ...] = ("release", "amnesia")
 
-#: Values of ``capacity``: ``auto`` grows and prunes where it is implemented (``mlp``, ``cnn``), ``on`` insists
-#: on it, ``off`` keeps the configured width.
+#: Values of ``capacity``: ``auto`` and ``on`` grow and prune (every backbone has resizable layers since the
+#: ResNets grow too; ``on`` is kept as the explicit spelling), ``off`` keeps the configured width.
 CAPACITY_MODES: tuple[str, ...] = ("auto", "on", "off")
-
-#: Backbones whose hidden layers can grow and shrink (capacity).
-RESIZABLE_BACKBONES: tuple[str, ...] = ("mlp", "cnn")
 
 #: Backbones AGS-CL knows the nodes of.
 SUPPORTED_BACKBONES: tuple[str, ...] = ("mlp", "cnn", "resnet18", "resnet50")
+
+#: Backbones whose node layers can grow and shrink (capacity): all of them. In a ResNet only the inner
+#: convs of each block resize; the residual-stream widths stay fixed (:mod:`server.engine.agscl.capacity`).
+RESIZABLE_BACKBONES: tuple[str, ...] = SUPPORTED_BACKBONES
 
 #: Options that only steer what the server keeps, not the model: left out of :meth:`AgsclConfig.as_dict`.
 RETENTION_OPTIONS: frozenset[str] = frozenset({"retain_training_data"})
@@ -66,8 +67,12 @@ class AgsclConfig:
         amnesia_ewc: weight of the EWC penalty (Fisher of the retained tasks) in ``amnesia``.
         amnesia_replay: weight of the replay cross-entropy on retained tasks in ``amnesia``.
         capacity: see :data:`CAPACITY_MODES`.
-        grow_percent: k, the percentage by which every hidden layer grows (seed on dynamic size).
-        grow_loss: τ: the hidden layers also grow *during* a learn when the epoch's mean training loss
+        grow_percent: k, the percentage by which every resizable node layer grows (seed on dynamic
+            size): every hidden layer of ``mlp`` and ``cnn``; in a ResNet the output channels of the
+            convs inside each block (a basic block's ``conv1``, a bottleneck's ``conv1`` and ``conv2``),
+            while the residual-stream widths (stem, each block's last conv, the downsample) stay fixed,
+            because their channels are shared with the identity path.
+        grow_loss: τ: the resizable layers also grow *during* a learn when the epoch's mean training loss
             has stayed above τ for ``grow_patience`` epochs in a row (the seed's DEN trigger,
             :mod:`server.engine.agscl.growth`); 0 = only before a task, when free units run out.
         grow_patience: epochs the loss must stay above ``grow_loss`` before a growth (and between two).
@@ -76,12 +81,12 @@ class AgsclConfig:
             Ω > 0) are dropped during training and pruned from the task after it (left free);
             0 = off.
         dropout_rate: α, the probability that a targeted unit is dropped at a training step.
-        min_free_fraction: before learning a new task, the hidden layers grow when any of them has
+        min_free_fraction: before learning a new task, the resizable layers grow when any of them has
             fewer than this share of its units free (Ω = 0). With λ = 1000 the important nodes are
             frozen outright, so a new task learns mostly on free ones: on a 32-unit MLP the second
             split-digits task reached 78 % with 0.1 (no growth) and 92 % with 0.25 (16 units grown).
         prune: after an unlearn frees units, prune free units down to ``grow_percent`` of each layer.
-        max_width_factor: hidden layers never grow beyond this multiple of their initial width.
+        max_width_factor: resizable layers never grow beyond this multiple of their initial width.
         retain_training_data: ``learn`` returns ``Report(retain=data)`` so the server keeps each
             task's training data (needed by ``amnesia``). Not model state.
     """
@@ -155,11 +160,6 @@ class AgsclConfig:
             self.capacity in CAPACITY_MODES,
             f"capacity must be one of {', '.join(CAPACITY_MODES)}, got {self.capacity!r}",
         )
-        need(
-            self.capacity != "on" or self.backbone in RESIZABLE_BACKBONES,
-            f"capacity = 'on' needs a resizable backbone ({', '.join(RESIZABLE_BACKBONES)}), got "
-            f"{self.backbone!r}; use capacity = 'auto' or 'off'",
-        )
         errors += growth_option_errors(
             grow_percent=self.grow_percent,
             grow_loss=self.grow_loss,
@@ -191,7 +191,7 @@ class AgsclConfig:
 
     @property
     def resizable(self) -> bool:
-        """Whether hidden layers grow and shrink (capacity on, or auto on a resizable backbone)."""
+        """Whether node layers grow and shrink (capacity ``auto`` or ``on``, on a resizable backbone)."""
         return self.capacity != "off" and self.backbone in RESIZABLE_BACKBONES
 
     def as_dict(self) -> dict[str, Any]:

@@ -17,6 +17,8 @@ Per backbone:
   identity path and every later block, so no single set of outgoing weights belongs to one of
   their nodes: they get the proximal step (sparsify or freeze) and re-initialization, but no
   zeroing of outgoing weights (an adaptation, documented in ``docs/reproduction-agscl.md``).
+  For the same reason only the inner convs of a block are *resizable* (capacity growth and
+  pruning, :mod:`server.engine.agscl.capacity`): the residual-stream widths stay fixed.
 """
 
 from __future__ import annotations
@@ -58,6 +60,15 @@ class NodeLayer:
     consumers: tuple[Consumer, ...]
     head_block: int = 0
     reinit: bool = True
+
+    @property
+    def resizable(self) -> bool:
+        """Whether capacity may add or remove nodes: its output is read only by its consumers and the heads.
+
+        False exactly where :attr:`reinit` is False, for the same reason: a ResNet's residual-stream
+        channels are shared with the identity path, every later block and the heads.
+        """
+        return self.reinit
 
 
 def node_layers(trunk: nn.Module, backbone: str) -> tuple[NodeLayer, ...]:

@@ -27,8 +27,10 @@ Beyond the paper:
   unlearning): the forgotten task is trained toward a noise surrogate (random labels over its classes),
   with an EWC penalty (diagonal Fisher of the retained tasks) and replay of their retained data;
   needs ``retain_training_data``.
-* **Capacity** (seed on dynamic model size; ``mlp`` and ``cnn``): before a new task, when a node layer has
-  fewer than ``min_free_fraction`` of its units free, every node layer grows by ``grow_percent``;
+* **Capacity** (seed on dynamic model size): before a new task, when a resizable node layer has
+  fewer than ``min_free_fraction`` of its units free, every resizable node layer grows by ``grow_percent``
+  (every layer of ``mlp`` and ``cnn``; the inner convs of each ResNet block, whose residual-stream
+  widths stay fixed, see :mod:`server.engine.agscl.capacity`);
   after an unlearn, free units beyond a reserve of ``grow_percent`` are pruned (never below the
   configured width). Neither changes any prediction (see :mod:`server.engine.agscl.capacity`). The
   layers also grow during a learn when the loss stays above ``grow_loss``
@@ -418,7 +420,7 @@ class AgsclStrategy:
         shares: Shares,
         stats: dict[str, dict[str, torch.Tensor]],
     ) -> tuple[int, nn.Linear]:
-        """Grow every hidden layer by ``grow_percent`` when one has too few free units (in place on copies).
+        """Grow every resizable layer by ``grow_percent`` when one has too few free units (in place on copies).
 
         Returns:
             Units added, and the (grown) template head. ``heads``, ``audit_heads``, ``shares`` and the
@@ -427,7 +429,11 @@ class AgsclStrategy:
         cfg = self.config
         widths = self._widths(trunk)
         omega = self._omega(shares, widths)
-        short = any(int((omega[name] == 0).sum()) < cfg.min_free_fraction * width for name, width in widths.items())
+        short = any(
+            int((omega[layer.name] == 0).sum()) < cfg.min_free_fraction * widths[layer.name]
+            for layer in self._layers
+            if layer.resizable
+        )
         extra = self._extra(trunk)
         if not short or not any(extra.values()):
             return 0, template
@@ -436,11 +442,16 @@ class AgsclStrategy:
         return sum(extra.values()), template
 
     def _extra(self, trunk: nn.Module) -> dict[str, int]:
-        """Units each node layer gets in a growth: ``grow_percent`` of its width, up to ``max_width_factor``."""
-        return {
-            name: max(0, min(math.ceil(width * self.config.grow_percent / 100), self._max_width(name) - width))
-            for name, width in self._widths(trunk).items()
-        }
+        """Units each node layer gets in a growth: ``grow_percent`` of its width, up to ``max_width_factor``.
+
+        None for a layer that is not resizable (a ResNet's residual stream).
+        """
+        extra = {}
+        for layer in self._layers:
+            width = width_of(trunk, layer)
+            room = self._max_width(layer.name) - width if layer.resizable else 0
+            extra[layer.name] = max(0, min(math.ceil(width * self.config.grow_percent / 100), room))
+        return extra
 
     def _grow(
         self,
@@ -704,10 +715,11 @@ class AgsclStrategy:
         omega = self._omega(shares, widths)
         keep: dict[str, torch.Tensor] = {}
         pruned = 0
-        for name, width in widths.items():
+        for layer in self._layers:
+            name, width = layer.name, widths[layer.name]
             free = (omega[name] == 0).nonzero().flatten()
             reserve = max(1, math.ceil(width * self.config.grow_percent / 100))
-            removable = min(free.numel() - reserve, width - self._initial_widths[name])
+            removable = min(free.numel() - reserve, width - self._initial_widths[name]) if layer.resizable else 0
             removed = free[free.numel() - removable :] if removable > 0 else free[:0]
             kept = torch.ones(width, dtype=torch.bool)
             kept[removed] = False
