@@ -298,6 +298,31 @@ def test_amnesia_forgets_with_replay_and_ewc_and_forget_more_drops_its_head() ->
     assert strategy.forget_more("split01", 2, no_progress, final=True) is None
 
 
+def test_pruning_after_amnesia_removes_only_silent_units_and_changes_no_retained_prediction() -> None:
+    """Amnesia frees the latest task's units but leaves weights it trained: pruning those would move retained tasks.
+
+    A 16-unit MLP without targeted dropout grows before each task (as in the release test above). Measured
+    when every free unit was pruned: 4 units went and retained logits moved by 0.006.
+    """
+    tasks = split_digits()
+    names = ["split01", "split23", "split45"]
+    replay = {task: tasks[task][0] for task in names}
+    runs = {}
+    for prune in (True, False):
+        strategy = agscl(retain_training_data=True, prune=prune, width=16, dropout_percent=0)
+        for task in names:
+            strategy.learn(task, tasks[task][0], OPTIONS, no_progress, {})
+        runs[prune] = (strategy, strategy.unlearn("split45", "amnesia", no_progress, replay))
+    (pruned, report), (unpruned, _) = runs[True], runs[False]
+    assert report.metrics["pruned_units"] > 0
+    assert pruned.parameter_count() < unpruned.parameter_count()
+    for task in ("split01", "split23"):
+        probe = tasks[task][1].inputs
+        torch.testing.assert_close(
+            pruned.predictor().predict(task, probe), unpruned.predictor().predict(task, probe), rtol=0, atol=1e-5
+        )
+
+
 # -- state --------------------------------------------------------------------------------------------
 
 

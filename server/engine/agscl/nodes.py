@@ -258,6 +258,38 @@ def zero_outgoing(
                 head.weight[:, column_index(chosen.to(head.weight.device), layer.head_block)] = 0.0
 
 
+@torch.no_grad()
+def silent_nodes(trunk: nn.Module, layers: tuple[NodeLayer, ...], heads: list[nn.Linear]) -> dict[str, torch.Tensor]:
+    """Layer name → bool ``[nodes]``: True where no weight carries the node's output towards ``heads``.
+
+    A node is silent when every outgoing weight is zero, except weights into consumer nodes that are
+    silent themselves (free nodes may read free nodes, I.1 only cuts them from important ones).
+    Nodes of layers that write a ResNet's residual stream are never silent: the identity path
+    carries them whatever their weights. Removing silent nodes changes no prediction of ``heads``.
+    """
+    found: dict[str, torch.Tensor] = {}
+    for layer in reversed(layers):  # consumers before the layers they read
+        width = width_of(trunk, layer)
+        if not layer.resizable:
+            found[layer.name] = torch.zeros(width, dtype=torch.bool)
+            continue
+        silent = torch.ones(width, dtype=torch.bool)
+        readers: list[tuple[torch.Tensor, int]] = []
+        for consumer in layer.consumers:
+            weight = module_at(trunk, consumer.path).weight
+            assert isinstance(weight, torch.Tensor)
+            quiet = found.get(consumer.path)  # the consumer's own nodes, when it is a node layer
+            readers.append((weight if quiet is None else weight[~quiet.to(weight.device)], consumer.block))
+        readers += [(head.weight, layer.head_block) for head in heads] if layer.head_block else []
+        for weight, block in readers:
+            if weight.shape[0] == 0:  # every node of the consumer is silent
+                continue
+            per_column = weight.abs().transpose(0, 1).reshape(weight.shape[1], -1).amax(dim=1)
+            silent &= (per_column.reshape(-1, block).amax(dim=1) == 0).cpu()
+        found[layer.name] = silent
+    return found
+
+
 def fresh_rows(module: nn.Module, generator: torch.Generator) -> list[torch.Tensor]:
     """Freshly initialized parameters of ``module`` as at construction (CPU), drawn from ``generator``.
 

@@ -69,6 +69,7 @@ from server.engine.agscl.nodes import (
     node_layers,
     proximal_step,
     reinitialize_incoming,
+    silent_nodes,
     width_of,
     zero_outgoing,
 )
@@ -708,16 +709,21 @@ class AgsclStrategy:
     ) -> tuple[int, nn.Linear]:
         """Prune free units beyond a reserve of ``grow_percent`` per layer, never below the configured width.
 
+        Only free units that are silent (no outgoing weight into the trunk or a live task's head) go, so
+        pruning changes no prediction: after ``release`` every free unit is silent, while units that
+        ``amnesia`` frees keep the weights it trained and stay.
+
         In place on the copies ``trunk``, ``heads``, ``audit_heads``, ``shares`` and ``stats``; returns
         the number of units pruned and the pruned template.
         """
         widths = self._widths(trunk)
         omega = self._omega(shares, widths)
+        silent = silent_nodes(trunk, self._layers, list(heads.values()))
         keep: dict[str, torch.Tensor] = {}
         pruned = 0
         for layer in self._layers:
             name, width = layer.name, widths[layer.name]
-            free = (omega[name] == 0).nonzero().flatten()
+            free = ((omega[name] == 0) & silent[name]).nonzero().flatten()
             reserve = max(1, math.ceil(width * self.config.grow_percent / 100))
             removable = min(free.numel() - reserve, width - self._initial_widths[name]) if layer.resizable else 0
             removed = free[free.numel() - removable :] if removable > 0 else free[:0]
