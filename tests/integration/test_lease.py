@@ -169,7 +169,7 @@ def _kill_the_primary_during_a_learn(tmp_path: Path, postgres_url: str, trial: i
         _until(lambda: "STANDBY" in log.read_text(), 60, "the standby's start")
         with LetheClient(first_target, retries=0, timeout=30) as c:
             done_before = c.wait(c.learn("before", *digits([2, 3]), epochs=1).id)
-            job = c.learn("long", *digits([0, 1]), epochs=200)
+            job = c.learn("long", *digits([0, 1]), epochs=50)  # still training at the kill, 0-2 s in
             queued = c.learn("queued", *digits([4, 5]), epochs=1)  # accepted: must not be lost
             _until(lambda: c.job(job.id).state == pb.RUNNING, 60, "the learn's start")
             time.sleep(random.Random(trial).uniform(0.0, 2.0))
