@@ -53,6 +53,7 @@ from server.engine.training import (
     class_mask,
     count_minibatches,
     derive_seed,
+    linear_from_state,
     linear_init_params,
     mask_logits,
     minibatches,
@@ -736,10 +737,10 @@ class FinetuneStrategy:
         trunk = copy.deepcopy(self._trunk)
         self._growth.reshape(trunk, [int(w) for w in state.get("widths", self._growth.widths(trunk))])
         trunk.load_state_dict(state["trunk"])
-        template = _linear_like(state["head_template"], self._device)
+        template = linear_from_state(state["head_template"], self._device)
         heads = nn.ModuleDict()
         for task, head_state in state["heads"].items():
-            heads[_head_key(task)] = _linear_like(head_state, self._device)
+            heads[_head_key(task)] = linear_from_state(head_state, self._device)
         classes = {task: tuple(int(c) for c in values) for task, values in state["classes"].items()}
         unlearned = set(state["unlearned"])
         live = set(classes) - unlearned
@@ -774,14 +775,6 @@ class FinetuneStrategy:
 
 def _as_linear(module: nn.Module) -> nn.Linear:
     assert isinstance(module, nn.Linear)
-    return module
-
-
-def _linear_like(state: Mapping[str, torch.Tensor], device: torch.device) -> nn.Linear:
-    """An ``nn.Linear`` holding ``state`` (its shape taken from the weight: heads grow with the trunk)."""
-    weight = state["weight"]
-    module = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in state, device="meta")
-    module.load_state_dict({k: v.to(device, copy=True) for k, v in state.items()}, assign=True)
     return module
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -158,3 +158,11 @@ def scaled_progress(progress: Progress, done: int, parts: int, prefix: str) -> P
         progress(min(1.0, (done + fraction) / parts), f"{prefix}: {message}")
 
     return report
+
+
+def linear_from_state(state: Mapping[str, torch.Tensor], device: torch.device) -> nn.Linear:
+    """An ``nn.Linear`` on ``device`` holding ``state``, its shape taken from the weight (heads grow with a trunk)."""
+    weight = state["weight"]
+    module = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in state, device="meta")
+    module.load_state_dict({k: v.to(device, copy=True) for k, v in state.items()}, assign=True)
+    return module

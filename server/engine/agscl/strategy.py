@@ -89,6 +89,7 @@ from server.engine.training import (
     class_mask,
     count_minibatches,
     derive_seed,
+    linear_from_state,
     mask_logits,
     minibatches,
     module_state_cpu,
@@ -959,9 +960,9 @@ class AgsclStrategy:
         widths = [int(w) for w in state["widths"]]
         trunk = self._trunk_with_widths(widths)
         trunk.load_state_dict(state["trunk"])
-        template = _linear_like(state["template"], self._device)
-        heads = {str(t): _linear_like(s, self._device) for t, s in state["heads"].items()}
-        audit_heads = {str(t): _linear_like(s, self._device) for t, s in state["audit_heads"].items()}
+        template = linear_from_state(state["template"], self._device)
+        heads = {str(t): linear_from_state(s, self._device) for t, s in state["heads"].items()}
+        audit_heads = {str(t): linear_from_state(s, self._device) for t, s in state["audit_heads"].items()}
         classes = {str(t): tuple(int(c) for c in values) for t, values in state["classes"].items()}
         unlearned = {str(t) for t in state["unlearned"]}
         stats = {str(t): {k: v.to(self._device, copy=True) for k, v in s.items()} for t, s in state["stats"].items()}
@@ -1022,11 +1023,3 @@ def _fresh_buffers(trunk: nn.Module) -> dict[str, torch.Tensor]:
         else:
             fresh[name] = torch.zeros_like(buffer)
     return fresh
-
-
-def _linear_like(state: Mapping[str, torch.Tensor], device: torch.device) -> nn.Linear:
-    """An ``nn.Linear`` holding ``state`` (its shape taken from the weight)."""
-    weight = state["weight"]
-    module = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in state, device="meta")
-    module.load_state_dict({k: v.to(device, copy=True) for k, v in state.items()}, assign=True)
-    return module
