@@ -72,7 +72,7 @@ class SoakSettings:
 
 
 FULL = SoakSettings()
-QUICK = SoakSettings(cycles=10, probe_cycles=8)
+QUICK = SoakSettings(cycles=4, probe_cycles=3)
 
 
 def digits_task(index: int) -> tuple[np.ndarray, np.ndarray]:

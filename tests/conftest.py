@@ -23,6 +23,25 @@ def pytest_report_header(config: pytest.Config) -> str:
     return describe_postgres()
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the PostgreSQL variant of every ``slow_on_postgres`` test ``slow``.
+
+    The default suite must finish within CI's 30 minutes: the longest end-to-end tests (tens of
+    seconds of training each) run there on SQLite only, and on both databases in ``make test-slow``.
+    The PostgreSQL code paths they cross (jobs, leases, purges, the audit chain) are covered in the
+    default suite by the shorter tests that run on both. Runs before ``-m`` selects (``tryfirst``).
+    """
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if (
+            item.get_closest_marker("slow_on_postgres") is not None
+            and callspec is not None
+            and callspec.params.get("database_url") == "postgresql"
+        ):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """URL of a fresh, empty database: a SQLite file under ``tmp_path``, or a new PostgreSQL database."""

@@ -167,6 +167,7 @@ def test_cancel_queued_job_and_errors(server) -> None:  # type: ignore[no-untype
     assert method.value.code == grpc.StatusCode.INVALID_ARGUMENT and "delete-head" in method.value.message
 
 
+@pytest.mark.slow_on_postgres
 def test_predict_keeps_answering_while_a_job_trains(server) -> None:  # type: ignore[no-untyped-def]
     client = server.client
     x, y = digits([0, 1])

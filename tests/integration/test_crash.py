@@ -138,6 +138,7 @@ def _random_phase(harness: CrashHarness, trial: int, prefix: str) -> None:
     harness.check()
 
 
+@pytest.mark.slow_on_postgres
 def test_kill_during_unlearns_and_at_a_random_point(harness: CrashHarness) -> None:
     client = harness.start()
     for task, classes in (("alpha", [0, 1]), ("beta", [2, 3]), ("gamma", [4, 5])):

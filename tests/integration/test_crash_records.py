@@ -81,6 +81,7 @@ def _server_logs(tmp_path: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("server-*.log")))
 
 
+@pytest.mark.slow_on_postgres
 @pytest.mark.parametrize("phase", ["compute", "commit"])
 def test_kill_during_a_records_unlearn_completes_once(
     harness: CrashHarness, tmp_path: Path, database_url: str, phase: str

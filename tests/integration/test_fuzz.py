@@ -397,6 +397,7 @@ def test_cancel_and_unlearn_racing_the_worker_are_consistent(
         assert unaccounted_files(tmp_path / "data", database_url) == {}
 
 
+@pytest.mark.slow_on_postgres
 def test_an_accepted_unlearn_is_never_undone_by_a_finishing_job(
     request: pytest.FixtureRequest, tmp_path: Path, database_url: str
 ) -> None:

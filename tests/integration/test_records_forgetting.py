@@ -264,6 +264,7 @@ def test_bad_records_requests_are_refused_naming_the_field(
         assert client.locate(ids[7:10]).unknown == 2 and _forgotten_counter(server, 9)
 
 
+@pytest.mark.slow_on_postgres
 def test_uncle_with_retained_data_forgets_memorized_samples(migrated_url: str, tmp_path: Path) -> None:
     # Clean digits carry no membership signal (seen and unseen samples score alike), so the person's
     # samples are made memorable: 10% of task a's samples with their labels swapped (3 <-> 8). Only a

@@ -27,6 +27,9 @@ SEQUENCE: tuple[tuple[str, str], ...] = (
     ("unlearn", "digits-0-1"),
     ("learn", "digits-4-5"),
 )
+#: Epochs of each learn: every step of every epoch is a chance to diverge, and one differing bit fails the test;
+#: fewer than the default 20 keeps three concurrent servers on two cores within CI's time.
+EPOCHS = 5
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ def _run_sequence(client: LetheClient) -> Served:
     for operation, task in SEQUENCE:
         if operation == "learn":
             data = load_digits().select(_classes(task))
-            job = client.wait(client.learn(task, data.inputs, data.labels).id)
+            job = client.wait(client.learn(task, data.inputs, data.labels, epochs=EPOCHS).id)
         else:
             job = client.wait(client.unlearn(task, reason="right to be forgotten").id)
         assert job.state == pb.SUCCEEDED, job.message

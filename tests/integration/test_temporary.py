@@ -97,6 +97,7 @@ def test_temporary_learn_is_served_and_its_unlearn_leaves_the_model_bit_identica
         assert missing.value.code == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.slow_on_postgres
 def test_commit_keeps_the_task_and_spares_the_others(tmp_path: Path, database_url: str) -> None:
     xa, ya = digits(A)
     xb, yb = digits(B)
@@ -225,6 +226,7 @@ def test_lure_routes_temporary_megabatches_and_forgets_them_exactly(tmp_path: Pa
         assert _accuracy(c, None, xb, yb) == 0.0  # the main model never saw b's classes
 
 
+@pytest.mark.slow_on_postgres
 def test_kill_during_commit_runs_it_again_once(tmp_path: Path, database_url: str) -> None:
     """kill -9 while a COMMIT runs: after the restart it runs again, once; the task ends LEARNED."""
     harness = CrashHarness(tmp_path / "data", database_url)
