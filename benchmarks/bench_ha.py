@@ -15,7 +15,10 @@ own and drops it).
 - **Predict throughput**: rows per second of a client process (its threads share one client)
   against the primary alone, then against the primary and the replica (the client given both
   addresses sends reads round-robin). Interleaved repetitions; the baseline is the primary alone in
-  the same run.
+  the same run. The client process reads the CPU time of the servers, its own and the machine's
+  (``/proc``) right around its timed window: the per-replica efficiency (rows per server CPU second
+  with the replica ÷ alone) and the most a replica can add on this machine (its cores ÷ the cores
+  the primary alone keeps busy) come from the same run.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench_peer import Target, digits, measure
+from benchmarks.bench_peer import Target, digits, measure_usage
 from benchmarks.report import BenchmarkResult, RunOptions
 from benchmarks.servers import ServerProcess, free_port, health_probe, lethe_argv
 from benchmarks.timing import Stopwatch, Summary, compare, interleaved
@@ -57,7 +60,7 @@ class HaSettings:
     repeats: int = 5
     seconds: float = 3.0
     rows: int = 64
-    threads: int = 4
+    threads: int = 8
 
 
 FULL = HaSettings()
@@ -176,6 +179,84 @@ def replica_lags(
     return learns, unlearns
 
 
+ALONE = "primary alone"
+BOTH = "primary + 1 replica"
+
+
+def throughput(
+    inputs: Path, primary: str, replica: str, pids: dict[str, int], settings: HaSettings, options: RunOptions
+) -> dict[str, list[dict[str, float]]]:
+    """Interleaved Predict throughput against the primary alone and against both; each with its CPU use."""
+    usage: dict[str, list[dict[str, float]]] = {ALONE: [], BOTH: []}
+
+    def variant(label: str, targets: list[str]) -> float:
+        measured = measure_usage(
+            Target(label, ",".join(targets), "predict"),
+            inputs,
+            settings.rows,
+            settings.threads,
+            settings.seconds,
+            [pids[t] for t in targets],
+        )
+        usage[label].append(measured)
+        return measured["rows_per_second"]
+
+    interleaved(
+        {ALONE: partial(variant, ALONE, [primary]), BOTH: partial(variant, BOTH, [primary, replica])},
+        settings.repeats,
+        log=lambda r, x: options.log(f"  throughput {r}: " + ", ".join(f"{k} {v:,.0f}" for k, v in x.items())),
+    )
+    return {label: measured[-settings.repeats :] for label, measured in usage.items()}  # the warm-up round dropped
+
+
+def _cores(measured: dict[str, float], key: str) -> float:
+    return measured[key] / measured["wall"]
+
+
+def _per_server_cpu(measured: dict[str, float]) -> float:
+    """Rows per CPU second of the serving processes."""
+    return measured["rows_per_second"] * measured["wall"] / measured["server_cpu"]
+
+
+def cpu_table(usage: dict[str, list[dict[str, float]]]) -> tuple[str, list[str], list[list[str]]]:
+    """Where the machine's CPU went during the throughput measurements (medians over repetitions)."""
+    rows = []
+    for label, measured in usage.items():
+        rows.append(
+            [
+                label,
+                f"{Summary.of([m['rows_per_second'] for m in measured]).median:,.0f}",
+                f"{Summary.of([_cores(m, 'server_cpu') for m in measured]).median:.2f}",
+                f"{Summary.of([_cores(m, 'client_cpu') for m in measured]).median:.2f}",
+                f"{Summary.of([_cores(m, 'busy_cpu') for m in measured]).median:.2f} of {os.cpu_count()}",
+                f"{Summary.of([_per_server_cpu(m) for m in measured]).median:,.0f}",
+            ]
+        )
+    return (
+        "Where the CPU goes during Predict (cores busy, medians)",
+        ["servers", "rows/s", "server processes", "client process", "machine", "rows per server CPU second"],
+        rows,
+    )
+
+
+def scaling_notes(usage: dict[str, list[dict[str, float]]]) -> list[str]:
+    """The per-replica efficiency, and the most a replica can add on this machine (measured in this run)."""
+    efficiency = Summary.of(
+        [_per_server_cpu(b) / _per_server_cpu(a) for a, b in zip(usage[ALONE], usage[BOTH], strict=True)]
+    )
+    cores = os.cpu_count() or 1
+    bound = Summary.of([cores / _cores(a, "busy_cpu") for a in usage[ALONE]])
+    return [
+        f"Per-replica efficiency (rows per server CPU second with the replica ÷ the primary alone): "
+        f"{efficiency.format(2)}.",
+        f"Bound on this machine: the primary alone kept {cores / bound.median:.2f} of its {cores} cores busy (its "
+        f"event loop holds one core; the client process and the kernel the rest), so a replica on the same cores can "
+        f"add at most the idle remainder: primary + 1 replica ≤ {bound.median:.2f}× the primary alone here, whatever "
+        f"the servers do. With a core of its own for each server and the clients elsewhere (separate hosts or pods), "
+        f"the same efficiency means about {2 * efficiency.median:.2f}×.",
+    ]
+
+
 def run(options: RunOptions, settings: HaSettings | None = None) -> BenchmarkResult:
     """The HA benchmark (see the module doc)."""
     settings = settings or (QUICK if options.quick else FULL)
@@ -199,40 +280,23 @@ def run(options: RunOptions, settings: HaSettings | None = None) -> BenchmarkRes
                     with LetheClient(replica_target, retries=0, timeout=60) as replica:
                         learns, unlearns = replica_lags(primary, replica, settings, options)
                 np.save(root / "inputs.npy", inputs[: settings.rows])
-                inputs_file = root / "inputs.npy"
-                variants = {
-                    label: partial(
-                        measure,
-                        Target(label, ",".join(targets), "predict"),
-                        inputs_file,
-                        settings.rows,
-                        settings.threads,
-                        settings.seconds,
-                    )
-                    for label, targets in (
-                        ("primary alone", [primary_target]),
-                        ("primary + 1 replica", [primary_target, replica_target]),
-                    )
-                }
-                rates = interleaved(
-                    variants,
-                    settings.repeats,
-                    log=lambda r, x: options.log(
-                        f"  throughput {r}: " + ", ".join(f"{k} {v:,.0f}" for k, v in x.items())
-                    ),
-                )
+                pids = {target: server.pid for server, target in cluster.servers}
+                usage = throughput(root / "inputs.npy", primary_target, replica_target, pids, settings, options)
             finally:
                 cluster.stop()
+    rates = {label: [u["rows_per_second"] for u in measured] for label, measured in usage.items()}
     result.comparisons.append(
         compare(
             f"Predict, {settings.rows} rows × {settings.threads} client threads: primary + 1 replica",
             "rows/s",
-            "primary alone",
-            rates["primary alone"],
-            rates["primary + 1 replica"],
+            ALONE,
+            rates[ALONE],
+            rates[BOTH],
             GOAL_SCALE,
         )
     )
+    result.tables.append(cpu_table(usage))
+    result.notes.extend(scaling_notes(usage))
     failover = Summary.of(failovers)
     verdict = "met" if failover.median <= GOAL_FAILOVER_P50 else "NOT met"
     rows = [

@@ -423,12 +423,42 @@ def client_main(spec: Mapping[str, Any]) -> dict[str, float]:
 
     with ClientThreads(threads) as pool:
         pool.throughput(call, threads, float(spec["warmup"]))
+        before = cpu_usage(spec.get("servers", ()))
         rate = pool.throughput(call, threads, seconds)
-    return {"rows_per_second": rate}
+        after = cpu_usage(spec.get("servers", ()))
+    return {"rows_per_second": rate, **{key: after[key] - before[key] for key in before}}
+
+
+def cpu_usage(servers: Iterable[int]) -> dict[str, float]:
+    """CPU seconds so far: the ``servers`` processes' (pids) together, this process's, the machine's busy and wall.
+
+    Linux ``/proc``; read by the client right around its timed window, so start-up and warm-up stay out.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    server = 0.0
+    for pid in servers:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        server += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    jiffies = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = jiffies[3] + jiffies[4]  # idle, iowait
+    own = os.times()
+    return {
+        "server_cpu": server,
+        "client_cpu": own.user + own.system,
+        "busy_cpu": (sum(jiffies) - idle) / tick,
+        "wall": own.elapsed,
+    }
 
 
 def measure(target: Target, inputs: Path, rows: int, threads: int, seconds: float) -> float:
     """Rows per second of a client process against ``target``."""
+    return measure_usage(target, inputs, rows, threads, seconds)["rows_per_second"]
+
+
+def measure_usage(
+    target: Target, inputs: Path, rows: int, threads: int, seconds: float, servers: Sequence[int] = ()
+) -> dict[str, float]:
+    """:func:`measure`, with the CPU seconds spent in its timed window (see :func:`cpu_usage`; ``servers``: pids)."""
     spec = {
         "address": target.address,
         "protocol": target.protocol,
@@ -438,6 +468,7 @@ def measure(target: Target, inputs: Path, rows: int, threads: int, seconds: floa
         "threads": threads,
         "seconds": seconds,
         "warmup": min(1.0, seconds),
+        "servers": list(servers),
     }
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_peer", "client", json.dumps(spec)],
@@ -449,7 +480,7 @@ def measure(target: Target, inputs: Path, rows: int, threads: int, seconds: floa
     )
     if done.returncode != 0:
         raise RuntimeError(f"client against {target.server} ({target.protocol}) failed:\n{done.stderr[-3000:]}")
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["rows_per_second"])
+    return {key: float(value) for key, value in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
 def oip_logits(address: str, batch: np.ndarray) -> np.ndarray | None:
