@@ -174,3 +174,38 @@ def test_records_reports_every_megabatch_and_the_goal(quick_run: tuple[dict[str,
     assert [int(row[1]) for row in per_j] == [n - j + 1 for j in range(1, n + 1)]
     assert all(row[-1] == "yes" for row in per_j)
     assert "Records-level forgetting" in doc
+
+
+def test_cpu_usage_counts_a_busy_process_and_the_ha_bound_follows_from_it() -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.bench_ha import ALONE, BOTH, cpu_table, scaling_notes
+    from benchmarks.bench_peer import cpu_usage
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        before = cpu_usage([spinner.pid])
+        time.sleep(1.0)
+        after = cpu_usage([spinner.pid])
+    finally:
+        spinner.kill()
+        spinner.wait()
+    used = {key: after[key] - before[key] for key in before}
+    assert 0.95 <= used["wall"] <= 1.5
+    assert 0.6 <= used["server_cpu"] / used["wall"] <= 1.05  # one spinning core (it may be preempted)
+    assert used["busy_cpu"] >= used["server_cpu"] * 0.9  # the machine was at least that busy
+    assert used["client_cpu"] < 0.2  # this process slept
+
+    cores = os.cpu_count() or 1
+    alone = {"rows_per_second": 1000.0, "server_cpu": 1.0, "client_cpu": 0.5, "busy_cpu": cores * 0.75, "wall": 1.0}
+    both = {"rows_per_second": 1200.0, "server_cpu": 1.5, "client_cpu": 0.5, "busy_cpu": cores * 1.0, "wall": 1.0}
+    usage = {ALONE: [alone], BOTH: [both]}
+    efficiency, bound = scaling_notes(usage)
+    assert "0.80" in efficiency  # (1200 / 1.5) / (1000 / 1.0)
+    assert "≤ 1.33×" in bound and "about 1.60×" in bound  # cores / (0.75 cores) ; 2 x 0.80
+    heading, columns, rows = cpu_table(usage)
+    assert [row[0] for row in rows] == [ALONE, BOTH] and rows[1][-1] == "800"
