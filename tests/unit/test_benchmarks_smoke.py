@@ -207,5 +207,5 @@ def test_cpu_usage_counts_a_busy_process_and_the_ha_bound_follows_from_it() -> N
     efficiency, bound = scaling_notes(usage)
     assert "0.80" in efficiency  # (1200 / 1.5) / (1000 / 1.0)
     assert "≤ 1.33×" in bound and "about 1.60×" in bound  # cores / (0.75 cores) ; 2 x 0.80
-    heading, columns, rows = cpu_table(usage)
+    _heading, _columns, rows = cpu_table(usage)
     assert [row[0] for row in rows] == [ALONE, BOTH] and rows[1][-1] == "800"
