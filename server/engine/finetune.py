@@ -52,15 +52,19 @@ from server.engine.training import (
     check_predict_inputs,
     class_mask,
     count_minibatches,
+    cpu_float32,
     derive_seed,
     linear_from_state,
     linear_init_params,
     mask_logits,
+    mask_unseen,
     minibatches,
     module_state_cpu,
     scaled_progress,
     seeded_generator,
     seeded_rng,
+    to_device,
+    unseen_classes,
 )
 
 _STATE_FORMAT = "lethe.finetune/1"
@@ -109,6 +113,7 @@ class FinetunePredictor:
         self._trunk = trunk
         self._heads = MappingProxyType(dict(heads))
         self._masks = MappingProxyType({task: class_mask(c, num_classes, device) for task, c in classes.items()})
+        self._unseen = MappingProxyType({task: unseen_classes(mask) for task, mask in self._masks.items()})
         self._unlearned = unlearned
         self._input_shape = input_shape
         self._num_classes = num_classes
@@ -141,7 +146,7 @@ class FinetunePredictor:
             if not allow_unlearned:
                 raise UnlearnedTaskError(f"task {task!r} was unlearned")
         with torch.no_grad():
-            features = self._trunk(x.to(self._device))  # [n, feature_dim]
+            features = self._trunk(to_device(x, self._device))  # [n, feature_dim]
             if head is not None:
                 logits = head(features)
             else:
@@ -149,8 +154,8 @@ class FinetunePredictor:
                     self._feature_dim, self._num_classes, seeded_generator(self._seed, "unlearned-head", task)
                 )
                 logits = F.linear(features, weight.to(self._device), bias.to(self._device))
-            logits = mask_logits(logits, self._masks[task])
-        return logits.to("cpu", torch.float32)
+            logits = mask_unseen(logits, self._unseen[task])
+        return cpu_float32(logits)
 
     def network(self, task: str | None) -> nn.Module:
         """The network :meth:`predict` serves for ``task``: the trunk with the task's head put back.

@@ -104,6 +104,31 @@ def mask_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~mask, float("-inf"))
 
 
+# A serving pass is a handful of small tensor operations, and each one costs a dispatch and a release and
+# re-acquisition of the interpreter lock even when it changes nothing; under load on the event loop that
+# costs more than the arithmetic. The helpers below skip the operations that would change nothing.
+
+
+def unseen_classes(mask: torch.Tensor) -> torch.Tensor | None:
+    """The classes outside ``mask`` ``[C]`` (bool), or None when the mask holds every class; for :func:`mask_unseen`."""
+    return None if bool(mask.all()) else ~mask
+
+
+def mask_unseen(logits: torch.Tensor, unseen: torch.Tensor | None) -> torch.Tensor:
+    """Set logits ``[n, C]`` of the ``unseen`` classes to ``-inf`` (out of place); ``logits`` itself when None."""
+    return logits if unseen is None else logits.masked_fill(unseen, float("-inf"))
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device`` (``x`` itself when it is there already)."""
+    return x if x.device == device else x.to(device)
+
+
+def cpu_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a CPU float32 tensor (``x`` itself when it is one already)."""
+    return x if x.dtype == torch.float32 and x.device.type == "cpu" else x.to("cpu", torch.float32)
+
+
 def check_learn_inputs(data: TaskData, options: LearnOptions, input_shape: tuple[int, ...], num_classes: int) -> None:
     """Raise ``ValueError`` unless ``data`` and ``options`` fit a model of this shape.
 
@@ -143,7 +168,7 @@ def check_predict_inputs(inputs: torch.Tensor, input_shape: tuple[int, ...]) -> 
         raise ValueError(f"inputs must have shape [n, {', '.join(map(str, input_shape))}], got {tuple(inputs.shape)}")
     if not inputs.is_floating_point():
         raise ValueError(f"inputs must be floating point, got {inputs.dtype}")
-    return inputs.to(torch.float32)
+    return inputs if inputs.dtype == torch.float32 else inputs.to(torch.float32)
 
 
 def module_state_cpu(module: nn.Module) -> dict[str, torch.Tensor]:

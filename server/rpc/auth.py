@@ -168,6 +168,10 @@ class AuthInterceptor(aio.ServerInterceptor):
         self.tokens = tokens
         self.on_denied = on_denied
         self.on_undecodable = on_undecodable
+        #: (method, principal) -> (the service's handler, its wrapped handler): wrapping builds closures
+        #: and a handler object, the same for every call of a method by a principal. Bounded by the
+        #: methods times the configured tokens' principals.
+        self._wrapped: dict[tuple[str, Principal], tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -213,7 +217,13 @@ class AuthInterceptor(aio.ServerInterceptor):
                     ),
                 )
             principal = found
-        return _wrap(handler, principal, method, self.on_undecodable)
+        cached = self._wrapped.get((method, principal))
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[(method, principal)] = (
+                handler,
+                _wrap(handler, principal, method, self.on_undecodable),
+            )
+        return cached[1]
 
     def _denied(self, method: str, code: str, principal: str) -> None:
         log.warning("refused %s: %s", method, code, extra={"principal": principal or "-"})

@@ -7,14 +7,19 @@ import torch
 from torch import nn
 
 from server.engine.training import (
+    check_predict_inputs,
     class_mask,
     count_minibatches,
+    cpu_float32,
     derive_seed,
     linear_init_params,
     mask_logits,
+    mask_unseen,
     minibatches,
     seeded_generator,
     seeded_rng,
+    to_device,
+    unseen_classes,
 )
 
 
@@ -55,3 +60,19 @@ def test_class_mask_and_mask_logits() -> None:
     assert not class_mask([], 3).any()
     logits = mask_logits(torch.zeros(2, 5), mask)
     assert torch.isneginf(logits[:, [0, 2, 4]]).all() and (logits[:, [1, 3]] == 0).all()
+
+
+def test_serving_helpers_mask_like_mask_logits_and_skip_only_what_changes_nothing() -> None:
+    logits = torch.randn(3, 5)
+    partial = class_mask([1, 3], 5)
+    unseen = unseen_classes(partial)
+    assert unseen is not None and torch.equal(mask_unseen(logits, unseen), mask_logits(logits, partial))
+    assert unseen_classes(class_mask(range(5), 5)) is None
+    assert mask_unseen(logits, None) is logits  # every class seen: no operation at all
+
+    assert cpu_float32(logits) is logits and to_device(logits, torch.device("cpu")) is logits
+    doubles = logits.double()
+    converted = cpu_float32(doubles)
+    assert converted.dtype == torch.float32 and torch.equal(converted, logits)
+    assert check_predict_inputs(logits, (5,)) is logits
+    assert check_predict_inputs(doubles, (5,)).dtype == torch.float32

@@ -11,7 +11,7 @@ from torch import nn
 
 from server.engine.networks import standalone, with_mask
 from server.engine.protocol import UnknownTaskError, UnlearnedTaskError
-from server.engine.training import check_predict_inputs, class_mask, mask_logits
+from server.engine.training import check_predict_inputs, class_mask, cpu_float32, mask_unseen, to_device, unseen_classes
 
 
 class AgsclPredictor:
@@ -48,6 +48,7 @@ class AgsclPredictor:
         self._heads = MappingProxyType(dict(heads))
         self._audit_heads = MappingProxyType(dict(audit_heads))
         self._masks = MappingProxyType({task: class_mask(c, num_classes, device) for task, c in classes.items()})
+        self._unseen = MappingProxyType({task: unseen_classes(mask) for task, mask in self._masks.items()})
         self._unlearned = unlearned
         self._input_shape = input_shape
         self._num_classes = num_classes
@@ -76,7 +77,7 @@ class AgsclPredictor:
         """
         if task is None:
             raise ValueError("strategy 'agscl' is task-incremental: predict needs a task name")
-        x = check_predict_inputs(inputs, self._input_shape).to(self._device)
+        x = to_device(check_predict_inputs(inputs, self._input_shape), self._device)
         head = self._heads.get(task)
         if head is None:
             if task not in self._unlearned:
@@ -89,8 +90,8 @@ class AgsclPredictor:
                 logits = torch.zeros(x.shape[0], self._num_classes, device=self._device)
             else:
                 logits = head(self._features(task, x))
-            logits = mask_logits(logits, self._masks[task])
-        return logits.to("cpu", torch.float32)
+            logits = mask_unseen(logits, self._unseen[task])
+        return cpu_float32(logits)
 
     def network(self, task: str | None) -> nn.Module:
         """The network :meth:`predict` serves for ``task``: the trunk (with the task's statistics) and its head.

@@ -14,7 +14,7 @@ from torch import nn
 
 from server.engine.networks import standalone_from_state
 from server.engine.protocol import UnknownTaskError, UnlearnedTaskError
-from server.engine.training import check_predict_inputs
+from server.engine.training import check_predict_inputs, cpu_float32, mask_unseen, to_device, unseen_classes
 from server.engine.uncle.hypernetwork import ChunkedHypernetwork
 
 
@@ -119,7 +119,7 @@ class UnclePredictor:
         self._hypernetwork = hypernetwork
         self._tasks = MappingProxyType(dict(tasks))
         # Logits to mask per task: None when the task has seen every class (nothing to mask).
-        self._unseen = {name: None if bool(t.mask.all()) else ~t.mask for name, t in self._tasks.items()}
+        self._unseen = {name: unseen_classes(t.mask) for name, t in self._tasks.items()}
         self._template = copy.deepcopy(skeleton).to("meta").eval().requires_grad_(False)
         self._input_shape = input_shape
         self._device = device
@@ -154,13 +154,10 @@ class UnclePredictor:
         """
         generated = self._generated(task, allow_unlearned)
         assert task is not None  # _generated refuses None
-        x = check_predict_inputs(inputs, self._input_shape).to(self._device)
+        x = to_device(check_predict_inputs(inputs, self._input_shape), self._device)
         with torch.no_grad():
             logits = generated.module(x)
-        unseen = self._unseen[task]
-        if unseen is not None:
-            logits = logits.masked_fill(unseen, float("-inf"))
-        return logits.to("cpu", torch.float32)
+        return cpu_float32(mask_unseen(logits, self._unseen[task]))
 
     def network(self, task: str | None) -> nn.Module:
         """The network :meth:`predict` serves for ``task``, with its generated weights baked in.
