@@ -56,6 +56,7 @@ import numpy as np
 from benchmarks.report import BenchmarkResult, RunOptions, version_of
 from benchmarks.servers import (
     CACHE_DIR,
+    PROBE_CHANNEL_OPTIONS,
     ROOT,
     LetheServer,
     ServerProcess,
@@ -247,7 +248,7 @@ def oip_model_ready(target: str, model: str = MODEL) -> Callable[[], bool]:
     """A readiness probe: the Open Inference Protocol's ``ModelReady`` of ``model`` at ``target`` is true."""
     import tritonclient.grpc as triton
 
-    client = triton.InferenceServerClient(target)
+    client = triton.InferenceServerClient(target, channel_args=PROBE_CHANNEL_OPTIONS)
 
     def ready() -> bool:
         try:

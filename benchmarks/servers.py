@@ -81,11 +81,21 @@ def server_env(extra: Mapping[str, str] | None = None, *, pythonpath: Sequence[P
     return env
 
 
+#: Channel options of the readiness probes. A channel whose first connection is refused (the server is not
+#: listening yet) waits out gRPC's reconnect backoff (1 s, then 1.6 s, ...) before it tries again, which
+#: made a start that missed the first probe read up to 2.8 s slower than it was; a probe retries at once.
+PROBE_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 20),
+    ("grpc.min_reconnect_backoff_ms", 20),
+    ("grpc.max_reconnect_backoff_ms", 50),
+]
+
+
 def health_probe(target: str, service: str = LETHE_SERVICE) -> Callable[[], bool]:
     """A readiness probe: ``grpc.health.v1.Health/Check`` of ``service`` at ``target`` answers SERVING."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    channel = grpc.insecure_channel(target)
+    channel = grpc.insecure_channel(target, options=PROBE_CHANNEL_OPTIONS)
     stub = health_pb2_grpc.HealthStub(channel)
 
     def ready() -> bool:
