@@ -119,7 +119,7 @@ def _tour(tmp_path: Path, *settings: str) -> None:
         assert kept >= 95.0, f"digits-2-3 predicts {kept:.1f}% of its samples after the unlearn"
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])  # seeds 0-9 at 1 and 2 threads: the slow test below
 def test_readme_tour_forgets_to_chance(tmp_path: Path, seed: int) -> None:
     _tour(tmp_path, f"model.seed={seed}")
 
