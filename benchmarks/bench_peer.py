@@ -396,7 +396,7 @@ def client_main(spec: Mapping[str, Any]) -> dict[str, float]:
     ``spec``: ``address``, ``protocol`` (``oip`` | ``predict``), ``model``, ``inputs`` (a ``.npy``
     file), ``rows`` per call, ``threads``, ``seconds``, ``warmup`` seconds.
     """
-    from benchmarks.timing import ClientThreads
+    from benchmarks.timing import ClientThreads, cpu_usage
 
     inputs = np.load(spec["inputs"])
     batch = np.ascontiguousarray(inputs[: spec["rows"]])
@@ -430,27 +430,6 @@ def client_main(spec: Mapping[str, Any]) -> dict[str, float]:
     return {"rows_per_second": rate, **{key: after[key] - before[key] for key in before}}
 
 
-def cpu_usage(servers: Iterable[int]) -> dict[str, float]:
-    """CPU seconds so far: the ``servers`` processes' (pids) together, this process's, the machine's busy and wall.
-
-    Linux ``/proc``; read by the client right around its timed window, so start-up and warm-up stay out.
-    """
-    tick = os.sysconf("SC_CLK_TCK")
-    server = 0.0
-    for pid in servers:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        server += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    jiffies = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = jiffies[3] + jiffies[4]  # idle, iowait
-    own = os.times()
-    return {
-        "server_cpu": server,
-        "client_cpu": own.user + own.system,
-        "busy_cpu": (sum(jiffies) - idle) / tick,
-        "wall": own.elapsed,
-    }
-
-
 def measure(target: Target, inputs: Path, rows: int, threads: int, seconds: float) -> float:
     """Rows per second of a client process against ``target``."""
     return measure_usage(target, inputs, rows, threads, seconds)["rows_per_second"]
@@ -459,7 +438,7 @@ def measure(target: Target, inputs: Path, rows: int, threads: int, seconds: floa
 def measure_usage(
     target: Target, inputs: Path, rows: int, threads: int, seconds: float, servers: Sequence[int] = ()
 ) -> dict[str, float]:
-    """:func:`measure`, with the CPU seconds spent in its timed window (see :func:`cpu_usage`; ``servers``: pids)."""
+    """:func:`measure` with the CPU seconds of its timed window (:func:`~benchmarks.timing.cpu_usage`)."""
     spec = {
         "address": target.address,
         "protocol": target.protocol,

@@ -8,12 +8,14 @@ ratios (Lethe / baseline of the same repetition), which cancels slow drifts of t
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -179,3 +181,24 @@ class ClientThreads:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def cpu_usage(servers: Iterable[int]) -> dict[str, float]:
+    """CPU seconds so far: the ``servers`` processes' (pids) together, this process's, the machine's busy and wall.
+
+    Linux ``/proc``; read by the client right around its timed window, so start-up and warm-up stay out.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    server = 0.0
+    for pid in servers:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        server += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    jiffies = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = jiffies[3] + jiffies[4]  # idle, iowait
+    own = os.times()
+    return {
+        "server_cpu": server,
+        "client_cpu": own.user + own.system,
+        "busy_cpu": (sum(jiffies) - idle) / tick,
+        "wall": own.elapsed,
+    }

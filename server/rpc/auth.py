@@ -168,7 +168,7 @@ class AuthInterceptor(aio.ServerInterceptor):
         self.tokens = tokens
         self.on_denied = on_denied
         self.on_undecodable = on_undecodable
-        #: (method, principal) -> (the service's handler, its wrapped handler): wrapping builds closures
+        #: (method path, principal) -> (the service's handler, its wrapped handler): wrapping builds closures
         #: and a handler object, the same for every call of a method by a principal. Bounded by the
         #: methods times the configured tokens' principals.
         self._wrapped: dict[tuple[str, Principal], tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -217,9 +217,9 @@ class AuthInterceptor(aio.ServerInterceptor):
                     ),
                 )
             principal = found
-        cached = self._wrapped.get((method, principal))
+        cached = self._wrapped.get((method_path, principal))
         if cached is None or cached[0] is not handler:
-            cached = self._wrapped[(method, principal)] = (
+            cached = self._wrapped[(method_path, principal)] = (
                 handler,
                 _wrap(handler, principal, method, self.on_undecodable),
             )

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks import run as bench
+from benchmarks.bench_ha import ALONE, BOTH, cpu_table, scaling_notes
 from benchmarks.report import read_section, replace_section, section_markers, write_section
+from benchmarks.timing import cpu_usage
 
 
 @pytest.fixture(scope="module")
@@ -177,14 +183,6 @@ def test_records_reports_every_megabatch_and_the_goal(quick_run: tuple[dict[str,
 
 
 def test_cpu_usage_counts_a_busy_process_and_the_ha_bound_follows_from_it() -> None:
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from benchmarks.bench_ha import ALONE, BOTH, cpu_table, scaling_notes
-    from benchmarks.bench_peer import cpu_usage
-
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)
