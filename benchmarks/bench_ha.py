@@ -12,13 +12,23 @@ own and drops it).
   Learn's job reads SUCCEEDED on the primary, the seconds until the replica answers the new task
   with the primary's model version; after an Unlearn is accepted, the seconds until the replica
   refuses the task.
-- **Predict throughput**: rows per second of a client process (its threads share one client)
-  against the primary alone, then against the primary and the replica (the client given both
-  addresses sends reads round-robin). Interleaved repetitions; the baseline is the primary alone in
-  the same run. The client process reads the CPU time of the servers, its own and the machine's
-  (``/proc``) right around its timed window: the per-replica efficiency (rows per server CPU second
-  with the replica ÷ alone) and the most a replica can add on this machine (its cores ÷ the cores
-  the primary alone keeps busy) come from the same run.
+- **Predict throughput**: rows per second against the primary alone, then against the primary and
+  the replica, with the clients in processes of their own; interleaved repetitions, the baseline in
+  the same run. Two clients:
+
+  - h2load (:mod:`benchmarks.h2load`, a native load generator that costs the machine a few
+    microseconds a call): the same calls in flight, all on the primary or split evenly across the
+    two. This measures the servers; it is the issue's goal. The primary alone is measured twice: at
+    its defaults, and with all its threads on one core, its best on this machine (its event loop and
+    gRPC's poller thread hand every call to each other, and that hand-off between two cores costs
+    more than the call).
+  - the Python client (its threads share one :class:`~client.LetheClient`, round-robin over the
+    addresses it is given): what a Python application gets. It costs about as much CPU per call as
+    the server, so on a machine whose cores it shares with the servers it takes what a replica would use.
+
+  The CPU time of the servers, of the client and of the whole machine (``/proc``) is read around
+  each timed window: the per-replica efficiency (rows per server CPU second with the replica ÷
+  without) and the most the idle CPU lets a replica add on this machine come from the same run.
 """
 
 from __future__ import annotations
@@ -28,19 +38,25 @@ import os
 import signal
 import tempfile
 import time
+import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks import h2load
 from benchmarks.bench_peer import Target, digits, measure_usage
 from benchmarks.report import BenchmarkResult, RunOptions
 from benchmarks.servers import ServerProcess, free_port, health_probe, lethe_argv
-from benchmarks.timing import Stopwatch, Summary, compare, interleaved
+from benchmarks.timing import Stopwatch, Summary, compare, cpu_usage, interleaved
 from client import LetheClient, LetheError
+from protos import lethe_pb2 as pb
+from protos.tensors import to_tensor
 
 NAME = "ha"
 #: Where the benchmark creates its database.
@@ -49,6 +65,7 @@ DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 #: The issue's goals: failover p50 within 10 s; primary + 1 replica at least 1.5x the primary alone.
 GOAL_FAILOVER_P50 = 10.0
 GOAL_SCALE = 1.5
+PREDICT_METHOD = "lethe.v1.Lethe/Predict"
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,9 @@ class HaSettings:
     seconds: float = 3.0
     rows: int = 64
     threads: int = 8
+    #: The native load generator's HTTP/2 connections and calls in flight on each (alone; halved per server for two).
+    connections: int = 2
+    streams: int = 4
 
 
 FULL = HaSettings()
@@ -94,13 +114,16 @@ class Cluster:
         self.root = root
         self.url = database_url
         self.servers: list[tuple[ServerProcess, str]] = []
+        #: Each server's Prometheus port, by its address.
+        self.metrics: dict[str, int] = {}
 
     def start(self, role: str = "primary", *, wait_for: str = "lethe.v1.Lethe") -> tuple[ServerProcess, str]:
         """A server of ``role``, once ``wait_for`` reports SERVING ("" = the process is up: a standby)."""
-        port = free_port()
+        port, metrics = free_port(), free_port()
         target = f"127.0.0.1:{port}"
+        self.metrics[target] = metrics
         argv = lethe_argv(
-            self.root / "data", port, {"server.role": role, "server.metrics_port": -1}, database_url=self.url
+            self.root / "data", port, {"server.role": role, "server.metrics_port": metrics}, database_url=self.url
         )
         server = ServerProcess(argv, health_probe(target, wait_for), self.root / f"server-{port}.log")
         self.servers.append((server, target))
@@ -181,6 +204,8 @@ def replica_lags(
 
 ALONE = "primary alone"
 BOTH = "primary + 1 replica"
+#: The primary alone with all its threads on one core: its best (see docs/benchmarks.md).
+ONE_CORE = "primary alone, on one core"
 
 
 def throughput(
@@ -209,6 +234,105 @@ def throughput(
     return {label: measured[-settings.repeats :] for label, measured in usage.items()}  # the warm-up round dropped
 
 
+def predict_codes(metrics_port: int) -> Counter[str]:
+    """Predict calls a server has answered so far, by gRPC status code (its ``lethe_grpc_requests_total``)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    codes: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        if family.name == "lethe_grpc_requests":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels["method"].rsplit("/", 1)[-1] == "Predict":
+                    codes[sample.labels["code"]] += int(sample.value)
+    return codes
+
+
+def check_answered(loads: h2load.Loads, answered: Counter[str], in_flight: int) -> None:
+    """Raise RuntimeError unless the servers answered OK every call h2load counted done.
+
+    ``answered``: the servers' Predict calls by gRPC status code during the run (warm-up included);
+    ``in_flight``: the calls h2load had in flight, which it abandons when it stops (the servers count
+    those CANCELLED).
+    """
+    done = sum(load.done for load in loads.loads)
+    failed = sum(load.failed for load in loads.loads)
+    failed += sum(n for code, n in answered.items() if code not in ("OK", "CANCELLED"))
+    if failed or answered["OK"] < done or answered["CANCELLED"] > in_flight:
+        raise RuntimeError(f"h2load: {done} calls done, the servers answered {dict(answered)}")
+
+
+def native_load(cluster: Cluster, targets: list[str], body: Path, rows: int, settings: HaSettings) -> dict[str, float]:
+    """Rows per second of h2load against ``targets`` (one process each), with the CPU of the run.
+
+    The calls in flight are split evenly across ``targets``: the total stays the same however many share
+    it. Raises RuntimeError unless the servers answered every call h2load counted with OK (h2load sees
+    only HTTP status, not gRPC's): :func:`check_answered`.
+    """
+    per_target = max(1, settings.connections // len(targets))
+    before = {target: predict_codes(cluster.metrics[target]) for target in targets}
+    pids = [server.pid for server, target in cluster.servers if target in targets]
+    usage = cpu_usage(pids)
+    loads = h2load.run_together(
+        targets,
+        PREDICT_METHOD,
+        body,
+        connections=per_target,
+        streams=settings.streams,
+        seconds=settings.seconds,
+        warmup=min(1.0, settings.seconds),
+    )
+    after = cpu_usage(pids)
+    answered: Counter[str] = Counter()
+    for target in targets:
+        answered += predict_codes(cluster.metrics[target]) - before[target]
+    check_answered(loads, answered, per_target * settings.streams * len(targets))
+    return {
+        "rows_per_second": loads.requests_per_second * rows,
+        "server_cpu": after["server_cpu"] - usage["server_cpu"],
+        "client_cpu": loads.cpu_seconds,
+        "busy_cpu": after["busy_cpu"] - usage["busy_cpu"],
+        "wall": after["wall"] - usage["wall"],
+    }
+
+
+@contextlib.contextmanager
+def one_core(pid: int) -> Iterator[None]:
+    """Every thread of process ``pid`` on the first CPU it may use, then back on all of them (Linux)."""
+
+    def pin(cpus: set[int]) -> None:
+        for thread in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                os.sched_setaffinity(int(thread), cpus)
+
+    allowed = os.sched_getaffinity(pid)
+    pin({min(allowed)})
+    try:
+        yield
+    finally:
+        pin(allowed)
+
+
+def native_throughput(
+    cluster: Cluster, body: Path, primary: str, replica: str, settings: HaSettings, options: RunOptions
+) -> dict[str, list[dict[str, float]]]:
+    """:func:`throughput` with h2load as the client, and the primary alone once more with its threads on one core."""
+    usage: dict[str, list[dict[str, float]]] = {ALONE: [], ONE_CORE: [], BOTH: []}
+    pid = next(server.pid for server, target in cluster.servers if target == primary)
+
+    def variant(label: str, targets: list[str]) -> float:
+        with one_core(pid) if label == ONE_CORE else contextlib.nullcontext():
+            usage[label].append(native_load(cluster, targets, body, settings.rows, settings))
+        return usage[label][-1]["rows_per_second"]
+
+    interleaved(
+        {label: partial(variant, label, [primary]) for label in (ALONE, ONE_CORE)}
+        | {BOTH: partial(variant, BOTH, [primary, replica])},
+        settings.repeats,
+        log=lambda r, x: options.log(f"  h2load {r}: " + ", ".join(f"{k} {v:,.0f}" for k, v in x.items())),
+    )
+    return {label: measured[-settings.repeats :] for label, measured in usage.items()}
+
+
 def _cores(measured: dict[str, float], key: str) -> float:
     return measured[key] / measured["wall"]
 
@@ -218,8 +342,8 @@ def _per_server_cpu(measured: dict[str, float]) -> float:
     return measured["rows_per_second"] * measured["wall"] / measured["server_cpu"]
 
 
-def cpu_table(usage: dict[str, list[dict[str, float]]]) -> tuple[str, list[str], list[list[str]]]:
-    """Where the machine's CPU went during the throughput measurements (medians over repetitions)."""
+def cpu_table(usage: dict[str, list[dict[str, float]]], client: str) -> tuple[str, list[str], list[list[str]]]:
+    """Where the machine's CPU went during the throughput measurements with ``client`` (medians over repetitions)."""
     rows = []
     for label, measured in usage.items():
         rows.append(
@@ -233,28 +357,41 @@ def cpu_table(usage: dict[str, list[dict[str, float]]]) -> tuple[str, list[str],
             ]
         )
     return (
-        "Where the CPU goes during Predict (cores busy, medians)",
-        ["servers", "rows/s", "server processes", "client process", "machine", "rows per server CPU second"],
+        f"Where the CPU goes during Predict with {client} (cores busy, medians)",
+        ["servers", "rows/s", "server processes", "client", "machine", "rows per server CPU second"],
         rows,
     )
 
 
-def scaling_notes(usage: dict[str, list[dict[str, float]]]) -> list[str]:
-    """The per-replica efficiency, and the most a replica can add on this machine (measured in this run)."""
-    efficiency = Summary.of(
-        [_per_server_cpu(b) / _per_server_cpu(a) for a, b in zip(usage[ALONE], usage[BOTH], strict=True)]
-    )
+def scaling_notes(usage: dict[str, list[dict[str, float]]], client: str) -> list[str]:
+    """Per baseline: the per-replica efficiency, and what the idle CPU lets a replica add here (this run)."""
     cores = os.cpu_count() or 1
-    bound = Summary.of([cores / _cores(a, "busy_cpu") for a in usage[ALONE]])
-    return [
-        f"Per-replica efficiency (rows per server CPU second with the replica ÷ the primary alone): "
-        f"{efficiency.format(2)}.",
-        f"Bound on this machine: the primary alone kept {cores / bound.median:.2f} of its {cores} cores busy (its "
-        f"event loop holds one core; the client process and the kernel the rest), so a replica on the same cores can "
-        f"add at most the idle remainder: primary + 1 replica ≤ {bound.median:.2f}× the primary alone here, whatever "
-        f"the servers do. With a core of its own for each server and the clients elsewhere (separate hosts or pods), "
-        f"the same efficiency means about {2 * efficiency.median:.2f}×.",
-    ]
+    notes = []
+    for baseline in (label for label in usage if label != BOTH):
+        pairs = list(zip(usage[baseline], usage[BOTH], strict=True))
+        efficiency = Summary.of([_per_server_cpu(b) / _per_server_cpu(a) for a, b in pairs])
+        busy = Summary.of([_cores(a, "busy_cpu") for a, _ in pairs]).median
+        notes.append(
+            f"{client}, against the {baseline}: per-replica efficiency (rows per server CPU second with the replica "
+            f"÷ without) {efficiency.format(2)}. Without the replica the machine was {busy:.2f} of {cores} cores "
+            f"busy: at that cost per row, the idle rest lets a replica on the same cores reach at most "
+            f"{cores / busy:.2f}× (more only where each server does more per CPU second, efficiency above 1). "
+            f"With a core of its own for each server and the clients elsewhere (separate hosts or pods), the same "
+            f"efficiency means about {2 * efficiency.median:.2f}×."
+        )
+    return notes
+
+
+def _report_throughput(
+    result: BenchmarkResult, usage: dict[str, list[dict[str, float]]], case: str, client: str, goal: float | None
+) -> None:
+    rates = {label: [u["rows_per_second"] for u in measured] for label, measured in usage.items()}
+    for baseline in (label for label in usage if label != BOTH):
+        result.comparisons.append(
+            compare(f"{case}: primary + 1 replica", "rows/s", baseline, rates[baseline], rates[BOTH], goal)
+        )
+    result.tables.append(cpu_table(usage, client))
+    result.notes.extend(scaling_notes(usage, client))
 
 
 def run(options: RunOptions, settings: HaSettings | None = None) -> BenchmarkResult:
@@ -279,24 +416,28 @@ def run(options: RunOptions, settings: HaSettings | None = None) -> BenchmarkRes
                     _, replica_target = cluster.start("replica")
                     with LetheClient(replica_target, retries=0, timeout=60) as replica:
                         learns, unlearns = replica_lags(primary, replica, settings, options)
-                np.save(root / "inputs.npy", inputs[: settings.rows])
+                batch = inputs[: settings.rows]
+                native = None
+                if h2load.H2LOAD:
+                    (root / "predict.grpc").write_bytes(
+                        h2load.grpc_frame(pb.PredictRequest(task="digits", inputs=to_tensor(batch)))
+                    )
+                    native = native_throughput(
+                        cluster, root / "predict.grpc", primary_target, replica_target, settings, options
+                    )
+                np.save(root / "inputs.npy", batch)
                 pids = {target: server.pid for server, target in cluster.servers}
                 usage = throughput(root / "inputs.npy", primary_target, replica_target, pids, settings, options)
             finally:
                 cluster.stop()
-    rates = {label: [u["rows_per_second"] for u in measured] for label, measured in usage.items()}
-    result.comparisons.append(
-        compare(
-            f"Predict, {settings.rows} rows × {settings.threads} client threads: primary + 1 replica",
-            "rows/s",
-            ALONE,
-            rates[ALONE],
-            rates[BOTH],
-            GOAL_SCALE,
-        )
-    )
-    result.tables.append(cpu_table(usage))
-    result.notes.extend(scaling_notes(usage))
+    in_flight = settings.connections * settings.streams
+    if native is None:
+        result.notes.append("h2load is not installed (apt-get install nghttp2-client): the native client was skipped.")
+    else:
+        case = f"Predict, {settings.rows} rows, h2load ({in_flight} calls in flight)"
+        _report_throughput(result, native, case, "h2load", GOAL_SCALE)
+    case = f"Predict, {settings.rows} rows, Python client ({settings.threads} threads)"
+    _report_throughput(result, usage, case, "the Python client", None)
     failover = Summary.of(failovers)
     verdict = "met" if failover.median <= GOAL_FAILOVER_P50 else "NOT met"
     rows = [
@@ -324,7 +465,9 @@ def run(options: RunOptions, settings: HaSettings | None = None) -> BenchmarkRes
     )
     result.settings = {
         "servers": "lethe serve at its defaults (uncle, mlp) on one PostgreSQL database and one data directory",
-        "client": "one process, its threads share one LetheClient (round-robin over the addresses it is given)",
+        "clients": f"h2load, {settings.connections} connections × {settings.streams} calls in flight, split evenly "
+        f"over the servers; the Python client, {settings.threads} threads of one process sharing one LetheClient "
+        "(round-robin over the addresses it is given)",
         "repetitions": str(settings.repeats),
     }
     result.seconds = total.seconds

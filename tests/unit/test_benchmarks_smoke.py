@@ -202,8 +202,9 @@ def test_cpu_usage_counts_a_busy_process_and_the_ha_bound_follows_from_it() -> N
     alone = {"rows_per_second": 1000.0, "server_cpu": 1.0, "client_cpu": 0.5, "busy_cpu": cores * 0.75, "wall": 1.0}
     both = {"rows_per_second": 1200.0, "server_cpu": 1.5, "client_cpu": 0.5, "busy_cpu": cores * 1.0, "wall": 1.0}
     usage = {ALONE: [alone], BOTH: [both]}
-    efficiency, bound = scaling_notes(usage)
-    assert "0.80" in efficiency  # (1200 / 1.5) / (1000 / 1.0)
-    assert "≤ 1.33×" in bound and "about 1.60×" in bound  # cores / (0.75 cores) ; 2 x 0.80
-    _heading, _columns, rows = cpu_table(usage)
+    (note,) = scaling_notes(usage, "h2load")
+    assert "efficiency (rows per server CPU second with the replica ÷ without) 0.80" in note  # (1200/1.5) / (1000/1)
+    assert "at most 1.33×" in note and "about 1.60×" in note  # cores / (0.75 cores) ; 2 x 0.80
+    heading, _columns, rows = cpu_table(usage, "h2load")
     assert [row[0] for row in rows] == [ALONE, BOTH] and rows[1][-1] == "800"
+    assert note.startswith(f"h2load, against the {ALONE}: ") and "h2load" in heading
