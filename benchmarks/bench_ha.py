@@ -19,9 +19,8 @@ own and drops it).
   - h2load (:mod:`benchmarks.h2load`, a native load generator that costs the machine a few
     microseconds a call): the same calls in flight, all on the primary or split evenly across the
     two. This measures the servers; it is the issue's goal. The primary alone is measured twice: at
-    its defaults, and with all its threads on one core, its best on this machine (its event loop and
-    gRPC's poller thread hand every call to each other, and that hand-off between two cores costs
-    more than the call).
+    its defaults, and with all its threads on one core (a second baseline that no hand-off between
+    threads on different cores can slow; see :mod:`server.rpc.affinity`).
   - the Python client (its threads share one :class:`~client.LetheClient`, round-robin over the
     addresses it is given): what a Python application gets. It costs about as much CPU per call as
     the server, so on a machine whose cores it shares with the servers it takes what a replica would use.
@@ -204,7 +203,7 @@ def replica_lags(
 
 ALONE = "primary alone"
 BOTH = "primary + 1 replica"
-#: The primary alone with all its threads on one core: its best (see docs/benchmarks.md).
+#: The primary alone with all its threads on one core: no cross-core hand-off (see docs/benchmarks.md).
 ONE_CORE = "primary alone, on one core"
 
 

@@ -62,6 +62,7 @@ from server.rpc import (
     TokenTable,
     create_server,
 )
+from server.rpc.affinity import PollerFollower
 from server.rpc.auth import RefusalLog
 from server.rpc.batching import Batcher, intra_op_threads
 from server.rpc.guard import CallGuard, method_limits
@@ -172,6 +173,8 @@ class App:
         #: The gRPC edge runs on this event loop, in its own thread; blocking work goes to ``executor``.
         self.loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._run_loop, name="lethe-rpc-loop", daemon=True)
+        #: Keeps gRPC's poller thread on the core the event loop runs on (see ``server.rpc.affinity``).
+        self._poller = PollerFollower(self.loop)
         inference = config.model.inference_threads or config.model.torch_threads
         self.executor = ThreadPoolExecutor(
             max_workers=config.server.threads,
@@ -398,6 +401,7 @@ class App:
             )
         )
         self.ports.grpc = port
+        self.loop.call_soon_threadsafe(self._poller.start)
         if c.server.metrics_port >= 0:
             self._metrics_server, _thread = start_http_server(
                 c.server.metrics_port, addr=c.server.metrics_host, registry=self.registry
@@ -589,6 +593,7 @@ class App:
             # A training step in progress ends at its next progress report after the deadline.
             self.worker.join(grace + 60)
         if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self._poller.stop)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._loop_thread.join(10)
         self.executor.shutdown(wait=True, cancel_futures=True)
