@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 import os
 import threading
@@ -33,11 +32,9 @@ POLLER_NAME = "_poll_wrapper"
 
 
 def _current_cpu() -> Callable[[], int] | None:
-    """glibc/musl ``sched_getcpu``: the core the calling thread runs on; None where there is none."""
-    name = ctypes.util.find_library("c")
+    """The C library's ``sched_getcpu`` (glibc, musl): the core the calling thread runs on; None where there is none."""
     try:
-        libc = ctypes.CDLL(name) if name else ctypes.CDLL(None)
-        getcpu = libc.sched_getcpu
+        getcpu = ctypes.CDLL(None).sched_getcpu  # the symbols the interpreter is linked with, the C library among them
     except (OSError, AttributeError):
         return None
     getcpu.restype = ctypes.c_int
