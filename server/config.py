@@ -45,8 +45,8 @@ class ServerSection:
     grace_seconds: float = 10.0
     max_message_bytes: int = 16 * 1024 * 1024
     #: Dynamic batching: concurrent Predict/PredictStream/ModelInfer requests for the same task and model version
-    #: are joined into one forward pass of at most this many rows (1 = off).
-    max_batch_size: int = 64
+    #: are joined into one forward pass of at most this many rows (1 = off). A larger request runs alone.
+    max_batch_size: int = 1024
     #: How long a request waits for others to join its batch; 0 = never wait, join only what queued while the
     #: previous pass ran (no added latency). The wait ends early once as many requests as the task's recent
     #: passes joined are there.

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from server.config import ServerSection
 from server.rpc.batching import Batcher
 
 
@@ -257,3 +258,14 @@ def test_the_loop_thread_runs_torch_on_one_thread_and_no_other_thread_changes() 
     later.join()
     assert seen == {"loop": 1, "later": configured}
     assert torch.get_num_threads() == configured
+
+
+def test_the_default_limit_joins_a_burst_of_256_row_requests() -> None:
+    # At the old default (64) each of these was a pass of its own, one at a time per task: half the rows/s.
+    recorder = Recorder()
+    requests = [("k", _rows(1000 * i, 256)) for i in range(8)]
+    results = _run(ServerSection().max_batch_size, requests, recorder)
+    assert len(recorder.passes) < len(requests)
+    assert max(rows for _, rows in recorder.passes) > 256  # requests really were joined
+    for (_, x), (logits, _version) in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(logits[:, 0], x.sum(axis=1))
