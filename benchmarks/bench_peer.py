@@ -13,8 +13,8 @@ its own under :data:`benchmarks.servers.CACHE_DIR` with ``uv``; later runs reuse
 - **Servers**, each a subprocess of its own (:mod:`benchmarks.servers`), all running during the
   throughput measurements: Lethe with dynamic batching off (``server.max_batch_size=1``), on (the
   server's default, ``server.max_batch_size`` 1024 since 2026-12-06 and 64 before: no workload here
-  puts more than 64 rows in a pass; no added delay) and on with ``server.max_batch_delay_ms=2``; MLServer at its defaults
-  (one parallel inference worker, ``debug`` on) and at its best (``parallel_workers: 0``, i.e.
+  puts more than 64 rows in a pass; no added delay) and on with ``server.max_batch_delay_ms=2``;
+  MLServer at its defaults (one parallel inference worker, ``debug`` on) and at its best (``parallel_workers: 0``, i.e.
   inference in the server's own event loop, ``debug`` off), each without and with adaptive batching
   (``max_batch_size: 64``, ``max_batch_time: 0.002``).
 - **Clients** run in a process of their own (``python -m benchmarks.bench_peer client``), never in a
