@@ -18,7 +18,6 @@ import resource
 import shutil
 import struct
 import subprocess
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,6 @@ class Loads:
 
     loads: list[Load]
     cpu_seconds: float
-    wall_seconds: float
 
     @property
     def requests_per_second(self) -> float:
@@ -99,7 +97,6 @@ def run_together(
     child process ending meanwhile.
     """
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.monotonic()
     processes = [
         subprocess.Popen(
             command(target, method, body, connections, streams, seconds, warmup),
@@ -110,10 +107,9 @@ def run_together(
         for target in targets
     ]
     outputs = [process.communicate(timeout=60 + 2 * (seconds + warmup))[0] for process in processes]
-    wall = time.monotonic() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     for process, output in zip(processes, outputs, strict=True):
         if process.returncode != 0:
             raise RuntimeError(f"h2load exited with {process.returncode}:\n{output[-2000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return Loads([parse(output) for output in outputs], cpu, wall)
+    return Loads([parse(output) for output in outputs], cpu)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import h2load
-from benchmarks.bench_ha import check_answered, predict_codes
+from benchmarks.bench_ha import PREDICT_METHOD, check_answered, predict_codes
 from protos import lethe_pb2 as pb
 from protos.tensors import to_tensor
 from tests.support import deployed_server, digits
@@ -43,7 +43,7 @@ def test_the_report_is_parsed_and_a_damaged_one_refused() -> None:
 
 
 def _loads(done: int, failed: int = 0) -> h2load.Loads:
-    return h2load.Loads([h2load.Load(100.0, done, failed)], cpu_seconds=0.1, wall_seconds=1.0)
+    return h2load.Loads([h2load.Load(100.0, done, failed)], cpu_seconds=0.1)
 
 
 def test_only_calls_the_servers_answered_ok_count() -> None:
@@ -73,7 +73,7 @@ def test_h2load_drives_a_real_server_and_its_errors_show_only_on_the_server(tmp_
         def run(task: str) -> tuple[h2load.Loads, Counter[str]]:
             before = predict_codes(metrics)
             loads = h2load.run_together(
-                [server.target], "lethe.v1.Lethe/Predict", frames[task], connections=1, streams=2, seconds=1, warmup=0.2
+                [server.target], PREDICT_METHOD, frames[task], connections=1, streams=2, seconds=1, warmup=0.2
             )
             return loads, predict_codes(metrics) - before
 

@@ -44,9 +44,12 @@ def test_the_poller_is_moved_to_the_loops_core_and_follows_it() -> None:
                 return follower.cpu == cpu and os.sched_getaffinity(native_id) == {cpu}
 
             _until(followed)
-        loop.call_soon_threadsafe(os.sched_setaffinity, 0, allowed)  # the loop itself is never pinned by it
-        started = asyncio.run_coroutine_threadsafe(_thread_mask(), loop).result(10)
-        assert started == allowed  # a thread the loop starts inherits no pinning
+        loop.call_soon_threadsafe(os.sched_setaffinity, 0, allowed)  # the loop free again, as in a server
+        time.sleep(20 * follower.interval)  # many rounds of following
+        loop_mask, started_mask = asyncio.run_coroutine_threadsafe(_masks(), loop).result(10)
+        assert loop_mask == allowed  # the follower never pins the loop ...
+        assert started_mask == allowed  # ... so a thread the loop starts inherits no pinning
+        assert follower.cpu in allowed and os.sched_getaffinity(native_id) == {follower.cpu}  # still following
         loop.call_soon_threadsafe(follower.stop)
         asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
     finally:
@@ -65,12 +68,13 @@ async def _server() -> aio.Server:
     return server
 
 
-async def _thread_mask() -> set[int]:
+async def _masks() -> tuple[set[int], set[int]]:
+    """The event loop thread's CPU mask, and that of a thread it starts."""
     masks: list[set[int]] = []
     started = threading.Thread(target=lambda: masks.append(os.sched_getaffinity(0)))
     started.start()
     started.join()
-    return masks[0]
+    return os.sched_getaffinity(0), masks[0]
 
 
 def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -83,5 +87,5 @@ def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 def test_a_deployed_server_pins_exactly_one_thread(tmp_path: Path) -> None:
     with deployed_server(tmp_path / "server") as server:
         server.client.tasks()  # a call through the poller
+        # the poller; the worker, the executor's threads and the event loop stay free
         _until(lambda: len(_pinned_threads(server.process.pid)) == 1)
-        assert len(_pinned_threads(server.process.pid)) == 1  # the poller; the worker, executor, loop stay free
